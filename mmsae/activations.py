@@ -146,6 +146,11 @@ SAMPLES_SCHEMA = pa.schema(
 )
 
 
+def _grid_side(model) -> int | None:
+    vcfg = getattr(model.config, "vision_config", None)
+    return vcfg.image_size // vcfg.patch_size if vcfg is not None else None
+
+
 def _existing_shards(out_dir: Path, chash: str) -> tuple[set[str], int]:
     """Sample ids already stored under the same config hash; removes shards of other configs."""
     done: set[str] = set()
@@ -218,6 +223,7 @@ def extract(
         "d_model": d_model,
         "dtype": cfg.dtype,
         "config_hash": config_hash,
+        "grid_side": _grid_side(model),
     }
     writer = _ShardWriter(out_dir, activation_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
     skipped: list[dict] = []
@@ -286,13 +292,16 @@ def extract(
                         "image_width": img.size[0] if img is not None else None,
                         "n_tokens": n,
                         "input_ids": tok_ids.tolist(),
-                        "tokens": subject.tokenizer.convert_ids_to_tokens(tok_ids.tolist()),
+                        "tokens": subject.tokenizer.batch_decode([[i] for i in tok_ids.tolist()]),
                     },
                 )
             bar.update(len(batch))
     writer.flush()
     bar.close()
-    return write_manifest(out_dir, meta, skipped, converted, subject.tokenizer.all_special_ids)
+    # Special tokens other than the image placeholder (e.g. <|im_start|>, an attention sink whose norm
+    # can be 100x the median) may be left out of SAE training; they are always stored.
+    special = [i for i in subject.tokenizer.all_special_ids if i != subject.image_token_id]
+    return write_manifest(out_dir, meta, skipped, converted, special)
 
 
 def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], converted: int, special_ids: list[int]) -> dict:

@@ -1,0 +1,25 @@
+# mmsae: sparse autoencoders for large multimodal models.
+# Run: snakemake --cores all   (config.yaml describes the run; config/schema.yaml documents every key)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/model.smk"
+include: "rules/extract.smk"
+include: "rules/sae.smk"
+include: "rules/features.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report/index.html",
+    default_target: True

@@ -1,0 +1,268 @@
+"""Paper step 3: sparse codes per token, per-feature statistics, each feature's top samples.
+
+* :func:`encode_shards` writes, for every activation shard, a code shard with only the k nonzero
+  latents of each token (schema ``codes`` in ``shared/DESIGN.md``).
+* :func:`feature_stats` and :func:`top_samples` are lazy polars queries over the code shards,
+  collected with the streaming engine, so memory does not grow with the number of shards.
+* :func:`select_features` picks the features that go forward to maps, explanations and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from mmsae.io import write_json, write_parquet
+from mmsae.sae.model import TopKSAE
+
+log = logging.getLogger(__name__)
+
+CODE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("token_index", pa.int32()),
+        ("modality", pa.string()),
+        ("view", pa.int16()),
+        ("patch_row", pa.int16()),
+        ("patch_col", pa.int16()),
+        ("feature", pa.int32()),
+        ("activation", pa.float32()),
+    ]
+)
+META_COLS = ["sample_id", "token_index", "modality", "view", "patch_row", "patch_col"]
+
+
+@torch.no_grad()
+def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, batch_rows: int = 4096, progress: bool = True) -> dict:
+    """Encode every activation shard into a code shard ``codes-NNNNN.parquet`` in ``out_dir``.
+
+    Each token contributes up to k rows ``(…, feature, activation)``; zero activations are dropped.
+    Returns a manifest ``{"shards": [{"path", "n_rows", "n_tokens"}], "n_tokens", "n_image_tokens",
+    "n_text_tokens"}`` (also written to ``out_dir/manifest.json``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = sae.W_enc.device
+    entries, totals = [], {"image": 0, "text": 0}
+    for shard in tqdm(shards, desc="encode", unit="shard", disable=not progress):
+        pf = pq.ParquetFile(shard)
+        parts = []
+        n_tokens = 0
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=META_COLS + ["activation"]):
+            act = rb.column("activation")
+            x = torch.from_numpy(
+                act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, act.type.list_size)
+            )
+            vals, idx = sae.encode(x.to(device))
+            vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
+            keep = vals > 0
+            tok = np.nonzero(keep)[0]
+            meta = rb.select(META_COLS).take(pa.array(tok))
+            modality = meta.column("modality")
+            if pa.types.is_dictionary(modality.type):
+                modality = modality.cast(pa.string())
+            parts.append(
+                pa.table(
+                    {
+                        **{c: meta.column(c) for c in META_COLS if c != "modality"},
+                        "modality": modality,
+                        "feature": pa.array(idx[keep].astype(np.int32)),
+                        "activation": pa.array(vals[keep].astype(np.float32)),
+                    }
+                ).select(CODE_SCHEMA.names).cast(CODE_SCHEMA)
+            )
+            n_tokens += rb.num_rows
+            mods = rb.column("modality").to_pylist()
+            totals["image"] += mods.count("image")
+            totals["text"] += mods.count("text")
+        name = "codes-" + shard.stem.split("-")[-1] + ".parquet"
+        table = pa.concat_tables(parts) if parts else CODE_SCHEMA.empty_table()
+        write_parquet(out_dir / name, table, row_group_size=65536)
+        entries.append({"path": name, "n_rows": table.num_rows, "n_tokens": n_tokens})
+    manifest = {
+        "shards": entries,
+        "n_tokens": sum(totals.values()),
+        "n_image_tokens": totals["image"],
+        "n_text_tokens": totals["text"],
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def scan_codes(paths: list[Path]) -> pl.LazyFrame:
+    """A lazy frame over code shards."""
+    return pl.scan_parquet([str(p) for p in paths])
+
+
+def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
+    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), streaming.
+
+    frequency = active tokens / all tokens; frequency_image/text likewise per modality;
+    mean_activation is over the tokens where the feature is active; n_samples counts the samples
+    with at least one active token.
+    """
+    return (
+        codes.group_by("feature")
+        .agg(
+            pl.len().alias("n_tokens_active"),
+            pl.col("activation").max().alias("max_activation"),
+            pl.col("activation").mean().alias("mean_activation"),
+            (pl.col("modality") == "image").sum().alias("n_image_active"),
+            (pl.col("modality") == "text").sum().alias("n_text_active"),
+            pl.col("sample_id").n_unique().alias("n_samples"),
+        )
+        .with_columns(
+            (pl.col("n_tokens_active") / max(n_tokens, 1)).alias("frequency"),
+            (pl.col("n_image_active") / max(n_image_tokens, 1)).alias("frequency_image"),
+            (pl.col("n_text_active") / max(n_text_tokens, 1)).alias("frequency_text"),
+        )
+        .select(
+            pl.col("feature").cast(pl.Int32),
+            pl.col("n_tokens_active").cast(pl.Int64),
+            "frequency",
+            "max_activation",
+            "mean_activation",
+            "frequency_image",
+            "frequency_text",
+            pl.col("n_samples").cast(pl.Int64),
+        )
+        .sort("feature")
+        .collect(engine="streaming")
+    )
+
+
+def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5, rank_by: str = "max") -> pl.DataFrame:
+    """Each feature's top-``n`` samples, for image and for text tokens separately.
+
+    Image ranking uses base-view image tokens (view 0): ``max`` ranks by the largest activation,
+    ``mean`` by the activation summed over the base view divided by the sample's number of
+    base-view tokens (the reference code's mean, inactive tokens counting 0). Text ranking uses the
+    largest activation on a text token of the sample.
+
+    Image samples that share an image file count once (their image tokens are identical under
+    causal attention when the image precedes the prompt): the best-scoring sample stands for it.
+
+    Args:
+        base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
+            sample and its image file (see :func:`base_view_counts`).
+
+    Returns:
+        ``feature, modality, rank (0-based), sample_id, score, max_activation, token_index`` where
+        token_index is the sample's most activating token of that modality.
+    """
+    if rank_by not in ("max", "mean"):
+        raise ValueError(f"features.rank_by: {rank_by!r} is not one of max, mean")
+    per_image = (
+        codes.filter((pl.col("modality") == "image") & (pl.col("view") == 0))
+        .group_by("feature", "sample_id")
+        .agg(
+            pl.col("activation").max().alias("max_activation"),
+            pl.col("activation").sum().alias("sum_activation"),
+            pl.col("token_index").sort_by("activation", descending=True).first().alias("token_index"),
+        )
+        .join(base_view_tokens.lazy(), on="sample_id", how="left")
+        .with_columns(
+            (pl.col("max_activation") if rank_by == "max" else pl.col("sum_activation") / pl.col("n_base")).alias("score"),
+            pl.lit("image").alias("modality"),
+        )
+        .sort(["score", "sample_id"], descending=[True, False])
+        .unique(subset=["feature", "image_path"], keep="first", maintain_order=True)
+    )
+    per_text = (
+        codes.filter(pl.col("modality") == "text")
+        .group_by("feature", "sample_id")
+        .agg(
+            pl.col("activation").max().alias("max_activation"),
+            pl.col("token_index").sort_by("activation", descending=True).first().alias("token_index"),
+        )
+        .with_columns(pl.col("max_activation").alias("score"), pl.lit("text").alias("modality"))
+    )
+    cols = ["feature", "modality", "sample_id", "score", "max_activation", "token_index"]
+    both = pl.concat([per_image.select(cols), per_text.select(cols)])
+    ranked = (
+        both.with_columns(
+            (pl.col("score").rank("ordinal", descending=True).over("feature", "modality") - 1).alias("rank")
+        )
+        .filter(pl.col("rank") < n)
+        .select(
+            pl.col("feature").cast(pl.Int32),
+            "modality",
+            pl.col("rank").cast(pl.Int16),
+            "sample_id",
+            pl.col("score").cast(pl.Float32),
+            pl.col("max_activation").cast(pl.Float32),
+            pl.col("token_index").cast(pl.Int32),
+        )
+        .sort("feature", "modality", "rank")
+    )
+    return ranked.collect(engine="streaming")
+
+
+def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_frequent", n: int = 16,
+                    ids: list[int] | None = None, min_samples: int = 3, max_frequency: float = 1.0) -> tuple[list[int], dict]:
+    """Choose the features that go forward.
+
+    Args:
+        mode: ``most_frequent`` (the ``n`` most frequent that qualify) or ``list`` (``ids``).
+        min_samples: skip features with fewer distinct activating samples than this.
+        max_frequency: skip features active on more than this share of tokens (dense features).
+
+    Returns:
+        (features, info): the chosen ids and why others were skipped (counts), for the report.
+
+    Raises:
+        ValueError: unknown mode, or an id outside the SAE.
+    """
+    qualifies = stats.filter((pl.col("n_samples") >= min_samples) & (pl.col("frequency") <= max_frequency))
+    info = {
+        "mode": mode,
+        "min_samples": min_samples,
+        "max_frequency": max_frequency,
+        "n_alive": stats.height,
+        "n_too_few_samples": stats.filter(pl.col("n_samples") < min_samples).height,
+        "n_too_dense": stats.filter(pl.col("frequency") > max_frequency).height,
+    }
+    if mode == "most_frequent":
+        chosen = qualifies.sort(["frequency", "feature"], descending=[True, False]).head(n)["feature"].to_list()
+    elif mode == "list":
+        ids = list(ids or [])
+        ok = set(qualifies["feature"].to_list())
+        chosen = [f for f in ids if f in ok]
+        info["skipped_ids"] = [f for f in ids if f not in ok]
+    else:
+        raise ValueError(f"features.select.mode: {mode!r} is not one of most_frequent, list")
+    info["n_selected"] = len(chosen)
+    return chosen, info
+
+
+def base_view_counts(activation_shards: list[Path], samples: pl.DataFrame) -> pl.DataFrame:
+    """``(sample_id, n_base, image_path)``: base-view image tokens per sample and its image file.
+
+    Args:
+        activation_shards: the activation shard files.
+        samples: ``samples.parquet`` (sample_id, image_path, ...).
+    """
+    return (
+        pl.scan_parquet([str(p) for p in activation_shards])
+        .select("sample_id", "view")
+        .filter(pl.col("view") == 0)
+        .group_by("sample_id")
+        .agg(pl.len().alias("n_base"))
+        .join(samples.lazy().select("sample_id", "image_path"), on="sample_id", how="left")
+        .collect(engine="streaming")
+    )
+
+
+def write_table(path: str | os.PathLike, df: pl.DataFrame) -> None:
+    """Write a polars frame to Parquet atomically."""
+    write_parquet(path, df.to_arrow())

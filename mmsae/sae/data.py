@@ -1,0 +1,145 @@
+"""Shuffled, streamed batches of activations from Parquet shards, with a held-out split.
+
+Memory is bounded by the shuffle buffer (``buffer_tokens`` rows) plus one Parquet record batch,
+whatever the number of shards. The stream is a deterministic function of the seed, so a resumed
+run can skip exactly the batches it has already trained on.
+
+The held-out split is by sample (a hash of ``sample_id``), so no sample has tokens on both sides.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mmsae.activations import iter_activations
+
+COLUMNS = ("sample_id", "modality", "token_id")
+
+
+def is_heldout(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Bool mask: True where a sample's id hashes (CRC32) below ``fraction`` of the range."""
+    if fraction <= 0:
+        return np.zeros(len(sample_ids), bool)
+    uniq, inv = np.unique(sample_ids, return_inverse=True)
+    h = np.array([zlib.crc32(str(s).encode()) / 2**32 for s in uniq])
+    return (h < fraction)[inv]
+
+
+class ActivationStream:
+    """Batches ``(x (batch, d_model) float32, is_image (batch,) bool)`` from activation shards.
+
+    Args:
+        paths: shard files.
+        batch_size: rows per batch.
+        seed: shuffling seed (shard order per epoch and the buffer permutation).
+        buffer_tokens: shuffle-buffer size in rows (>= batch_size).
+        heldout_fraction: share of samples kept out of training (see :func:`is_heldout`).
+        exclude_token_ids: token ids (e.g. BOS and other special tokens) left out of training.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        batch_size: int,
+        seed: int = 0,
+        buffer_tokens: int = 65536,
+        heldout_fraction: float = 0.1,
+        exclude_token_ids: list[int] | None = None,
+        read_rows: int = 4096,
+    ):
+        if not paths:
+            raise ValueError("no activation shards to train on")
+        self.paths, self.batch_size, self.seed = list(paths), batch_size, seed
+        self.buffer_tokens = max(buffer_tokens, 2 * batch_size)
+        self.heldout_fraction = heldout_fraction
+        self.exclude = np.array(sorted(set(exclude_token_ids or [])), dtype=np.int64)
+        self.read_rows = read_rows
+
+    def identity(self) -> dict:
+        """What the stream's content depends on (file names, sizes and mtimes, split, exclusions, seed)."""
+        files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in map(Path, self.paths)]
+        return {
+            "files": files,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "buffer_tokens": self.buffer_tokens,
+            "heldout_fraction": self.heldout_fraction,
+            "exclude": self.exclude.tolist(),
+        }
+
+    def _rows(self, paths: list[Path], heldout: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for x, cols in iter_activations(paths, self.read_rows, COLUMNS):
+            keep = is_heldout(cols["sample_id"], self.heldout_fraction) == heldout
+            if len(self.exclude):
+                keep &= ~np.isin(cols["token_id"], self.exclude)
+            if keep.any():
+                yield x[keep], cols["modality"][keep] == "image"
+
+    def _drain(self, buf_x, buf_m, rng, keep_fraction: float):
+        """Shuffle the buffer, return (batches to emit, remaining x, remaining m)."""
+        x_all, m_all = np.concatenate(buf_x), np.concatenate(buf_m)
+        perm = rng.permutation(len(x_all))
+        x_all, m_all = x_all[perm], m_all[perm]
+        n_out = int(len(x_all) * (1 - keep_fraction)) // self.batch_size * self.batch_size
+        out = [
+            (torch.from_numpy(x_all[i : i + self.batch_size]), torch.from_numpy(m_all[i : i + self.batch_size]))
+            for i in range(0, n_out, self.batch_size)
+        ]
+        return out, x_all[n_out:], m_all[n_out:]
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless training batches, epoch after epoch, deterministic for a given seed.
+
+        Rows enter a shuffle buffer; when it holds ``buffer_tokens`` rows, half of it is emitted
+        in shuffled batches and the rest stays to mix with later rows. At the end of each epoch
+        the buffer is emitted in full batches.
+        """
+        rng = np.random.default_rng(self.seed)
+        buf_x: list[np.ndarray] = []
+        buf_m: list[np.ndarray] = []
+        n = 0
+        while True:
+            order = rng.permutation(len(self.paths))
+            produced = False
+            for x, m in self._rows([self.paths[i] for i in order], heldout=False):
+                produced = True
+                buf_x.append(x)
+                buf_m.append(m)
+                n += len(x)
+                if n >= self.buffer_tokens:
+                    out, rest_x, rest_m = self._drain(buf_x, buf_m, rng, keep_fraction=0.5)
+                    yield from out
+                    buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
+            if not produced:
+                raise ValueError("the training split is empty (all samples held out or excluded)")
+            out, rest_x, rest_m = self._drain(buf_x, buf_m, rng, keep_fraction=0.0)
+            yield from out
+            buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
+
+    def heldout(self, max_tokens: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out tokens (at most ``max_tokens``, in shard order) as ``(x, is_image)``."""
+        xs, ms, n = [], [], 0
+        for x, m in self._rows(self.paths, heldout=True):
+            xs.append(x[: max_tokens - n])
+            ms.append(m[: max_tokens - n])
+            n += len(xs[-1])
+            if n >= max_tokens:
+                break
+        if not xs:
+            return torch.empty(0), torch.empty(0, dtype=torch.bool)
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ms))
+
+    def sample(self, n: int) -> torch.Tensor:
+        """The first ``n`` training rows (for initialising b_dec)."""
+        xs, got = [], 0
+        for x, _ in self._rows(self.paths, heldout=False):
+            xs.append(x[: n - got])
+            got += len(xs[-1])
+            if got >= n:
+                break
+        return torch.from_numpy(np.concatenate(xs))

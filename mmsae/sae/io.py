@@ -1,0 +1,73 @@
+"""Save and load SAEs in SAELens's on-disk layout: ``cfg.json`` + ``sae_weights.safetensors``.
+
+``sae_lens.SAE.load_from_disk(dir)`` reads these files (architecture ``topk``): tensors ``W_enc
+(d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in)``; config fields
+``architecture``, ``d_in``, ``d_sae``, ``k``, ``dtype``, ``apply_b_dec_to_input``,
+``normalize_activations`` and ``metadata`` (model name, hook name). Our own fields sit under
+``mmsae`` and are ignored by SAELens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmsae.io import atomic_path, write_json
+from mmsae.sae.model import TopKSAE
+
+CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+
+
+def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_name: str, extra: dict | None = None) -> Path:
+    """Write ``sae`` to ``out_dir`` (both files atomically) and return the directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    with atomic_path(out_dir / WEIGHTS_FILE, ".safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.d_model,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"model_name": model_name, "hook_name": hook_name, "hook_head_index": None, "prepend_bos": True},
+        # Top-level copies for loaders of SAELens < 6.
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "mmsae": extra or {},
+    }
+    write_json(out_dir / CFG_FILE, cfg)
+    return out_dir
+
+
+def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dict]:
+    """Load an SAE saved by :func:`save_sae` (or a SAELens ``topk`` SAE) and its config.
+
+    Raises:
+        FileNotFoundError: ``cfg.json`` or the weights are missing.
+        ValueError: the architecture is not ``topk`` or a tensor's shape is wrong.
+    """
+    path = Path(path)
+    cfg_path = path / CFG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("architecture") != "topk":
+        raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not 'topk'")
+    tensors = load_file(str(path / WEIGHTS_FILE), device=device)
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], dtype=dtype).to(device)
+    try:
+        sae.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path / WEIGHTS_FILE}: {exc}") from None
+    return sae.eval(), cfg

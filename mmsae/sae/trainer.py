@@ -1,0 +1,225 @@
+"""One trainer loop for the TopK SAE: Adam with warm-up and linear decay, AuxK, checkpoints, resume.
+
+Hyperparameters follow Gao et al. 2024 and the paper's reference code (``shared/METHODS.md`` §2):
+lr = 2e-4 / sqrt(d_sae / 2^14) unless set, gradient clipping 1.0, AuxK with k_aux = d_model // 2 and
+coefficient 1/32, a latent is dead after ``dead_tokens`` training tokens without firing.
+
+Resume: a checkpoint (SAE, optimiser, step, dead-latent counters, the per-step log) is written
+atomically every ``checkpoint_every`` steps; a new :func:`train` call with the same checkpoint
+directory loads it and skips the batches already seen, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from mmsae.io import atomic_path, config_hash
+from mmsae.sae.data import ActivationStream
+from mmsae.sae.model import TopKSAE, fvu
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trained SAE depends on (hashed into the checkpoint)."""
+
+    d_sae: int = 4608
+    k: int = 32
+    steps: int = 1000
+    batch_size: int = 1024
+    lr: float | None = None
+    warmup_steps: int = 100
+    decay_start: float = 0.8  # fraction of steps after which lr decays linearly to 0
+    aux_coef: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int = 100_000
+    grad_clip: float = 1.0
+    b_dec_init: str = "geometric_median"
+    b_dec_init_tokens: int = 8192
+    heldout_fraction: float = 0.1
+    heldout_max_tokens: int = 65536
+    buffer_tokens: int = 65536
+    exclude_special_tokens: bool = True
+    seed: int = 0
+    checkpoint_every: int = 200
+    device: str = "cpu"
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 from ``decay_start``."""
+    base = cfg.learning_rate()
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    start = int(cfg.decay_start * cfg.steps)
+    if step >= start and cfg.steps > start:
+        return base * max(0.0, (cfg.steps - step) / (cfg.steps - start))
+    return base
+
+
+@torch.no_grad()
+def evaluate(sae: TopKSAE, x: torch.Tensor, is_image: torch.Tensor, batch_size: int = 4096) -> dict:
+    """Held-out metrics: FVU (overall, image tokens, text tokens), L0, share of latents never active.
+
+    x: (n, d_model); is_image: (n,) bool. FVU per subset uses that subset's own mean.
+    """
+    if len(x) == 0:
+        return {"n_tokens": 0}
+    device = sae.W_enc.device
+    x_hats, fired, l0 = [], torch.zeros(sae.d_sae, dtype=torch.bool, device=device), 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device)
+        out = sae(xb)
+        x_hats.append(out.x_hat.cpu())
+        active = out.top_vals > 0
+        fired[out.top_idx[active]] = True
+        l0 += active.sum().item()
+    x_hat = torch.cat(x_hats)
+    res = {
+        "n_tokens": len(x),
+        "fvu": fvu(x, x_hat).item(),
+        "l0": l0 / len(x),
+        "never_active_fraction": 1 - fired.float().mean().item(),
+    }
+    for name, mask in (("image", is_image), ("text", ~is_image)):
+        res[f"n_{name}_tokens"] = int(mask.sum())
+        res[f"fvu_{name}"] = fvu(x[mask], x_hat[mask]).item() if mask.sum() > 1 else None
+    return res
+
+
+def _subset_fvu(x, x_hat, mask):
+    return fvu(x[mask], x_hat[mask]).item() if mask.sum() > 1 else float("nan")
+
+
+def train(
+    stream: ActivationStream,
+    d_model: int,
+    cfg: TrainConfig,
+    ckpt_dir: str | os.PathLike,
+    progress: bool = True,
+    stop_after: int | None = None,
+    keep_checkpoint: bool = False,
+) -> tuple[TopKSAE, list[dict]]:
+    """Train (or resume training) a TopK SAE on ``stream``.
+
+    Args:
+        stream: batches of activations (deterministic for its seed).
+        d_model: input width.
+        cfg: hyperparameters.
+        ckpt_dir: where ``checkpoint.pt`` lives; a checkpoint with the same config hash is resumed,
+            one with another hash is ignored (and replaced at the next save).
+        stop_after: stop (after checkpointing) once this step is reached; simulates a killed job.
+        keep_checkpoint: keep ``checkpoint.pt`` after the last step (by default it is removed once
+            training completes, so only a killed run is ever resumed).
+
+    Returns:
+        (sae, log): the trained SAE and one dict per step (step, tokens, loss, fvu, aux_loss, l0,
+        dead_fraction, lr, fvu_image, fvu_text).
+    """
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    sae = TopKSAE(d_model, cfg.d_sae, cfg.k, seed=cfg.seed).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), betas=(0.9, 0.999), eps=6.25e-10)
+    k_aux = cfg.k_aux or d_model // 2
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+    rows: list[dict] = []
+    start = 0
+    chash = config_hash({**asdict(cfg), "device": None, "d_model": d_model, "data": stream.identity()})
+    ckpt_path = Path(ckpt_dir) / CHECKPOINT
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state.get("config_hash") == chash:
+            sae.load_state_dict(state["sae"])
+            opt.load_state_dict(state["optimizer"])
+            since_fired = state["since_fired"].to(device)
+            rows = state["log"]
+            start = state["step"]
+            torch.set_rng_state(state["rng"])
+            log.info("resuming from %s at step %d", ckpt_path, start)
+        else:
+            log.info("ignoring %s: made with another config", ckpt_path)
+    if start == 0:
+        sae.init_b_dec(stream.sample(cfg.b_dec_init_tokens), cfg.b_dec_init)
+
+    def save(step: int) -> None:
+        state = {
+            "config_hash": chash,
+            "step": step,
+            "sae": sae.state_dict(),
+            "optimizer": opt.state_dict(),
+            "since_fired": since_fired.cpu(),
+            "log": rows,
+            "rng": torch.get_rng_state(),
+        }
+        with atomic_path(ckpt_path, ".pt") as tmp:
+            torch.save(state, tmp)
+
+    batches = stream.train_batches()
+    for _ in range(start):  # skip what the checkpoint has already seen
+        next(batches)
+    bar = tqdm(range(start, cfg.steps), desc="train_sae", unit="step", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        x, is_image = next(batches)
+        x, is_image = x.to(device), is_image.to(device)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = sae(x)
+        loss_fvu = fvu(x, out.x_hat)
+        dead = since_fired >= cfg.dead_tokens
+        aux = sae.auxk_loss(x, out, dead, k_aux) if cfg.aux_coef > 0 else x.new_zeros(())
+        loss = loss_fvu + cfg.aux_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grads()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            active = out.top_vals > 0
+            since_fired += len(x)
+            since_fired[out.top_idx[active]] = 0
+            x_hat = out.x_hat.detach()
+            rows.append(
+                {
+                    "step": step,
+                    "tokens": (step + 1) * cfg.batch_size,
+                    "loss": loss.item(),
+                    "fvu": loss_fvu.item(),
+                    "aux_loss": aux.item(),
+                    "l0": active.sum().item() / len(x),
+                    "dead_fraction": (since_fired >= cfg.dead_tokens).float().mean().item(),
+                    "lr": lr,
+                    "fvu_image": _subset_fvu(x, x_hat, is_image),
+                    "fvu_text": _subset_fvu(x, x_hat, ~is_image),
+                }
+            )
+        if progress and step % 20 == 0:
+            bar.set_postfix(fvu=f"{rows[-1]['fvu']:.3f}", dead=f"{rows[-1]['dead_fraction']:.2f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_after:
+            save(done)
+        if done == stop_after:
+            break
+    bar.close()
+    if len(rows) >= cfg.steps and not keep_checkpoint:
+        ckpt_path.unlink(missing_ok=True)
+    return sae, rows
+
+
+def log_table(rows: list[dict]) -> pa.Table:
+    """The per-step log as an Arrow table (for ``log.parquet``)."""
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,47 @@
+rule select_top:
+    """Per-feature statistics, each feature's top samples, and the features that go forward."""
+    input:
+        codes=CODES,
+        activations=ACTIVATIONS,
+    output:
+        stats=f"{FEATURES}/stats.parquet",
+        top=f"{FEATURES}/top_samples.parquet",
+        selected=f"{FEATURES}/selected.json",
+    params:
+        top_n=config["features"]["top_n"],
+        rank_by=config["features"]["rank_by"],
+        select=config["features"]["select"],
+    log:
+        "results/logs/select_top.log",
+    benchmark:
+        "results/benchmarks/select_top.tsv"
+    threads: 2
+    resources:
+        gpu=0,
+    conda:
+        "../envs/features.yaml"
+    script:
+        "../workflow_scripts/select_top.py"
+
+
+rule render_maps:
+    """Highlighted regions and heatmaps for each selected feature's top images; top text contexts."""
+    input:
+        codes=CODES,
+        activations=ACTIVATIONS,
+        top=f"{FEATURES}/top_samples.parquet",
+        selected=f"{FEATURES}/selected.json",
+    output:
+        maps=f"{MAPS}/maps.parquet",
+        contexts=f"{MAPS}/contexts.parquet",
+    params:
+        threshold=config["features"]["map_threshold"],
+    log:
+        "results/logs/render_maps.log",
+    threads: 1
+    resources:
+        gpu=0,
+    conda:
+        "../envs/features.yaml"
+    script:
+        "../workflow_scripts/render_maps.py"

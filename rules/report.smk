@@ -1,0 +1,28 @@
+rule report:
+    """One self-contained HTML page: the run, the SAE and a card per selected feature."""
+    input:
+        activations=ACTIVATIONS,
+        metrics=f"{SAE_DIR}/metrics.json",
+        log_table=f"{SAE_DIR}/log.parquet",
+        stats=f"{FEATURES}/stats.parquet",
+        selected=f"{FEATURES}/selected.json",
+        maps=f"{MAPS}/maps.parquet",
+        contexts=f"{MAPS}/contexts.parquet",
+    output:
+        report(
+            "results/report/index.html",
+            caption="../report/index.rst",
+            category="Report",
+        ),
+    params:
+        model=model_path(),
+        demo=is_demo_model(),
+    log:
+        "results/logs/report.log",
+    threads: 1
+    resources:
+        gpu=0,
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/report.py"

@@ -1,0 +1,47 @@
+rule train_sae:
+    """Train a TopK SAE on the activation shards; save it in SAELens's layout."""
+    input:
+        activations=ACTIVATIONS,
+    output:
+        cfg=f"{SAE_DIR}/cfg.json",
+        weights=f"{SAE_DIR}/sae_weights.safetensors",
+        metrics=f"{SAE_DIR}/metrics.json",
+        log_table=f"{SAE_DIR}/log.parquet",
+    params:
+        sae=config["sae"],
+        device=config["model"]["device"],
+        checkpoint_dir=f"{SAE_DIR}/checkpoints",
+    log:
+        "results/logs/train_sae.log",
+    benchmark:
+        "results/benchmarks/train_sae.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/sae.yaml"
+    script:
+        "../workflow_scripts/train_sae.py"
+
+
+rule encode:
+    """Encode every activation shard into sparse codes (the k nonzero latents per token)."""
+    input:
+        activations=ACTIVATIONS,
+        cfg=f"{SAE_DIR}/cfg.json",
+        weights=f"{SAE_DIR}/sae_weights.safetensors",
+    output:
+        manifest=CODES,
+    params:
+        device=config["model"]["device"],
+    log:
+        "results/logs/encode.log",
+    benchmark:
+        "results/benchmarks/encode.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/sae.yaml"
+    script:
+        "../workflow_scripts/encode.py"

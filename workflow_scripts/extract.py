@@ -1,0 +1,19 @@
+"""Entry point of rule extract: run the subject model over the corpus, write activation shards."""
+
+from mmsae.activations import ExtractConfig, extract
+from mmsae.data import build_corpus
+from mmsae.io import config_hash
+from mmsae.models import load_subject_model
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads)
+p = sm.params
+samples = build_corpus(p.corpus)
+subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
+cfg = ExtractConfig(hook_point=p.hook_point, **p.extract)
+chash = config_hash({"model": p.model, "dtype": p.dtype, "hook_point": p.hook_point, "corpus": p.corpus, "extract": p.extract})
+out_dir = sm.output.manifest.rsplit("/", 1)[0]
+manifest = extract(subject, samples, out_dir, cfg, chash)
+log.info("%d tokens (%d image, %d text) from %d samples; %d images skipped",
+         manifest["n_tokens"], manifest["n_image_tokens"], manifest["n_text_tokens"], manifest["n_samples"], manifest["n_images_skipped"])

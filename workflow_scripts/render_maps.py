@@ -1,0 +1,24 @@
+"""Entry point of rule render_maps: highlight/heatmap PNGs and top text contexts per feature."""
+
+import json
+
+import polars as pl
+
+from mmsae.activations import shard_paths
+from mmsae.features import scan_codes, write_table
+from mmsae.maps import render_feature_maps
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads)
+manifest = json.loads(open(sm.input.activations).read())
+act_dir = sm.input.activations.rsplit("/", 1)[0]
+samples = pl.read_parquet(f"{act_dir}/samples.parquet")
+selected = json.loads(open(sm.input.selected).read())["features"]
+maps, contexts = render_feature_maps(
+    scan_codes(shard_paths(sm.input.codes)), samples, pl.read_parquet(sm.input.top), selected,
+    side=manifest.get("grid_side") or 1, out_dir=sm.output.maps.rsplit("/", 1)[0], threshold=sm.params.threshold,
+)
+write_table(sm.output.maps, maps)
+write_table(sm.output.contexts, contexts)
+log.info("%d image maps, %d text contexts for %d features", maps.height, contexts.height, len(selected))

@@ -1,0 +1,30 @@
+"""Entry point of rule report: the self-contained HTML page."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from mmsae.io import atomic_path
+from mmsae.report import build_report
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads)
+i = sm.input
+provenance = Path(sm.params.model, "mmsae_provenance.json")
+page = build_report(
+    manifest=json.loads(Path(i.activations).read_text()),
+    metrics=json.loads(Path(i.metrics).read_text()),
+    log=pl.read_parquet(i.log_table),
+    stats=pl.read_parquet(i.stats),
+    selected=json.loads(Path(i.selected).read_text()),
+    maps=pl.read_parquet(i.maps),
+    contexts=pl.read_parquet(i.contexts),
+    maps_dir=Path(i.maps).parent,
+    run={"model": sm.params.model, "demo": sm.params.demo,
+         "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
+)
+with atomic_path(sm.output[0], ".html") as tmp:
+    tmp.write_text(page)
+log.info("report written to %s (%d kB)", sm.output[0], len(page) // 1024)

@@ -1,0 +1,24 @@
+"""Entry point of rule select_top: feature statistics, top samples, selected features (polars)."""
+
+import json
+
+import polars as pl
+
+from mmsae.activations import shard_paths
+from mmsae.features import base_view_counts, feature_stats, scan_codes, select_features, top_samples, write_table
+from mmsae.io import write_json
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads)
+p = sm.params
+codes_manifest = json.loads(open(sm.input.codes).read())
+codes = scan_codes(shard_paths(sm.input.codes))
+stats = feature_stats(codes, codes_manifest["n_tokens"], codes_manifest["n_image_tokens"], codes_manifest["n_text_tokens"])
+samples = pl.read_parquet(sm.input.activations.rsplit("/", 1)[0] + "/samples.parquet")
+tops = top_samples(codes, base_view_counts(shard_paths(sm.input.activations), samples), n=p.top_n, rank_by=p.rank_by)
+chosen, info = select_features(stats, tops, **p.select)
+write_table(sm.output.stats, stats)
+write_table(sm.output.top, tops)
+write_json(sm.output.selected, {"features": chosen, "info": info})
+log.info("%d latents active; selected %d features: %s", stats.height, len(chosen), chosen)
