@@ -1,0 +1,168 @@
+"""SAE math (Gao et al. 2024), SAELens-layout round trip, streaming and resume."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from mmsae.activations import activation_schema
+from mmsae.io import write_parquet
+from mmsae.sae import TopKSAE, fvu, load_sae, save_sae
+from mmsae.sae.data import ActivationStream
+from mmsae.sae.trainer import TrainConfig, evaluate, train
+
+
+def test_exactly_k_nonzero_per_row():
+    sae = TopKSAE(16, 64, k=5, seed=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive, so TopK keeps exactly k
+    z = sae.encode_dense(torch.randn(32, 16))
+    assert ((z != 0).sum(1) == 5).all()
+    # and never more than k when many are negative
+    sae.b_enc.data.fill_(-0.5)
+    assert ((sae.encode_dense(torch.randn(32, 16)) != 0).sum(1) <= 5).all()
+
+
+def test_decode_matches_dense_matmul():
+    sae = TopKSAE(16, 64, k=5, seed=2)
+    x = torch.randn(8, 16)
+    out = sae(x)
+    dense = sae.encode_dense(x)
+    torch.testing.assert_close(out.x_hat, dense @ sae.W_dec + sae.b_dec)
+
+
+def test_fvu_definition():
+    x = torch.randn(100, 8)
+    assert fvu(x, x).item() == 0.0
+    mean = x.mean(0, keepdim=True).expand_as(x)
+    assert fvu(x, mean).item() == pytest.approx(1.0, abs=1e-6)
+    x_hat = x + 0.1 * torch.randn_like(x)
+    expect = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu(x, x_hat).item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_decoder_norm_kept_and_parallel_grad_removed():
+    sae = TopKSAE(16, 64, k=4, seed=3)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(64, 16)
+    for _ in range(5):
+        out = sae(x)
+        fvu(x, out.x_hat).backward()
+        sae.remove_parallel_grads()
+        parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+        assert parallel.abs().max().item() < 1e-6
+        opt.step()
+        opt.zero_grad()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_auxk_gradient_reaches_dead_latents():
+    sae = TopKSAE(16, 64, k=4, seed=4)
+    x = torch.randn(32, 16)
+    out = sae(x)
+    used = torch.zeros(64, dtype=torch.bool)
+    used[out.top_idx.flatten()] = True
+    dead = ~used
+    assert dead.any()
+    main = fvu(x, out.x_hat)
+    main.backward(retain_graph=True)
+    assert sae.W_enc.grad[:, dead].abs().sum() == 0  # the main loss never reaches them
+    sae.zero_grad()
+    sae.auxk_loss(x, out, dead, k_aux=8).backward()
+    g = sae.W_enc.grad[:, dead].abs().sum(0)
+    assert (g > 0).sum() >= 8 or (g > 0).all()
+    assert sae.W_enc.grad[:, used].abs().sum() == 0  # and only dead latents get AuxK gradient
+
+
+def test_b_dec_geometric_median_resists_outliers():
+    sae = TopKSAE(4, 8, k=2)
+    data = torch.cat([torch.zeros(99, 4), torch.full((1, 4), 1000.0)])
+    sae.init_b_dec(data, "geometric_median")
+    assert sae.b_dec.abs().max().item() < 1.0
+    sae.init_b_dec(data, "mean")
+    assert sae.b_dec[0].item() == pytest.approx(10.0)
+
+
+def test_saelens_layout_round_trip(tmp_path):
+    sae = TopKSAE(16, 64, k=5, seed=5)
+    save_sae(sae, tmp_path, model_name="m", hook_name="model.language_model.layers.1")
+    assert {p.name for p in tmp_path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert t["W_enc"].shape == (16, 64) and t["W_dec"].shape == (64, 16)
+    assert t["b_enc"].shape == (64,) and t["b_dec"].shape == (16,)
+    back, cfg = load_sae(tmp_path)
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["k"] == 5
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(back(x).x_hat, sae(x).x_hat)
+
+
+def _shards(tmp_path, n_shards=3, n=300, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(32, d)).astype(np.float32)
+    paths = []
+    for s in range(n_shards):
+        codes = (rng.random((n, 32)) < 0.1) * rng.random((n, 32))
+        x = (codes @ basis + 0.01 * rng.normal(size=(n, d))).astype(np.float32)  # rows unique
+        table = pa.table(
+            {
+                "sample_id": [f"s{s}-{i // 10}" for i in range(n)],
+                "token_index": np.arange(n, dtype=np.int32) % 10,
+                "token_id": (np.arange(n) % 10).astype(np.int32),
+                "modality": pa.array(["image" if i % 3 else "text" for i in range(n)]).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+                "view": np.zeros(n, np.int16),
+                "patch_row": np.zeros(n, np.int16),
+                "patch_col": np.zeros(n, np.int16),
+                "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d),
+            },
+            schema=activation_schema(d),
+        )
+        write_parquet(tmp_path / f"shard-{s:05d}.parquet", table, row_group_size=64)
+        paths.append(tmp_path / f"shard-{s:05d}.parquet")
+    return paths
+
+
+def test_stream_is_deterministic_bounded_and_splits_by_sample(tmp_path):
+    paths = _shards(tmp_path)
+    s = ActivationStream(paths, batch_size=32, seed=7, buffer_tokens=128, heldout_fraction=0.2, exclude_token_ids=[0], read_rows=50)
+    a = [b[0] for _, b in zip(range(40), s.train_batches())]
+    b = [b[0] for _, b in zip(range(40), s.train_batches())]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(x.shape == (32, 16) for x in a)
+    ho, _ = s.heldout()
+    train_rows = {tuple(r.tolist()) for x in a for r in x}
+    assert ho.shape[0] > 0 and not any(tuple(r.tolist()) in train_rows for r in ho)
+
+
+def test_training_reduces_fvu_and_resume_matches(tmp_path):
+    paths = _shards(tmp_path)
+    stream = ActivationStream(paths, batch_size=64, seed=0, buffer_tokens=256, heldout_fraction=0.2)
+    cfg = TrainConfig(d_sae=64, k=4, steps=60, batch_size=64, warmup_steps=5, checkpoint_every=10, dead_tokens=500, b_dec_init_tokens=200)
+    full, rows = train(stream, 16, cfg, tmp_path / "a", progress=False)
+    assert rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()  # removed once complete
+    part, _ = train(stream, 16, cfg, tmp_path / "b", progress=False, stop_after=30)  # a "killed" run
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 30
+    for name, p in part.state_dict().items():  # the checkpoint holds exactly the state at the kill
+        assert torch.equal(state["sae"][name], p)
+    resumed, rows_b = train(stream, 16, cfg, tmp_path / "b", progress=False)
+    assert len(rows_b) == 60 and [r["step"] for r in rows_b] == list(range(60))
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)  # threaded scatter-add is not bit-exact
+    x, m = stream.heldout()
+    ev = evaluate(resumed, x, m)
+    assert ev["l0"] <= 4 and 0 <= ev["fvu"] < 1 and ev["n_image_tokens"] + ev["n_text_tokens"] == len(x)
+
+
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
+    cfg = TrainConfig(d_sae=32, k=4, steps=20, batch_size=32, warmup_steps=2, checkpoint_every=5, b_dec_init_tokens=64)
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    s1 = ActivationStream(_shards(tmp_path / "d1", seed=1), batch_size=32)
+    train(s1, 16, cfg, tmp_path / "ck", progress=False, stop_after=10)
+    s2 = ActivationStream(_shards(tmp_path / "d2", seed=2, n=200), batch_size=32)
+    _, rows = train(s2, 16, cfg, tmp_path / "ck", progress=False)
+    assert rows[0]["step"] == 0  # started afresh
