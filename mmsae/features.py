@@ -187,7 +187,7 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
         )
         .with_columns(pl.col("max_activation").alias("score"), pl.lit("text").alias("modality"))
     )
-    cols = ["feature", "modality", "sample_id", "score", "max_activation", "token_index"]
+    cols = ["feature", "modality", "sample_id", pl.col("score").cast(pl.Float64), "max_activation", "token_index"]
     both = pl.concat([per_image.select(cols), per_text.select(cols)])
     ranked = (
         both.with_columns(

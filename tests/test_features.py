@@ -1,0 +1,97 @@
+"""Feature statistics and top samples (polars) against brute force; activation maps."""
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mmsae.features import CODE_SCHEMA, feature_stats, select_features, top_samples
+from mmsae.io import write_parquet
+from mmsae.maps import activation_mask, highlight, patch_grid
+
+
+@pytest.fixture()
+def codes(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(12):
+        sid = f"s{s}"
+        n_img = 16 if s < 8 else 0
+        for t in range(n_img + 5):
+            img = t < n_img
+            for f in rng.choice(10, size=3, replace=False):
+                rows.append({"sample_id": sid, "token_index": t, "modality": "image" if img else "text",
+                             "view": 0 if img else -1, "patch_row": t // 4 if img else None,
+                             "patch_col": t % 4 if img else None, "feature": int(f), "activation": float(rng.random() * 5)})
+    df = pl.DataFrame(rows)
+    paths = []
+    for i, part in enumerate((df[: len(df) // 2], df[len(df) // 2:])):
+        write_parquet(tmp_path / f"codes-{i}.parquet", part.to_arrow().cast(CODE_SCHEMA))
+        paths.append(tmp_path / f"codes-{i}.parquet")
+    # images: s0/s1 share one image file (two prompts), the rest have their own
+    images = pl.DataFrame({"sample_id": [f"s{s}" for s in range(8)], "n_base": [16] * 8,
+                           "image_path": ["a.png", "a.png"] + [f"{s}.png" for s in range(2, 8)]})
+    n_tokens = 8 * 21 + 4 * 5
+    return df, pl.scan_parquet([str(p) for p in paths]), images, n_tokens
+
+
+def test_stats_match_brute_force(codes):
+    df, lazy, _, n_tokens = codes
+    n_img = 8 * 16
+    stats = feature_stats(lazy, n_tokens, n_img, n_tokens - n_img)
+    for f in range(10):
+        sub = df.filter(pl.col("feature") == f)
+        row = stats.filter(pl.col("feature") == f).row(0, named=True)
+        assert row["n_tokens_active"] == sub.height
+        assert row["frequency"] == pytest.approx(sub.height / n_tokens)
+        assert row["frequency_image"] == pytest.approx(sub.filter(pl.col("modality") == "image").height / n_img)
+        assert row["max_activation"] == pytest.approx(sub["activation"].max())
+        assert row["mean_activation"] == pytest.approx(sub["activation"].mean())
+        assert row["n_samples"] == sub["sample_id"].n_unique()
+
+
+@pytest.mark.parametrize("rank_by", ["max", "mean"])
+def test_top_samples_match_brute_force(codes, rank_by):
+    df, lazy, images, _ = codes
+    tops = top_samples(lazy, images, n=3, rank_by=rank_by)
+    for f in range(10):
+        img = df.filter((pl.col("feature") == f) & (pl.col("modality") == "image"))
+        scores = {}
+        for sid, g in img.group_by("sample_id"):
+            sid = sid[0]
+            key = "a.png" if sid in ("s0", "s1") else sid
+            score = g["activation"].max() if rank_by == "max" else g["activation"].sum() / 16
+            scores[key] = max(scores.get(key, -1), score)
+        expect = sorted(scores.values(), reverse=True)[:3]
+        got = tops.filter((pl.col("feature") == f) & (pl.col("modality") == "image")).sort("rank")
+        assert got["score"].to_list() == pytest.approx(expect, rel=1e-5)
+        assert not {"s0", "s1"} <= set(got["sample_id"].to_list())  # one image counts once
+        txt = df.filter((pl.col("feature") == f) & (pl.col("modality") == "text"))
+        best = txt.group_by("sample_id").agg(pl.col("activation").max()).sort("activation", descending=True).head(3)
+        got_t = tops.filter((pl.col("feature") == f) & (pl.col("modality") == "text")).sort("rank")
+        assert got_t["score"].to_list() == pytest.approx(best["activation"].to_list(), rel=1e-5)
+
+
+def test_select_features(codes):
+    df, lazy, _, n_tokens = codes
+    stats = feature_stats(lazy, n_tokens, 128, n_tokens - 128)
+    chosen, info = select_features(stats, None, "most_frequent", n=3, min_samples=1)
+    assert chosen == stats.sort(["frequency", "feature"], descending=[True, False])["feature"].head(3).to_list()
+    chosen, info = select_features(stats, None, "list", ids=[2, 999], min_samples=1)
+    assert chosen == [2] and info["skipped_ids"] == [999]
+    chosen, info = select_features(stats, None, "most_frequent", n=10, min_samples=100)
+    assert chosen == [] and info["n_too_few_samples"] == 10
+    with pytest.raises(ValueError, match="features.select.mode"):
+        select_features(stats, None, "bogus")
+
+
+def test_activation_mask_and_highlight():
+    grid = patch_grid(np.array([0, 1]), np.array([0, 1]), np.array([2.0, 0.0]), side=2)
+    assert grid.tolist() == [[2.0, 0.0], [0.0, 0.0]]
+    mask = activation_mask(grid, (40, 20))  # (width, height)
+    assert mask.shape == (20, 40)
+    assert mask[0, 0] == pytest.approx(1.0) and mask[-1, -1] == pytest.approx(0.0)
+    image = Image.new("RGB", (40, 20), (200, 200, 200))
+    out = np.asarray(highlight(image, grid, dim=0.12))
+    assert out[0, 0, 0] == 200 and out[-1, -1, 0] == int(200 * 0.12)

@@ -1,0 +1,112 @@
+"""The Snakemake workflow: lint, dry-runs, config validation, what a config change reruns, and one
+end-to-end run of the whole DAG on a few images with a tiny SAE."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+TINY = {
+    "model": {"source": "demo", "hook_point": "model.language_model.layers.6"},
+    "corpus": {"source": "skimage", "names": ["chelsea", "rocket", "coffee"], "prompts": ["Describe this image."],
+               "text_prompts": ["What is the capital of France?", "Write a haiku about the sea."]},
+    "extract": {"shard_tokens": 400},
+    "sae": {"d_sae": 256, "k": 8, "steps": 30, "batch_size": 64, "warmup_steps": 3, "buffer_tokens": 256,
+            "b_dec_init_tokens": 256, "checkpoint_every": 10, "dead_tokens": 2000, "heldout_fraction": 0.2},
+    "features": {"top_n": 3, "select": {"n": 4, "min_samples": 1}},
+}
+
+
+def smk(workdir, *args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args],
+                          capture_output=True, text=True, env=env, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def jobs(proc) -> dict:
+    """Parse the 'Job stats' table of a (dry-)run into {rule: count}."""
+    out, table = {}, False
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("job ") and "count" in line:
+            table = True
+            continue
+        if table:
+            parts = line.split()
+            if not parts or parts[0] == "total":
+                break
+            if len(parts) == 2 and parts[1].isdigit():
+                out[parts[0]] = int(parts[1])
+    return out
+
+
+def workdir_with(tmp_path, cfg) -> Path:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path
+
+
+def test_lint_is_clean(tmp_path):
+    proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "--lint")
+    assert "good condition" in proc.stdout + proc.stderr
+
+
+def test_default_config_dry_runs(tmp_path):
+    proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
+    assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "train_sae": 1, "encode": 1, "select_top": 1,
+                          "render_maps": 1, "report": 1, "all": 1}
+
+
+def test_hub_model_needs_no_demo_build(tmp_path):
+    cfg = {**TINY, "model": {"source": "llava-hf/llama3-llava-next-8b-hf", "hook_point": "model.language_model.layers.24",
+                             "dtype": "bfloat16"}}
+    assert "build_demo_model" not in jobs(smk(workdir_with(tmp_path, cfg), "-n"))
+
+
+@pytest.mark.parametrize("cfg,field", [
+    ({"sae": {"kk": 3}}, "kk"),
+    ({"sae": {"k": 0}}, "k"),
+    ({"model": {"dtype": "int8"}}, "int8"),
+    ({"corpus": {"source": "web"}}, "web"),
+])
+def test_bad_config_stops_before_any_job(tmp_path, cfg, field):
+    proc = smk(workdir_with(tmp_path, cfg), "-n", check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert field in text and "validat" in text.lower()
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
+    wd = workdir_with(tmp_path, TINY)
+    # The demo model is built once per test session (hard links, no copy); the rule is tested by the
+    # identity test and by the default run.
+    shutil.copytree(demo_model_dir, wd / "results/models/demo", copy_function=os.link)
+    smk(wd, "--cores", "2")
+    report = (wd / "results/report/index.html").read_text()
+    assert "Embedded demo model" in report and "Feature " in report and "data:image/jpeg;base64" in report
+    manifest = json.loads((wd / "results/activations/manifest.json").read_text())
+    assert manifest["n_samples"] == 5 and manifest["n_image_tokens"] > 0 and manifest["n_text_tokens"] > 0
+    metrics = json.loads((wd / "results/sae/default/metrics.json").read_text())
+    assert metrics["heldout"]["l0"] <= 8 and 0 < metrics["heldout"]["fvu"] < 2
+    cfg = json.loads((wd / "results/sae/default/cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 256 and cfg["d_in"] == 576
+    assert jobs(smk(wd, "-n")) == {}  # nothing to do
+    # an SAE parameter reruns training and everything after it, not extraction
+    changed = {**TINY, "sae": {**TINY["sae"], "k": 4}}
+    (wd / "config.yaml").write_text(yaml.safe_dump(changed))
+    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 1, "select_top": 1, "render_maps": 1, "report": 1, "all": 1}
+    # a selection parameter reruns only selection and what follows
+    changed = {**TINY, "features": {"top_n": 2, "select": {"n": 4, "min_samples": 1}}}
+    (wd / "config.yaml").write_text(yaml.safe_dump(changed))
+    assert jobs(smk(wd, "-n")) == {"select_top": 1, "render_maps": 1, "report": 1, "all": 1}
