@@ -16,6 +16,7 @@ include: "rules/model.smk"
 include: "rules/extract.smk"
 include: "rules/sae.smk"
 include: "rules/features.smk"
+include: "rules/explain.smk"
 include: "rules/report.smk"
 
 

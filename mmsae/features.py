@@ -209,13 +209,17 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
 
 
 def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_frequent", n: int = 16,
-                    ids: list[int] | None = None, min_samples: int = 3, max_frequency: float = 1.0) -> tuple[list[int], dict]:
+                    ids: list[int] | None = None, min_samples: int = 3, max_frequency: float = 1.0,
+                    per_modality: bool = False) -> tuple[list[int], dict]:
     """Choose the features that go forward.
 
     Args:
         mode: ``most_frequent`` (the ``n`` most frequent that qualify) or ``list`` (``ids``).
         min_samples: skip features with fewer distinct activating samples than this.
         max_frequency: skip features active on more than this share of tokens (dense features).
+        per_modality: with ``most_frequent``, take half of ``n`` from image-dominant features
+            (frequency_image >= frequency_text, ranked by frequency_image) and the rest from
+            text-dominant ones (ranked by frequency_text).
 
     Returns:
         (features, info): the chosen ids and why others were skipped (counts), for the report.
@@ -232,7 +236,13 @@ def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_f
         "n_too_few_samples": stats.filter(pl.col("n_samples") < min_samples).height,
         "n_too_dense": stats.filter(pl.col("frequency") > max_frequency).height,
     }
-    if mode == "most_frequent":
+    if mode == "most_frequent" and per_modality:
+        image_dom = pl.col("frequency_image") >= pl.col("frequency_text")
+        img = qualifies.filter(image_dom).sort(["frequency_image", "feature"], descending=[True, False])
+        txt = qualifies.filter(~image_dom).sort(["frequency_text", "feature"], descending=[True, False])
+        n_txt = min(n // 2, txt.height)
+        chosen = img.head(n - n_txt)["feature"].to_list() + txt.head(n_txt)["feature"].to_list()
+    elif mode == "most_frequent":
         chosen = qualifies.sort(["frequency", "feature"], descending=[True, False]).head(n)["feature"].to_list()
     elif mode == "list":
         ids = list(ids or [])

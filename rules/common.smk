@@ -20,3 +20,51 @@ def model_path():
 def model_input(wildcards):
     """The demo model directory when the run uses it; nothing for a hub id or an existing directory."""
     return [DEMO_MODEL_DIR] if is_demo_model() else []
+
+
+EXPLANATIONS = "results/explanations"
+
+
+def explain_inputs(wildcards):
+    """Maps, contexts and the selection; the local explainer's model directory when it is the demo."""
+    inputs = {
+        "maps": f"{MAPS}/maps.parquet",
+        "contexts": f"{MAPS}/contexts.parquet",
+        "selected": f"{FEATURES}/selected.json",
+        "stats": f"{FEATURES}/stats.parquet",
+    }
+    if config["explain"]["server"] == "local" and explainer_local_model() == DEMO_MODEL_DIR:
+        inputs["model"] = DEMO_MODEL_DIR
+    return inputs
+
+
+def explainer_local_model():
+    return config["explain"]["local_model"] or model_path()
+
+
+def explain_endpoint_params():
+    """What the explanations depend on, secrets excluded: the key's variable name, never its value."""
+    e = config["explain"]
+    keys = ("server", "base_url", "model", "api_key_env", "temperature", "max_tokens", "extra_body",
+            "concurrency", "timeout_s", "retries")
+    out = {k: e[k] for k in keys}
+    if e["server"] == "local":
+        out["local_model"] = explainer_local_model()
+    return out
+
+
+def explain_prompt_params():
+    """The prompt's version and a hash of its text, so that changing either redoes the explanations."""
+    import hashlib
+
+    from mmsae.explain.prompts import IMAGE_INSTRUCTION, PROMPT_VERSION, TEXT_INSTRUCTION
+
+    text = IMAGE_INSTRUCTION + TEXT_INSTRUCTION
+    return {"version": PROMPT_VERSION, "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def report_inputs(wildcards):
+    inputs = {}
+    if config["explain"]["enabled"]:
+        inputs["explanations"] = f"{EXPLANATIONS}/explanations.parquet"
+    return inputs

@@ -1,6 +1,7 @@
 rule report:
     """One self-contained HTML page: the run, the SAE and a card per selected feature."""
     input:
+        unpack(report_inputs),
         activations=ACTIVATIONS,
         metrics=f"{SAE_DIR}/metrics.json",
         log_table=f"{SAE_DIR}/log.parquet",

@@ -142,6 +142,8 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     cfg = TrainConfig(d_sae=64, k=4, steps=60, batch_size=64, warmup_steps=5, checkpoint_every=10, dead_tokens=500, b_dec_init_tokens=200)
     full, rows = train(stream, 16, cfg, tmp_path / "a", progress=False)
     assert rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
+    assert {"l0_image", "l0_text", "dead_fraction_image", "dead_fraction_text", "fvu_image", "fvu_text"} <= set(rows[-1])
+    assert rows[-1]["l0_image"] <= 4 and 0 <= rows[-1]["dead_fraction_text"] <= 1
     assert not (tmp_path / "a" / "checkpoint.pt").exists()  # removed once complete
     part, _ = train(stream, 16, cfg, tmp_path / "b", progress=False, stop_after=30)  # a "killed" run
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
@@ -155,6 +157,8 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     x, m = stream.heldout()
     ev = evaluate(resumed, x, m)
     assert ev["l0"] <= 4 and 0 <= ev["fvu"] < 1 and ev["n_image_tokens"] + ev["n_text_tokens"] == len(x)
+    # every latent active on some token is active on an image or a text token
+    assert ev["never_active_fraction"] <= min(ev["never_active_fraction_image"], ev["never_active_fraction_text"])
 
 
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path):

@@ -21,8 +21,10 @@ TINY = {
     "extract": {"shard_tokens": 400},
     "sae": {"d_sae": 256, "k": 8, "steps": 30, "batch_size": 64, "warmup_steps": 3, "buffer_tokens": 256,
             "b_dec_init_tokens": 256, "checkpoint_every": 10, "dead_tokens": 2000, "heldout_fraction": 0.2},
-    "features": {"top_n": 3, "select": {"n": 4, "min_samples": 1}},
+    "features": {"top_n": 3, "select": {"n": 4, "min_samples": 1, "per_modality": True}},
+    "explain": {"server": "local", "max_tokens": 8, "concurrency": 1},
 }
+DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "report": 1, "all": 1}
 
 
 def smk(workdir, *args, check=True):
@@ -63,7 +65,7 @@ def test_lint_is_clean(tmp_path):
 def test_default_config_dry_runs(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
     assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "train_sae": 1, "encode": 1, "select_top": 1,
-                          "render_maps": 1, "report": 1, "all": 1}
+                          "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "report": 1, "all": 1}
 
 
 def test_hub_model_needs_no_demo_build(tmp_path):
@@ -95,6 +97,11 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     smk(wd, "--cores", "2")
     report = (wd / "results/report/index.html").read_text()
     assert "Embedded demo model" in report and "Feature " in report and "data:image/jpeg;base64" in report
+    assert "Explanations:" in report
+    import polars as pl
+
+    expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
+    assert expl.height == 4 and expl["error"].null_count() == 4  # every feature answered by transformers serve
     manifest = json.loads((wd / "results/activations/manifest.json").read_text())
     assert manifest["n_samples"] == 5 and manifest["n_image_tokens"] > 0 and manifest["n_text_tokens"] > 0
     metrics = json.loads((wd / "results/sae/default/metrics.json").read_text())
@@ -105,8 +112,39 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     # an SAE parameter reruns training and everything after it, not extraction
     changed = {**TINY, "sae": {**TINY["sae"], "k": 4}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
-    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 1, "select_top": 1, "render_maps": 1, "report": 1, "all": 1}
+    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 1, **DOWNSTREAM_OF_SELECTION}
     # a selection parameter reruns only selection and what follows
-    changed = {**TINY, "features": {"top_n": 2, "select": {"n": 4, "min_samples": 1}}}
+    changed = {**TINY, "features": {**TINY["features"], "top_n": 2}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
-    assert jobs(smk(wd, "-n")) == {"select_top": 1, "render_maps": 1, "report": 1, "all": 1}
+    assert jobs(smk(wd, "-n")) == DOWNSTREAM_OF_SELECTION
+    # an explainer parameter reruns only the explanations and the report
+    changed = {**TINY, "explain": {**TINY["explain"], "max_tokens": 9}}
+    (wd / "config.yaml").write_text(yaml.safe_dump(changed))
+    assert jobs(smk(wd, "-n")) == {"explain_chunk": 1, "gather_explanations": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
+    """A remote endpoint with a key from the environment: 2 chunk jobs, and the key is nowhere on disk."""
+    from mmsae.explain.fake_server import FakeEndpoint
+
+    secret = "sk-mmsae-test-9f8e7d6c"
+    with FakeEndpoint(script=[500, ("429", 0.1)], latency_s=0.05) as ep:
+        cfg = {**TINY, "explain": {"server": "remote", "base_url": ep.base_url, "model": "explainer-x",
+                                   "api_key_env": "MMSAE_TEST_KEY", "chunks": 2, "concurrency": 2}}
+        wd = workdir_with(tmp_path, cfg)
+        shutil.copytree(demo_model_dir, wd / "results/models/demo", copy_function=os.link)
+        os.environ["MMSAE_TEST_KEY"] = secret
+        try:
+            smk(wd, "--cores", "2")
+        finally:
+            del os.environ["MMSAE_TEST_KEY"]
+        assert ep.requests == 4 + 2 and set(ep.auth_headers) == {f"Bearer {secret}"}
+        assert ep.max_in_flight <= 2
+    import polars as pl
+
+    expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
+    assert expl["status"].to_list() == ["ok"] * 4 and set(expl["explanation"]) == {"red circles"}
+    assert "red circles" in (wd / "results/report/index.html").read_text()
+    leaks = [p for p in wd.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaks == []

@@ -22,6 +22,7 @@ page = build_report(
     maps=pl.read_parquet(i.maps),
     contexts=pl.read_parquet(i.contexts),
     maps_dir=Path(i.maps).parent,
+    explanations=pl.read_parquet(i.explanations) if "explanations" in i.keys() else None,
     run={"model": sm.params.model, "demo": sm.params.demo,
          "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
 )

@@ -31,7 +31,8 @@ heldout = evaluate(sae, x, is_image)
 metrics = {
     "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
     "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(time.time() - t0, 2),
-    "final_train_fvu": rows[-1]["fvu"], "dead_fraction": rows[-1]["dead_fraction"], "heldout": heldout,
+    "final_train_fvu": rows[-1]["fvu"], "heldout": heldout,
+    **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
 }
 out_dir = sm.output.cfg.rsplit("/", 1)[0]
 save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"], extra={"train": opts, "metrics": metrics})

@@ -24,7 +24,7 @@ h1{margin-bottom:.2em} .muted{color:#666} table.kv td{padding:2px 12px 2px 0}
 .card{border:1px solid #ddd;border-radius:8px;padding:1em;margin:1em 0}
 .imgs{display:flex;flex-wrap:wrap;gap:8px} .imgs figure{margin:0;text-align:center;font-size:12px}
 .imgs img{height:150px;border-radius:4px} .ctx{font-family:monospace;font-size:13px;margin:4px 0;white-space:pre-wrap}
-.tok{border-radius:3px} .focus{outline:2px solid #c00}
+.tok{border-radius:3px} .expl{font-size:15px} pre{white-space:pre-wrap;font-size:12px} .focus{outline:2px solid #c00}
 svg text{font-size:11px;fill:#444}
 """
 
@@ -125,8 +125,26 @@ def feature_card(f: int, stat: dict, maps: pl.DataFrame, ctx: pl.DataFrame, maps
     return "".join(parts)
 
 
+def explanation_html(row: dict | None) -> str:
+    """The explanation line of a feature card (or why there is none)."""
+    if row is None:
+        return ""
+    src = f"<span class=muted> — {_e(Path(row['explainer_model']).name)}, prompt {_e(row['prompt_version'])}</span>"
+    if row["status"] == "ok":
+        return f"<p class=expl><b>Explanation:</b> {_e(row['explanation'])}{src}</p>"
+    if row["status"] == "untagged":
+        return (f"<p class=expl><b>Explanation</b> (the answer's last line; no [EXPLANATION] tag): "
+                f"{_e(row['explanation'])}{src}</p>")
+    detail = {"no_explanation": "the explainer found nothing in common",
+              "unparsed": "no [EXPLANATION] line in the answer",
+              "failed": f"request failed: {row.get('error')}"}.get(row["status"], row["status"])
+    raw = f"<details><summary>raw answer</summary><pre>{_e(row['raw_response'])}</pre></details>" if row.get("raw_response") else ""
+    return f"<p class=expl><b>Explanation:</b> <i>none</i> ({_e(detail)}){src}</p>{raw}"
+
+
 def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.DataFrame, selected: dict,
-                 maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict) -> str:
+                 maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
+                 explanations: pl.DataFrame | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -167,9 +185,11 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         head += [f"<li>{_e(s['image'])}: {_e(s['reason'])}</li>" for s in skipped]
         head.append("</ul></details>")
     head.append("<h2>Sparse autoencoder</h2><table class=kv>")
-    for k in ("fvu", "fvu_image", "fvu_text", "l0", "never_active_fraction"):
+    for k in ("fvu", "fvu_image", "fvu_text", "l0", "l0_image", "l0_text", "never_active_fraction",
+              "never_active_fraction_image", "never_active_fraction_text"):
         head.append(f"<tr><td>held-out {_e(k)}</td><td>{_fmt(ho.get(k))}</td></tr>")
-    head.append(f"<tr><td>dead fraction (training window)</td><td>{_fmt(metrics.get('dead_fraction'))}</td></tr>")
+    for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text"):
+        head.append(f"<tr><td>{_e(k)} (training window)</td><td>{_fmt(metrics.get(k))}</td></tr>")
     head.append(f"<tr><td>held-out tokens</td><td>{ho.get('n_tokens')}</td></tr></table>")
     head.append(curve_svg(log))
     info = selected.get("info", {})
@@ -179,5 +199,11 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         f"{info.get('min_samples')} activating samples; {info.get('n_too_dense')} too dense.</p>"
     )
     stat_by = {r["feature"]: r for r in stats.iter_rows(named=True)}
-    cards = [feature_card(f, stat_by.get(f, {}), maps, contexts, maps_dir) for f in selected.get("features", [])]
+    expl = {r["feature"]: r for r in explanations.iter_rows(named=True)} if explanations is not None else {}
+    if explanations is not None:
+        st = explanations["status"].to_list()
+        head.append(f"<p class=muted>Explanations: {st.count('ok')} ok, {st.count('untagged')} untagged, "
+                    f"{st.count('no_explanation')} none found, {st.count('unparsed')} empty, {st.count('failed')} failed.</p>")
+    cards = [feature_card(f, stat_by.get(f, {}), maps, contexts, maps_dir, explanation_html(expl.get(f)))
+             for f in selected.get("features", [])]
     return "".join(head + cards + ["</body></html>"])

@@ -78,25 +78,34 @@ def evaluate(sae: TopKSAE, x: torch.Tensor, is_image: torch.Tensor, batch_size: 
     if len(x) == 0:
         return {"n_tokens": 0}
     device = sae.W_enc.device
-    x_hats, fired, l0 = [], torch.zeros(sae.d_sae, dtype=torch.bool, device=device), 0.0
+    x_hats, n_active = [], []
+    fired = torch.zeros(3, sae.d_sae, dtype=torch.bool, device=device)  # all, image, text
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device)
+        xb, mb = x[i : i + batch_size].to(device), is_image[i : i + batch_size].to(device)
         out = sae(xb)
         x_hats.append(out.x_hat.cpu())
         active = out.top_vals > 0
-        fired[out.top_idx[active]] = True
-        l0 += active.sum().item()
-    x_hat = torch.cat(x_hats)
+        n_active.append(active.sum(1).cpu())
+        for row, mask in enumerate((torch.ones_like(mb), mb, ~mb)):
+            fired[row, out.top_idx[mask][active[mask]]] = True
+    x_hat, n_active = torch.cat(x_hats), torch.cat(n_active).float()
+    never = (1 - fired.float().mean(1)).tolist()
     res = {
         "n_tokens": len(x),
         "fvu": fvu(x, x_hat).item(),
-        "l0": l0 / len(x),
-        "never_active_fraction": 1 - fired.float().mean().item(),
+        "l0": n_active.mean().item(),
+        "never_active_fraction": never[0],
     }
-    for name, mask in (("image", is_image), ("text", ~is_image)):
+    for row, (name, mask) in enumerate((("image", is_image), ("text", ~is_image)), start=1):
         res[f"n_{name}_tokens"] = int(mask.sum())
         res[f"fvu_{name}"] = fvu(x[mask], x_hat[mask]).item() if mask.sum() > 1 else None
+        res[f"l0_{name}"] = n_active[mask].mean().item() if mask.any() else None
+        res[f"never_active_fraction_{name}"] = never[row] if mask.any() else None
     return res
+
+
+def _subset_l0(active, mask):
+    return active[mask].sum().item() / int(mask.sum()) if mask.any() else float("nan")
 
 
 def _subset_fvu(x, x_hat, mask):
@@ -133,7 +142,8 @@ def train(
     sae = TopKSAE(d_model, cfg.d_sae, cfg.k, seed=cfg.seed).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), betas=(0.9, 0.999), eps=6.25e-10)
     k_aux = cfg.k_aux or d_model // 2
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+    # Tokens since each latent last fired: row 0 over all tokens, row 1 image tokens, row 2 text.
+    since_fired = torch.zeros(3, cfg.d_sae, dtype=torch.long, device=device)
     rows: list[dict] = []
     start = 0
     chash = config_hash({**asdict(cfg), "device": None, "d_model": d_model, "data": stream.identity()})
@@ -178,7 +188,7 @@ def train(
             g["lr"] = lr
         out = sae(x)
         loss_fvu = fvu(x, out.x_hat)
-        dead = since_fired >= cfg.dead_tokens
+        dead = since_fired[0] >= cfg.dead_tokens
         aux = sae.auxk_loss(x, out, dead, k_aux) if cfg.aux_coef > 0 else x.new_zeros(())
         loss = loss_fvu + cfg.aux_coef * aux
         opt.zero_grad(set_to_none=True)
@@ -190,8 +200,10 @@ def train(
         sae.normalize_decoder()
         with torch.no_grad():
             active = out.top_vals > 0
-            since_fired += len(x)
-            since_fired[out.top_idx[active]] = 0
+            for row, mask in enumerate((torch.ones_like(is_image), is_image, ~is_image)):
+                since_fired[row] += int(mask.sum())
+                since_fired[row, out.top_idx[mask][active[mask]]] = 0
+            dead_now = (since_fired >= cfg.dead_tokens).float().mean(1).tolist()
             x_hat = out.x_hat.detach()
             rows.append(
                 {
@@ -201,10 +213,14 @@ def train(
                     "fvu": loss_fvu.item(),
                     "aux_loss": aux.item(),
                     "l0": active.sum().item() / len(x),
-                    "dead_fraction": (since_fired >= cfg.dead_tokens).float().mean().item(),
+                    "dead_fraction": dead_now[0],
                     "lr": lr,
                     "fvu_image": _subset_fvu(x, x_hat, is_image),
                     "fvu_text": _subset_fvu(x, x_hat, ~is_image),
+                    "l0_image": _subset_l0(active, is_image),
+                    "l0_text": _subset_l0(active, ~is_image),
+                    "dead_fraction_image": dead_now[1],
+                    "dead_fraction_text": dead_now[2],
                 }
             )
         if progress and step % 20 == 0:

@@ -1,0 +1,44 @@
+rule explain_chunk:
+    """Explain one chunk of the selected features through an OpenAI-compatible endpoint."""
+    input:
+        unpack(explain_inputs),
+    output:
+        f"{EXPLANATIONS}/chunks/chunk-{{chunk}}.parquet",
+    params:
+        endpoint=explain_endpoint_params(),
+        prompt=explain_prompt_params(),
+        max_images=config["explain"]["max_images"],
+        n_chunks=config["explain"]["chunks"],
+        cache=f"{EXPLANATIONS}/cache.sqlite",
+        slots=f"{EXPLANATIONS}/.slots",
+    wildcard_constraints:
+        chunk=r"\d+",
+    log:
+        f"results/logs/explain_chunk-{{chunk}}.log",
+    benchmark:
+        f"results/benchmarks/explain_chunk-{{chunk}}.tsv"
+    threads: 1
+    resources:
+        gpu=1 if config["explain"]["server"] == "local" else 0,
+        endpoint_slots=1,
+    conda:
+        "../envs/explain.yaml"
+    script:
+        "../workflow_scripts/explain.py"
+
+
+rule gather_explanations:
+    """Concatenate the chunks into one explanations table; count failures."""
+    input:
+        expand(f"{EXPLANATIONS}/chunks/chunk-{{chunk}}.parquet", chunk=range(config["explain"]["chunks"])),
+    output:
+        f"{EXPLANATIONS}/explanations.parquet",
+    log:
+        "results/logs/gather_explanations.log",
+    threads: 1
+    resources:
+        gpu=0,
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/gather_explanations.py"

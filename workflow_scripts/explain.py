@@ -1,0 +1,42 @@
+"""Entry point of rule explain_chunk: explanations for one chunk of the selected features."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import polars as pl
+
+from mmsae.explain import EndpointConfig, Explainer, build_requests, explain_features
+from mmsae.explain.cache import ResponseCache
+from mmsae.explain.server import LocalServer
+from mmsae.io import write_parquet
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads)
+e = sm.params.endpoint
+chunk, n_chunks = int(sm.wildcards.chunk), sm.params.n_chunks
+features = json.loads(Path(sm.input.selected).read_text())["features"][chunk::n_chunks]
+maps_dir = Path(sm.input.maps).parent
+text_dominant = set(pl.read_parquet(sm.input.stats).filter(pl.col("frequency_text") > pl.col("frequency_image"))["feature"])
+requests = build_requests(features, pl.read_parquet(sm.input.maps), pl.read_parquet(sm.input.contexts), maps_dir,
+                          max_images=sm.params.max_images, text_dominant=text_dominant)
+log.info("chunk %d/%d: %d features, %d with images or contexts", chunk, n_chunks, len(features), len(requests))
+
+cache = ResponseCache(sm.params.cache)
+server = (LocalServer(e["local_model"], device="auto", log_path=sm.log[0] + ".server")
+          if e["server"] == "local" else contextlib.nullcontext())
+with server as srv:
+    cfg = EndpointConfig(
+        base_url=srv.base_url if e["server"] == "local" else e["base_url"],
+        model=srv.model if e["server"] == "local" else e["model"],
+        api_key_env=e["api_key_env"], temperature=e["temperature"], max_tokens=e["max_tokens"],
+        extra_body=e["extra_body"], concurrency=e["concurrency"], timeout_s=e["timeout_s"], retries=e["retries"],
+    )
+    explainer = Explainer(cfg, cache, slots_dir=sm.params.slots)
+    table = explain_features(requests, explainer)
+cache.close()
+write_parquet(sm.output[0], table)
+status = table.column("status").to_pylist()
+log.info("sent %d requests (%d answered from cache); %s", explainer.sent, sum(table.column("cached").to_pylist()),
+         {s: status.count(s) for s in sorted(set(status))})
