@@ -17,6 +17,7 @@ include: "rules/extract.smk"
 include: "rules/sae.smk"
 include: "rules/features.smk"
 include: "rules/explain.smk"
+include: "rules/steer.smk"
 include: "rules/report.smk"
 
 

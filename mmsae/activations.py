@@ -168,9 +168,14 @@ def _existing_shards(out_dir: Path, chash: str) -> tuple[set[str], int]:
     return done, last + 1
 
 
-def _prepare(subject: SubjectModel, batch: list[tuple[Sample, object]]):
+def prepare_inputs(subject: SubjectModel, batch: list[tuple[Sample, object]], suffix: str = ""):
+    """Processor outputs (right-padded) for ``(sample, PIL image or None)`` pairs of one kind.
+
+    ``suffix`` is appended after the chat template's generation prompt (e.g. an answer prefix).
+    """
     proc = subject.processor
-    texts = [proc.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False) for s, _ in batch]
+    texts = [proc.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False) + suffix
+             for s, _ in batch]
     images = [img for _, img in batch if img is not None]
     tok = subject.tokenizer
     tok.padding_side = "right"
@@ -179,6 +184,33 @@ def _prepare(subject: SubjectModel, batch: list[tuple[Sample, object]]):
     if hasattr(proc, "image_processor"):
         return proc(text=texts, return_tensors="pt", padding=True)
     return tok(texts, return_tensors="pt", padding=True)
+
+
+def token_layout(subject: SubjectModel, input_ids: torch.Tensor, coords: torch.Tensor | None, name: str = "sample") -> dict:
+    """Per-token modality and image coordinates for one sequence.
+
+    Args:
+        input_ids: (n,) the sample's token ids (padding removed).
+        coords: (n_image_tokens, 3) from :func:`mmsae.models.image_token_coordinates`, or None.
+
+    Returns:
+        ``{"modality": str array, "view", "patch_row", "patch_col": int16 arrays}`` with view -1
+        and coordinates -1 for text tokens.
+
+    Raises:
+        ValueError: the number of image tokens differs from the model's layout.
+    """
+    n = len(input_ids)
+    view = np.full(n, VIEW_TEXT, np.int16)
+    prow = np.full(n, -1, np.int16)
+    pcol = np.full(n, -1, np.int16)
+    if coords is not None:
+        pos = (input_ids == subject.image_token_id).nonzero().flatten().numpy()
+        c = coords.numpy()
+        if len(pos) != len(c):
+            raise ValueError(f"{name}: {len(pos)} image tokens in the prompt but {len(c)} in the model's layout")
+        view[pos], prow[pos], pcol[pos] = c[:, 0], c[:, 1], c[:, 2]
+    return {"modality": np.where(view == VIEW_TEXT, "text", "image"), "view": view, "patch_row": prow, "patch_col": pcol}
 
 
 def extract(
@@ -252,7 +284,7 @@ def extract(
     bar = tqdm(total=len(loaded), desc="extract", unit="sample", disable=not progress)
     with ActivationCapture(module, stop=cfg.stop_at_hook) as cap, torch.inference_mode():
         for batch in batches:
-            inputs = _prepare(subject, [(s, img) for s, img, _ in batch]).to(subject.device)
+            inputs = prepare_inputs(subject, [(s, img) for s, img, _ in batch]).to(subject.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             acts = cap.run(model, **inputs).float().cpu().numpy()
@@ -262,25 +294,13 @@ def extract(
             for b, (s, img, status) in enumerate(batch):
                 n = int(lengths[b])
                 tok_ids = ids[b, :n]
-                view = np.full(n, VIEW_TEXT, np.int16)
-                prow = np.full(n, -1, np.int16)
-                pcol = np.full(n, -1, np.int16)
-                if img is not None:
-                    pos = (tok_ids == subject.image_token_id).nonzero().flatten().numpy()
-                    c = coords[b].numpy()
-                    if len(pos) != len(c):
-                        raise ValueError(f"{s.sample_id}: {len(pos)} image tokens in the prompt but {len(c)} in the model's layout")
-                    view[pos], prow[pos], pcol[pos] = c[:, 0], c[:, 1], c[:, 2]
-                modality = np.where(view == VIEW_TEXT, "text", "image")
+                layout = token_layout(subject, tok_ids, coords[b] if img is not None else None, s.sample_id)
                 writer.add(
                     {
                         "sample_id": s.sample_id,
                         "token_index": np.arange(n, dtype=np.int32),
                         "token_id": tok_ids.numpy().astype(np.int32),
-                        "modality": modality,
-                        "view": view,
-                        "patch_row": prow,
-                        "patch_col": pcol,
+                        **layout,
                         "activation": acts[b, :n].astype(np_dtype),
                     },
                     {

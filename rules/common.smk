@@ -63,8 +63,24 @@ def explain_prompt_params():
     return {"version": PROMPT_VERSION, "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
+STEERING = "results/steering"
+ATTRIBUTION = "results/attribution"
+
+
+def steer_inputs(wildcards):
+    """The model; the explanations too when features are chosen by matching words against them."""
+    inputs = {"model": model_input(wildcards)}
+    if config["steer"]["match"] and config["explain"]["enabled"]:
+        inputs["explanations"] = f"{EXPLANATIONS}/explanations.parquet"
+    return inputs
+
+
 def report_inputs(wildcards):
     inputs = {}
     if config["explain"]["enabled"]:
         inputs["explanations"] = f"{EXPLANATIONS}/explanations.parquet"
+    if config["steer"]["enabled"]:
+        inputs["steering"] = f"{STEERING}/steering.parquet"
+    if config["attribution"]["enabled"]:
+        inputs["attribution"] = f"{ATTRIBUTION}/summary.json"
     return inputs

@@ -23,8 +23,14 @@ TINY = {
             "b_dec_init_tokens": 256, "checkpoint_every": 10, "dead_tokens": 2000, "heldout_fraction": 0.2},
     "features": {"top_n": 3, "select": {"n": 4, "min_samples": 1, "per_modality": True}},
     "explain": {"server": "local", "max_tokens": 8, "concurrency": 1},
+    "steer": {"auto": 1, "values": [10], "max_new_tokens": 6, "prompts": [{"prompt": "Tell me a story."}]},
+    "attribution": {"validate_top": 4, "cases": [
+        {"name": "capital", "prompt": "What is the capital of France?", "answer_prefix": "The capital of France is",
+         "answer": " Paris", "baseline": " London"},
+        {"name": "cat", "prompt": "Is there a cat?", "image": "chelsea", "answer": "Yes", "baseline": "No"}]},
 }
-DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "report": 1, "all": 1}
+DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "steer": 1,
+                           "report": 1, "all": 1}
 
 
 def smk(workdir, *args, check=True):
@@ -65,7 +71,8 @@ def test_lint_is_clean(tmp_path):
 def test_default_config_dry_runs(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
     assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "train_sae": 1, "encode": 1, "select_top": 1,
-                          "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "report": 1, "all": 1}
+                          "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "steer": 1, "attribute": 1,
+                          "report": 1, "all": 1}
 
 
 def test_hub_model_needs_no_demo_build(tmp_path):
@@ -97,7 +104,9 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     smk(wd, "--cores", "2")
     report = (wd / "results/report/index.html").read_text()
     assert "Embedded demo model" in report and "Feature " in report and "data:image/jpeg;base64" in report
-    assert "Explanations:" in report
+    assert "Explanations:" in report and "id=steering" in report and "id=attribution" in report
+    summary = json.loads((wd / "results/attribution/summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == ["capital", "cat"] and summary["cases"][1]["maps"]
     import polars as pl
 
     expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
@@ -112,7 +121,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     # an SAE parameter reruns training and everything after it, not extraction
     changed = {**TINY, "sae": {**TINY["sae"], "k": 4}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
-    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 1, **DOWNSTREAM_OF_SELECTION}
+    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 1, "attribute": 1, **DOWNSTREAM_OF_SELECTION}
     # a selection parameter reruns only selection and what follows
     changed = {**TINY, "features": {**TINY["features"], "top_n": 2}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))

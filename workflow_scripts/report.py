@@ -23,6 +23,9 @@ page = build_report(
     contexts=pl.read_parquet(i.contexts),
     maps_dir=Path(i.maps).parent,
     explanations=pl.read_parquet(i.explanations) if "explanations" in i.keys() else None,
+    steering=pl.read_parquet(i.steering) if "steering" in i.keys() else None,
+    attribution=json.loads(Path(i.attribution).read_text()) if "attribution" in i.keys() else None,
+    attribution_dir=Path(i.attribution).parent if "attribution" in i.keys() else None,
     run={"model": sm.params.model, "demo": sm.params.demo,
          "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
 )

@@ -190,3 +190,15 @@ def load_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:
     if all(lo == hi for lo, hi in rgb.getextrema()):
         return None, "degenerate: a single colour"
     return rgb, "ok" if mode == "RGB" else f"converted from {mode}"
+
+
+def resolve_image_ref(ref: str | None, base_dir: str | os.PathLike = ".") -> str | None:
+    """A config's image reference -> a file path: a scikit-image photo name or a path (or None)."""
+    if not ref:
+        return None
+    if ref in SKIMAGE_PHOTOS:
+        return str(skimage_photo_paths([ref])[ref])
+    path = Path(base_dir, ref)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {ref!r}: neither a scikit-image photo name nor a file")
+    return str(path)

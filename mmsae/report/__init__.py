@@ -17,6 +17,8 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
+from mmsae.report.sections import attribution_html, steering_html
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{margin-bottom:.2em} .muted{color:#666} table.kv td{padding:2px 12px 2px 0}
@@ -26,6 +28,7 @@ h1{margin-bottom:.2em} .muted{color:#666} table.kv td{padding:2px 12px 2px 0}
 .imgs img{height:150px;border-radius:4px} .ctx{font-family:monospace;font-size:13px;margin:4px 0;white-space:pre-wrap}
 .tok{border-radius:3px} .expl{font-size:15px} pre{white-space:pre-wrap;font-size:12px} .focus{outline:2px solid #c00}
 svg text{font-size:11px;fill:#444}
+table.steer td{padding:3px 10px;vertical-align:top;border-top:1px solid #eee} table.steer{border-collapse:collapse;table-layout:fixed;width:100%} table.steer td{overflow-wrap:anywhere} table.steer td:first-child{width:130px}
 """
 
 
@@ -144,7 +147,8 @@ def explanation_html(row: dict | None) -> str:
 
 def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.DataFrame, selected: dict,
                  maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
-                 explanations: pl.DataFrame | None = None) -> str:
+                 explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
+                 attribution: dict | None = None, attribution_dir: Path | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -206,4 +210,9 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                     f"{st.count('no_explanation')} none found, {st.count('unparsed')} empty, {st.count('failed')} failed.</p>")
     cards = [feature_card(f, stat_by.get(f, {}), maps, contexts, maps_dir, explanation_html(expl.get(f)))
              for f in selected.get("features", [])]
-    return "".join(head + cards + ["</body></html>"])
+    tail = []
+    if steering is not None:
+        tail.append(steering_html(steering))
+    if attribution is not None:
+        tail.append(attribution_html(attribution, attribution_dir, _data_url))
+    return "".join(head + cards + tail + ["</body></html>"])

@@ -1,0 +1,55 @@
+rule steer:
+    """Generate before/after clamping features, over a sweep of clamp values."""
+    input:
+        unpack(steer_inputs),
+        cfg=f"{SAE_DIR}/cfg.json",
+        weights=f"{SAE_DIR}/sae_weights.safetensors",
+        stats=f"{FEATURES}/stats.parquet",
+        selected=f"{FEATURES}/selected.json",
+    output:
+        f"{STEERING}/steering.parquet",
+    params:
+        model=model_path(),
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        hook_point=config["model"]["hook_point"],
+        steer=config["steer"],
+    log:
+        "results/logs/steer.log",
+    benchmark:
+        "results/benchmarks/steer.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../workflow_scripts/steer.py"
+
+
+rule attribute:
+    """Attribute each configured answer to SAE features on image and text tokens; validate by ablation."""
+    input:
+        model=model_input,
+        cfg=f"{SAE_DIR}/cfg.json",
+        weights=f"{SAE_DIR}/sae_weights.safetensors",
+    output:
+        summary=f"{ATTRIBUTION}/summary.json",
+        table=f"{ATTRIBUTION}/attribution.parquet",
+    params:
+        model=model_path(),
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        hook_point=config["model"]["hook_point"],
+        attribution=config["attribution"],
+    log:
+        "results/logs/attribute.log",
+    benchmark:
+        "results/benchmarks/attribute.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../workflow_scripts/attribute.py"

@@ -1,0 +1,41 @@
+"""Entry point of rule steer: text before/after clamping features, over a sweep of values."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from mmsae.data.corpus import resolve_image_ref
+from mmsae.io import write_parquet
+from mmsae.models import load_subject_model, resolve_device, resolve_hook_point
+from mmsae.sae import load_sae
+from mmsae.steer import features_matching, steering_sweep
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads)
+p, st = sm.params, sm.params.steer
+stats = pl.read_parquet(sm.input.stats)
+if st["features"]:
+    features = list(st["features"])
+elif st["match"]:
+    expl = pl.read_parquet(sm.input.explanations) if "explanations" in sm.input.keys() else None
+    features = features_matching(expl, st["match"])
+    log.info("features whose explanation matches %s: %s", st["match"], features)
+else:
+    selected = json.loads(Path(sm.input.selected).read_text())["features"]
+    text_dom = set(stats.filter(pl.col("frequency_text") > pl.col("frequency_image"))["feature"])
+    features = [f for f in selected if f in text_dom][: st["auto"]]
+subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
+sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
+prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} for q in st["prompts"]]
+rows = steering_sweep(subject, resolve_hook_point(subject.model, p.hook_point), sae, features, prompts, st["values"],
+                      st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],
+                      st["max_new_tokens"])
+schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
+                    ("value", pa.float64()), ("clamp_value", pa.float64()), ("positions", pa.string()), ("mode", pa.string()),
+                    ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_())])
+write_parquet(sm.output[0], pa.Table.from_pylist(rows, schema=schema))
+log.info("steered %d features x %d prompts x %d values; %d of %d generations changed",
+         len(features), len(prompts), len(st["values"]), sum(r["changed"] for r in rows), len(rows))
