@@ -18,6 +18,7 @@ include: "rules/sae.smk"
 include: "rules/features.smk"
 include: "rules/explain.smk"
 include: "rules/steer.smk"
+include: "rules/neurons.smk"
 include: "rules/report.smk"
 
 

@@ -126,3 +126,17 @@ def render_feature_maps(codes, samples, tops, features: list[int], side: int, ou
     ctx_schema = {"feature": pl.Int32, "rank": pl.Int16, "sample_id": pl.String, "score": pl.Float32,
                   "tokens": pl.List(pl.String), "activations": pl.List(pl.Float32), "focus": pl.Int32}
     return pl.DataFrame(map_rows, schema=maps_schema), pl.DataFrame(ctx_rows, schema=ctx_schema)
+
+
+def top_percent_mask(grid: np.ndarray, size: tuple[int, int], percent: float = 5.0) -> np.ndarray:
+    """Bool (height, width) mask of the pixels in the top ``percent`` of the bilinearly upsampled map
+    (arXiv 2311.07470's binary heatmap mask)."""
+    up = upsample(grid, size)
+    return up >= np.percentile(up, 100.0 - percent)
+
+
+def masked(image: Image.Image, mask: np.ndarray, dim: float = 0.12) -> Image.Image:
+    """The image with pixels outside ``mask`` (height, width) darkened to ``dim`` brightness."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = arr * np.where(mask, 1.0, dim)[..., None]
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))

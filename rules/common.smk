@@ -64,6 +64,7 @@ def explain_prompt_params():
 
 
 STEERING = "results/steering"
+NEURONS = "results/neurons"
 ATTRIBUTION = "results/attribution"
 
 
@@ -83,4 +84,7 @@ def report_inputs(wildcards):
         inputs["steering"] = f"{STEERING}/steering.parquet"
     if config["attribution"]["enabled"]:
         inputs["attribution"] = f"{ATTRIBUTION}/summary.json"
+    if config["neurons"]["enabled"]:
+        inputs["neuron_properties"] = f"{NEURONS}/properties.json"
+        inputs["edits"] = f"{NEURONS}/edits/edits.parquet"
     return inputs

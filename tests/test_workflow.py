@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
@@ -28,6 +29,9 @@ TINY = {
         {"name": "capital", "prompt": "What is the capital of France?", "answer_prefix": "The capital of France is",
          "answer": " Paris", "baseline": " London"},
         {"name": "cat", "prompt": "Is there a cat?", "image": "chelsea", "answer": "Yes", "baseline": "No"}]},
+    "neurons": {"max_images": 1, "max_new_tokens": 8, "text_prompts": ["Describe a cat in few words."], "top_k": 50,
+                "causal_cases": 1, "causal_k": 5, "opt_steps": 3, "edits": [{"name": "e", "source": "auto", "target": "dog"}],
+                "locality_prompts": ["Hi"]},
 }
 DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "steer": 1,
                            "report": 1, "all": 1}
@@ -72,7 +76,7 @@ def test_default_config_dry_runs(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
     assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "train_sae": 1, "encode": 1, "select_top": 1,
                           "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "steer": 1, "attribute": 1,
-                          "report": 1, "all": 1}
+                          "find_neurons": 1, "edit_neurons": 1, "report": 1, "all": 1}
 
 
 def test_hub_model_needs_no_demo_build(tmp_path):
@@ -107,8 +111,10 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     assert "Explanations:" in report and "id=steering" in report and "id=attribution" in report
     summary = json.loads((wd / "results/attribution/summary.json").read_text())
     assert [c["case"] for c in summary["cases"]] == ["capital", "cat"] and summary["cases"][1]["maps"]
-    import polars as pl
-
+    assert "id=neurons" in report
+    edits = pl.read_parquet(wd / "results/neurons/edits/edits.parquet")
+    assert edits["method"].to_list() == ["closed_form", "optimised"]
+    assert all((wd / "results/neurons/edits" / p).is_file() for p in edits["delta_path"])
     expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
     assert expl.height == 4 and expl["error"].null_count() == 4  # every feature answered by transformers serve
     manifest = json.loads((wd / "results/activations/manifest.json").read_text())
@@ -150,8 +156,6 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
             del os.environ["MMSAE_TEST_KEY"]
         assert ep.requests == 4 + 2 and set(ep.auth_headers) == {f"Bearer {secret}"}
         assert ep.max_in_flight <= 2
-    import polars as pl
-
     expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
     assert expl["status"].to_list() == ["ok"] * 4 and set(expl["explanation"]) == {"red circles"}
     assert "red circles" in (wd / "results/report/index.html").read_text()

@@ -26,6 +26,14 @@ page = build_report(
     steering=pl.read_parquet(i.steering) if "steering" in i.keys() else None,
     attribution=json.loads(Path(i.attribution).read_text()) if "attribution" in i.keys() else None,
     attribution_dir=Path(i.attribution).parent if "attribution" in i.keys() else None,
+    neurons=None if "neuron_properties" not in i.keys() else {
+        "props": json.loads(Path(i.neuron_properties).read_text()),
+        "captions": pl.read_parquet(Path(i.neuron_properties).parent / "captions.parquet"),
+        "neurons": pl.read_parquet(Path(i.neuron_properties).parent / "neurons.parquet"),
+        "tokens": pl.read_parquet(Path(i.neuron_properties).parent / "tokens.parquet"),
+        "edits": pl.read_parquet(i.edits),
+        "neuron_dir": Path(i.neuron_properties).parent,
+    },
     run={"model": sm.params.model, "demo": sm.params.demo,
          "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
 )

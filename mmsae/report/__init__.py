@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-from mmsae.report.sections import attribution_html, steering_html
+from mmsae.report.sections import attribution_html, neurons_html, steering_html
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -148,7 +148,7 @@ def explanation_html(row: dict | None) -> str:
 def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.DataFrame, selected: dict,
                  maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
                  explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
-                 attribution: dict | None = None, attribution_dir: Path | None = None) -> str:
+                 attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -215,4 +215,6 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         tail.append(steering_html(steering))
     if attribution is not None:
         tail.append(attribution_html(attribution, attribution_dir, _data_url))
+    if neurons is not None:
+        tail.append(neurons_html(**neurons, data_url=_data_url))
     return "".join(head + cards + tail + ["</body></html>"])

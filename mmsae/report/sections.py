@@ -73,3 +73,50 @@ def attribution_html(summary: dict, attr_dir: Path, data_url) -> str:
         parts.append(_signed_tokens(c["text_tokens"], c["text_attribution"]))
         parts.append("</div>")
     return "".join(parts)
+
+
+def neurons_html(props: dict, captions: pl.DataFrame, neurons: pl.DataFrame, tokens: pl.DataFrame,
+                 edits: pl.DataFrame, neuron_dir: Path, data_url, per_case: int = 5) -> str:
+    """Multimodal neurons: properties, captions with their top neurons and tokens, heatmaps, edits."""
+    def f(x):
+        return "–" if x is None else f"{x:.3g}"
+
+    parts = ["<h2 id=neurons>Multimodal neurons</h2><p class=muted>Score s = a·(W_out W_U)[i, t] at the position "
+             "predicting each caption noun's first token, all layers ranked together (arXiv 2311.07470).</p><table class=kv>"]
+    for k, label in [("n_cases", "noun cases"), ("semantic_sensitivity", "semantic sensitivity (top tokens match the noun)"),
+                     ("specificity_overlap", "top-neuron overlap across nouns (lower = more specific)"),
+                     ("invariance_overlap", "top-neuron overlap for a noun across images"),
+                     ("noun_removed_rate_top", "noun removed by noise on the top-k neurons"),
+                     ("noun_removed_rate_random", "noun removed by noise on k random neurons")]:
+        parts.append(f"<tr><td>{_e(label)}</td><td>{f(props.get(k))}</td></tr>")
+    parts.append("</table>")
+    toks = {(r["layer"], r["neuron"]): [] for r in tokens.iter_rows(named=True)} if tokens.height else {}
+    for r in tokens.iter_rows(named=True) if tokens.height else []:
+        toks[(r["layer"], r["neuron"])].append(r["token"])
+    maps_by = {}
+    for m in props.get("maps", []):
+        maps_by.setdefault(m["case"], []).append(m)
+    for c in captions.iter_rows(named=True):
+        parts.append(f"<div class=card><b>{_e(c['sample'])}</b>: “{_e(c['caption'])}” <span class=muted>nouns: "
+                     f"{_e(', '.join(c['nouns']) or 'none')}</span>")
+        if neurons.height:
+            for (case, noun), g in neurons.filter(pl.col("sample") == c["sample"]).group_by(["case", "noun"], maintain_order=True):
+                rows = " · ".join(f"L{r['layer']}.{r['neuron']} ({r['score']:.3g}; {_e(' '.join(toks.get((r['layer'], r['neuron']), [])[:5]))})"
+                                  for r in g.sort("rank").head(per_case).iter_rows(named=True))
+                parts.append(f"<p><b>{_e(noun)}</b>: {rows}</p>")
+                figs = "".join(f"<figure><img src='{data_url(neuron_dir / m[k])}'><figcaption>L{m['layer']}.{m['neuron']} "
+                               f"{'top 5%' if k == 'mask_png' else 'heatmap'}</figcaption></figure>"
+                               for m in maps_by.get(case, []) for k in ("png", "mask_png"))
+                if figs:
+                    parts.append(f"<div class=imgs>{figs}</div>")
+        parts.append("</div>")
+    if edits.height and "method" in edits.columns:
+        parts.append("<h3>Editing</h3><table class=steer><tr><th>edit</th><th>caption after</th><th>success · generality · locality</th></tr>")
+        for r in edits.iter_rows(named=True):
+            if r.get("status") != "ok":
+                parts.append(f"<tr><td>{_e(r['name'])}</td><td colspan=2>{_e(r['status'])}</td></tr>")
+                continue
+            parts.append(f"<tr><td>{_e(r['source'])} → {_e(r['target'])} ({_e(r['method'])})</td><td>{_e(r['caption_after'])}</td>"
+                         f"<td>{r['success']} · {f(r['generality'])} (n={r['n_generality']}) · {f(r['locality'])}</td></tr>")
+        parts.append("</table>")
+    return "".join(parts)
