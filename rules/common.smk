@@ -65,6 +65,7 @@ def explain_prompt_params():
 
 STEERING = "results/steering"
 NEURONS = "results/neurons"
+EVALUATION = "results/evaluation"
 ATTRIBUTION = "results/attribution"
 
 
@@ -84,7 +85,32 @@ def report_inputs(wildcards):
         inputs["steering"] = f"{STEERING}/steering.parquet"
     if config["attribution"]["enabled"]:
         inputs["attribution"] = f"{ATTRIBUTION}/summary.json"
+    if config["evaluate"]["enabled"] and config["explain"]["enabled"]:
+        inputs["evaluation"] = f"{EVALUATION}/summary.json"
     if config["neurons"]["enabled"]:
         inputs["neuron_properties"] = f"{NEURONS}/properties.json"
         inputs["edits"] = f"{NEURONS}/edits/edits.parquet"
     return inputs
+
+
+def refiner_endpoint_params():
+    """The explainer's endpoint, with the fields that ``evaluate.refiner`` sets overriding it."""
+    out = explain_endpoint_params()
+    r = {k: v for k, v in config["evaluate"]["refiner"].items() if v is not None}
+    out.update(r)
+    if out["server"] == "local":
+        out["local_model"] = r.get("local_model") or explainer_local_model()
+    return out
+
+
+def refine_inputs(wildcards):
+    e = refiner_endpoint_params()
+    return {"model": DEMO_MODEL_DIR} if e["server"] == "local" and e["local_model"] == DEMO_MODEL_DIR else {}
+
+
+def refine_prompt_params():
+    import hashlib
+
+    from mmsae.evaluate.refine import CATEGORY_PROMPT, REFINE_PROMPT, REFINE_VERSION
+
+    return {"version": REFINE_VERSION, "text_sha256": hashlib.sha256((REFINE_PROMPT + CATEGORY_PROMPT).encode()).hexdigest()[:16]}

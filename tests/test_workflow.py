@@ -33,8 +33,8 @@ TINY = {
                 "causal_cases": 1, "causal_k": 5, "opt_steps": 3, "edits": [{"name": "e", "source": "auto", "target": "dog"}],
                 "locality_prompts": ["Hi"]},
 }
-DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "steer": 1,
-                           "report": 1, "all": 1}
+EXPLAIN_AND_AFTER = {"explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1, "report": 1, "all": 1}
+DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "steer": 1, **EXPLAIN_AND_AFTER}
 
 
 def smk(workdir, *args, check=True):
@@ -75,8 +75,17 @@ def test_lint_is_clean(tmp_path):
 def test_default_config_dry_runs(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
     assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "train_sae": 1, "encode": 1, "select_top": 1,
-                          "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "steer": 1, "attribute": 1,
-                          "find_neurons": 1, "edit_neurons": 1, "report": 1, "all": 1}
+                          "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1,
+                          "evaluate": 1, "steer": 1, "attribute": 1, "find_neurons": 1, "edit_neurons": 1, "report": 1,
+                          "all": 1}
+
+
+def test_paper_config_dry_runs_to_the_evaluation_table(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/llava-next-8b.yaml").read_text())
+    proc = smk(workdir_with(tmp_path, cfg), "-n", "results/evaluation/table.md")
+    assert jobs(proc) == {"extract": 1, "train_sae": 1, "encode": 1, "select_top": 1, "render_maps": 1, "explain_chunk": 8,
+                          "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1}
+    assert "results/sae/llava-next-8b-l24/cfg.json" in proc.stdout + proc.stderr
 
 
 def test_hub_model_needs_no_demo_build(tmp_path):
@@ -108,7 +117,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     smk(wd, "--cores", "2")
     report = (wd / "results/report/index.html").read_text()
     assert "Embedded demo model" in report and "Feature " in report and "data:image/jpeg;base64" in report
-    assert "Explanations:" in report and "id=steering" in report and "id=attribution" in report
+    assert "Explanations:" in report and "id=evaluation" in report and "unavailable" in report and "id=steering" in report and "id=attribution" in report
     summary = json.loads((wd / "results/attribution/summary.json").read_text())
     assert [c["case"] for c in summary["cases"]] == ["capital", "cat"] and summary["cases"][1]["maps"]
     assert "id=neurons" in report
@@ -135,7 +144,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     # an explainer parameter reruns only the explanations and the report
     changed = {**TINY, "explain": {**TINY["explain"], "max_tokens": 9}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
-    assert jobs(smk(wd, "-n")) == {"explain_chunk": 1, "gather_explanations": 1, "report": 1, "all": 1}
+    assert jobs(smk(wd, "-n")) == EXPLAIN_AND_AFTER
 
 
 @pytest.mark.slow
@@ -154,7 +163,9 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
             smk(wd, "--cores", "2")
         finally:
             del os.environ["MMSAE_TEST_KEY"]
-        assert ep.requests == 4 + 2 and set(ep.auth_headers) == {f"Bearer {secret}"}
+        explain_requests = [b for b in ep.bodies if "neuron" in json.dumps(b["messages"])]
+        assert len(explain_requests) == 4 + 2 and set(ep.auth_headers) == {f"Bearer {secret}"}
+        assert len(ep.bodies) > len(explain_requests)  # the refiner used the same endpoint and key
         assert ep.max_in_flight <= 2
     expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
     assert expl["status"].to_list() == ["ok"] * 4 and set(expl["explanation"]) == {"red circles"}

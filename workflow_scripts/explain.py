@@ -1,14 +1,12 @@
 """Entry point of rule explain_chunk: explanations for one chunk of the selected features."""
 
-import contextlib
 import json
 from pathlib import Path
 
 import polars as pl
 
-from mmsae.explain import EndpointConfig, Explainer, build_requests, explain_features
+from mmsae.explain import Explainer, build_requests, endpoint_session, explain_features
 from mmsae.explain.cache import ResponseCache
-from mmsae.explain.server import LocalServer
 from mmsae.io import write_parquet
 from mmsae.workflow import setup
 
@@ -24,15 +22,7 @@ requests = build_requests(features, pl.read_parquet(sm.input.maps), pl.read_parq
 log.info("chunk %d/%d: %d features, %d with images or contexts", chunk, n_chunks, len(features), len(requests))
 
 cache = ResponseCache(sm.params.cache)
-server = (LocalServer(e["local_model"], device="auto", log_path=sm.log[0] + ".server")
-          if e["server"] == "local" else contextlib.nullcontext())
-with server as srv:
-    cfg = EndpointConfig(
-        base_url=srv.base_url if e["server"] == "local" else e["base_url"],
-        model=srv.model if e["server"] == "local" else e["model"],
-        api_key_env=e["api_key_env"], temperature=e["temperature"], max_tokens=e["max_tokens"],
-        extra_body=e["extra_body"], concurrency=e["concurrency"], timeout_s=e["timeout_s"], retries=e["retries"],
-    )
+with endpoint_session(e, server_log=sm.log[0] + ".server") as cfg:
     explainer = Explainer(cfg, cache, slots_dir=sm.params.slots)
     table = explain_features(requests, explainer)
 cache.close()

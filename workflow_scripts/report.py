@@ -26,6 +26,7 @@ page = build_report(
     steering=pl.read_parquet(i.steering) if "steering" in i.keys() else None,
     attribution=json.loads(Path(i.attribution).read_text()) if "attribution" in i.keys() else None,
     attribution_dir=Path(i.attribution).parent if "attribution" in i.keys() else None,
+    evaluation=json.loads(Path(i.evaluation).read_text()) if "evaluation" in i.keys() else None,
     neurons=None if "neuron_properties" not in i.keys() else {
         "props": json.loads(Path(i.neuron_properties).read_text()),
         "captions": pl.read_parquet(Path(i.neuron_properties).parent / "captions.parquet"),

@@ -126,13 +126,11 @@ class Explainer:
     """
 
     def __init__(self, cfg: EndpointConfig, cache: ResponseCache, slots_dir: str | os.PathLike | None = None):
-        import openai
-
         self.cfg, self.cache = cfg, cache
-        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key(), timeout=cfg.timeout_s, max_retries=0)
-        self.sem = asyncio.Semaphore(cfg.concurrency)
+        self._key = cfg.api_key()  # fail early, naming the variable, when the key is missing
         self.slots = SlotPool(slots_dir, cfg.concurrency) if slots_dir else None
         self.sent = 0
+        self.client = self.sem = None
 
     async def _send(self, messages: list[dict]) -> dict:
         fd = await self.slots.acquire() if self.slots else None
@@ -185,8 +183,16 @@ class Explainer:
                 "cached": False, "error": error, "attempts": attempt + 1}
 
     async def complete_all(self, requests: list[list[dict]]) -> list[dict]:
-        """Answers for many message lists, in order, concurrently."""
+        """Answers for many message lists, in order, concurrently (one event loop per call)."""
+        import openai
+
+        self.client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s, max_retries=0)
+        self.sem = asyncio.Semaphore(self.cfg.concurrency)
         try:
-            return await asyncio.gather(*(self.complete(m) for m in requests))
+            # identical requests in one batch are sent once
+            keys = [request_key(self.cfg.model, m, self.cfg.sampling()) for m in requests]
+            unique = {k: m for k, m in zip(keys, requests)}
+            answers = dict(zip(unique, await asyncio.gather(*(self.complete(m) for m in unique.values()))))
+            return [answers[k] for k in keys]
         finally:
             await self.client.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-from mmsae.report.sections import attribution_html, neurons_html, steering_html
+from mmsae.report.sections import attribution_html, evaluation_html, neurons_html, steering_html
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -148,7 +148,8 @@ def explanation_html(row: dict | None) -> str:
 def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.DataFrame, selected: dict,
                  maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
                  explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
-                 attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None) -> str:
+                 attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None,
+                 evaluation: dict | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -211,6 +212,8 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
     cards = [feature_card(f, stat_by.get(f, {}), maps, contexts, maps_dir, explanation_html(expl.get(f)))
              for f in selected.get("features", [])]
     tail = []
+    if evaluation is not None:
+        tail.append(evaluation_html(evaluation))
     if steering is not None:
         tail.append(steering_html(steering))
     if attribution is not None:

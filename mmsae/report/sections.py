@@ -120,3 +120,30 @@ def neurons_html(props: dict, captions: pl.DataFrame, neurons: pl.DataFrame, tok
                          f"<td>{r['success']} · {f(r['generality'])} (n={r['n_generality']}) · {f(r['locality'])}</td></tr>")
         parts.append("</table>")
     return "".join(parts)
+
+
+def evaluation_html(summary: dict) -> str:
+    """The paper's Table 1 for this run, with the metrics that could not be computed and why."""
+    un = summary.get("unavailable", {})
+
+    def cell(row, metric):
+        if metric in un:
+            return "<i>unavailable</i>", "<i>unavailable</i>"
+        e, ci, r, s = row[f"{metric}_explained"], row[f"{metric}_ci"], row[f"{metric}_random"], row[f"{metric}_random_std"]
+        exp = "–" if e is None else f"{e:.3f}" + (f" <span class=muted>[{ci[0]:.3f}, {ci[1]:.3f}]</span>" if ci and ci[0] is not None else "")
+        return exp, ("–" if r is None else f"{r:.3f} ± {s:.3f}")
+
+    parts = ["<h2 id=evaluation>Explanation evaluation</h2><p class=muted>IoU of the refined phrase's grounded mask "
+             "with the feature's activated region, and CLIP score of the phrase with the image, on the feature's top images "
+             f"versus random images. {summary.get('n_with_phrase', 0)} of {summary.get('n_refined', 0)} refined explanations "
+             "have a phrase; the others are excluded.</p>",
+             "<table class=steer><tr><th>category</th><th>features</th><th>IoU explained</th><th>IoU random</th>"
+             "<th>CLIP explained</th><th>CLIP random</th></tr>"]
+    for row in summary.get("table", []):
+        ie, ir = cell(row, "iou")
+        ce, cr = cell(row, "clip_score")
+        parts.append(f"<tr><td>{_e(row['category'])}</td><td>{row['n_features']}</td><td>{ie}</td><td>{ir}</td><td>{ce}</td><td>{cr}</td></tr>")
+    parts.append("</table>")
+    if un:
+        parts.append("<ul>" + "".join(f"<li>{_e(m)} unavailable: {_e(w)}</li>" for m, w in un.items()) + "</ul>")
+    return "".join(parts)

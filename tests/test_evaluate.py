@@ -1,0 +1,180 @@
+"""Explanation evaluation: metric code against exact expectations; the real model code paths on tiny
+random GroundingDINO / SAM / CLIP built from transformers configs; refinement through a real server."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from mmsae.evaluate import score_features, summary_table
+from mmsae.evaluate.backends import ClipScorer, GroundedSegmenter, try_load
+from mmsae.evaluate.metrics import activated_region, bootstrap_ci, clip_score, iou
+from mmsae.evaluate.refine import parse_category, parse_phrase, refine_all
+from mmsae.explain import EndpointConfig, Explainer
+from mmsae.explain.cache import ResponseCache
+from mmsae.explain.fake_server import FakeEndpoint
+from mmsae.features import CODE_SCHEMA
+from mmsae.io import write_parquet
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "cat", "dog", "red", "circle", "fur"]
+
+
+def test_iou_equals_the_set_computation():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.random((13, 17)) < 0.4, rng.random((13, 17)) < 0.3
+        sa = {tuple(p) for p in np.argwhere(a)}
+        sb = {tuple(p) for p in np.argwhere(b)}
+        assert iou(a, b) == pytest.approx(len(sa & sb) / len(sa | sb))
+    assert iou(None, a) == 0.0 and iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0
+    with pytest.raises(ValueError, match="shapes"):
+        iou(np.zeros((2, 2), bool), np.zeros((3, 2), bool))
+
+
+def test_clip_score_is_torchmetrics_formula():
+    rng = np.random.default_rng(1)
+    img, txt = rng.normal(size=(6, 8)), rng.normal(size=(6, 8))
+    expect = 100 * torch.clamp(torch.nn.functional.cosine_similarity(torch.tensor(img), torch.tensor(txt)), min=0)
+    np.testing.assert_allclose(clip_score(img, txt), expect.numpy(), rtol=1e-6)
+    assert clip_score(img[:1], -img[:1])[0] == 0.0
+
+
+def test_binarised_activation_region_on_a_hand_made_grid():
+    grid = np.array([[3.0, 0.0], [0.0, 0.0]], np.float32)
+    region = activated_region(grid, (8, 8))
+    expect = np.zeros((8, 8), bool)
+    expect[:4, :4] = True
+    assert (region == expect).sum() >= 60 and region[0, 0] and not region[7, 7]  # soft only at the border
+    assert not activated_region(grid, (8, 8), threshold=5.0).any()
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0)
+    assert 1.0 <= lo < 2.5 < hi <= 4.0 and bootstrap_ci([1.0]) == (None, None)
+
+
+@pytest.mark.parametrize("text,expect", [("Phrase: animal fur", ("animal fur", "ok")), ('"red bus."', ("red bus", "ok")),
+                                         ("one two three four five six seven eight nine", (None, "invalid")), ("", (None, "invalid"))])
+def test_parse_phrase(text, expect):
+    assert parse_phrase(text) == expect
+
+
+def test_parse_category():
+    assert parse_category("It is a colour.") == ("colour", "ok") and parse_category("color") == ("colour", "ok")
+    assert parse_category("an animal") == (None, "invalid")
+
+
+def test_refinement_through_a_real_server(tmp_path):
+    with FakeEndpoint(reply="texture", script=[500]) as ep:
+        ex = Explainer(EndpointConfig(base_url=ep.base_url, model="r", backoff_s=0.01), ResponseCache(tmp_path / "c.sqlite"))
+        rows = refine_all(ex, [(1, "The regions show striped fabric"), (2, "zebra stripes")])
+        assert [(r["phrase"], r["category"]) for r in rows] == [("texture", "texture")] * 2
+        assert ep.requests == 1 + 2 + 1  # one 500 retried, two phrases, one category (same phrase: cached)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (BertTokenizerFast, CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizerFast, GroundingDinoConfig,
+                              GroundingDinoForObjectDetection, GroundingDinoProcessor, SamConfig, SamModel, SamProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    torch.manual_seed(0)
+    gd = GroundingDinoForObjectDetection(GroundingDinoConfig(
+        backbone_config={"model_type": "swin", "image_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1],
+                         "num_heads": [1, 1, 1, 1], "window_size": 2, "out_indices": [2, 3, 4]},
+        text_config={"model_type": "bert", "vocab_size": len(WORDS), "hidden_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 64},
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+        decoder_attention_heads=2, num_queries=20, num_feature_levels=3, encoder_n_points=2, decoder_n_points=2,
+        max_text_len=32, use_timm_backbone=False, backbone=None, use_pretrained_backbone=False))
+    gproc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
+                                   tokenizer=BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)}))
+    sam = SamModel(SamConfig(
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 64, "patch_size": 16,
+                       "output_channels": 16, "mlp_dim": 64, "global_attn_indexes": [0], "window_size": 2, "num_pos_feats": 8},
+        prompt_encoder_config={"hidden_size": 16, "image_size": 64, "patch_size": 16, "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "mlp_dim": 32, "iou_head_hidden_dim": 16}))
+    sproc = SamProcessor(image_processor=SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                                                             mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16}))
+    d = tmp_path_factory.mktemp("bpe")
+    tk = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["a red cat", "dog fur", "blue circle"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.model.save(str(d))
+    merges = [tuple(line.split()) for line in (d / "merges.txt").read_text().splitlines()[1:] if line.strip()]
+    ctok = CLIPTokenizerFast(vocab=json.loads((d / "vocab.json").read_text()), merges=merges)
+    clip = CLIPModel(CLIPConfig(
+        text_config={"vocab_size": ctok.vocab_size + 2, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16))
+    cproc = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                          tokenizer=ctok)
+    return GroundedSegmenter(gd, gproc, sam, sproc, box_threshold=0.0, text_threshold=0.0), ClipScorer(clip, cproc)
+
+
+def test_tiny_grounded_sam_and_clip_run_the_real_paths(tiny_models):
+    seg, clip = tiny_models
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    boxes = seg.boxes(image, "a cat")
+    assert boxes.shape[1] == 4 and len(boxes) > 0
+    mask = seg.mask(image, "a cat")
+    assert mask.dtype == bool and mask.shape == (50, 70)
+    seg.box_threshold = 1.01  # nothing passes: no detection, IoU 0
+    assert seg.mask(image, "a cat") is None
+    seg.box_threshold = 0.0
+    e_img, e_txt = clip.embed_images([image, image]), clip.embed_texts(["a red cat"])
+    assert e_img.shape == (2, 16) and e_txt.shape == (1, 16)
+    assert 0.0 <= clip_score(e_img, e_txt)[0] <= 100.0
+
+
+def _corpus(tmp_path, n_images=6):
+    rng = np.random.default_rng(3)
+    images, rows = {}, []
+    for s in range(n_images):
+        path = tmp_path / f"img{s}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        images[f"s{s}"] = str(path)
+        for r in range(4):
+            for c in range(4):
+                if rng.random() < 0.5:
+                    rows.append({"sample_id": f"s{s}", "token_index": r * 4 + c, "modality": "image", "view": 0,
+                                 "patch_row": r, "patch_col": c, "feature": int(rng.integers(0, 3)), "activation": float(rng.random())})
+    write_parquet(tmp_path / "codes.parquet", pl.DataFrame(rows).to_arrow().cast(CODE_SCHEMA))
+    tops = pl.DataFrame({"feature": [0, 0, 1], "modality": ["image"] * 3, "rank": [0, 1, 0], "sample_id": ["s0", "s1", "s2"]})
+    refined = pl.DataFrame({"feature": [0, 1, 2], "phrase": ["a cat", "red fur", None], "category": ["object", "texture", None]})
+    return images, tops, refined, pl.scan_parquet(tmp_path / "codes.parquet")
+
+
+def test_scores_baseline_and_table(tmp_path, tiny_models):
+    seg, clip = tiny_models
+    images, tops, refined, codes = _corpus(tmp_path)
+    kw = dict(side=4, segmenter=seg, clip=clip, n_random=2, iou_trials=2, clip_trials=3)
+    a = score_features(refined, tops, images, codes, seed=5, **kw)
+    b = score_features(refined, tops, images, codes, seed=5, **kw)
+    c = score_features(refined, tops, images, codes, seed=6, **kw)
+    assert a.equals(b) and not a.filter(pl.col("source") == "random")["sample_id"].equals(c.filter(pl.col("source") == "random")["sample_id"])
+    assert set(a["feature"]) == {0, 1}  # the feature without a phrase is excluded
+    exp = a.filter(pl.col("source") == "explained")
+    assert sorted(exp["sample_id"]) == ["s0", "s1", "s2"] and exp["iou"].null_count() == 0
+    rnd = a.filter(pl.col("source") == "random")
+    assert rnd.filter(pl.col("trial") >= 2)["iou"].null_count() == rnd.filter(pl.col("trial") >= 2).height  # IoU: 2 trials only
+    rows, md = summary_table(a, ["object", "texture"], {}, n_boot=50)
+    total = rows[-1]
+    assert total["category"] == "total" and total["n_features"] == 2
+    per_feature = exp.group_by("feature").agg(pl.col("clip_score").mean())["clip_score"]
+    assert total["clip_score_explained"] == pytest.approx(per_feature.mean())
+    none = score_features(refined, tops, images, codes, side=4)
+    assert none.height == 0
+    _, md = summary_table(none, ["object"], {"iou": "no detector", "clip_score": "no CLIP"})
+    assert "unavailable" in md and "no detector" in md
+
+
+def test_loading_a_missing_model_is_reported_not_replaced(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, why = try_load(lambda: ClipScorer.from_pretrained("openai/clip-vit-base-patch32-not-here"), "clip")
+    assert model is None and why.startswith("clip:")
