@@ -6,8 +6,13 @@ import logging
 import sys
 
 
-def setup(log_path: str | None, threads: int = 1) -> logging.Logger:
-    """Log to ``log_path`` and stderr at INFO, and give torch ``threads`` CPU threads."""
+_LEASE = None
+
+
+def setup(log_path: str | None, threads: int = 1, gpus: int = 0) -> logging.Logger:
+    """Log to ``log_path`` and stderr at INFO, give torch ``threads`` CPU threads, and lease ``gpus``
+    devices for the rest of the process (see :mod:`mmsae.gpu`; a no-op without GPUs)."""
+    global _LEASE
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         handlers.append(logging.FileHandler(log_path, mode="w"))
@@ -18,4 +23,9 @@ def setup(log_path: str | None, threads: int = 1) -> logging.Logger:
         torch.set_num_threads(max(1, int(threads)))
     except ImportError:
         pass
+    if gpus and _LEASE is None:
+        from mmsae.gpu import lease
+
+        _LEASE = lease(int(gpus))
+        _LEASE.__enter__()  # released when the process ends, however it ends
     return logging.getLogger("mmsae")

@@ -14,7 +14,7 @@ from mmsae.sae import load_sae
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.attribution
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))

@@ -4,5 +4,5 @@ from mmsae.models.demo import build_demo_model
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821 (injected by Snakemake's script directive)
-setup(sm.log[0], sm.threads)
+setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 build_demo_model(sm.output[0], **sm.params.demo)

@@ -13,7 +13,7 @@ from mmsae.io import write_parquet
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.neurons
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 cases = torch.load(sm.input.cases, weights_only=False)

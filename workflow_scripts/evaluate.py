@@ -19,7 +19,7 @@ from mmsae.models import resolve_device  # noqa: E402
 from mmsae.workflow import setup  # noqa: E402
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 ev, device = sm.params.evaluate, resolve_device(sm.params.device)
 manifest = json.loads(Path(sm.input.activations).read_text())
 samples = pl.read_parquet(Path(sm.input.activations).parent / "samples.parquet").filter(pl.col("image_path").is_not_null())

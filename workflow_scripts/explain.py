@@ -11,7 +11,7 @@ from mmsae.io import write_parquet
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 e = sm.params.endpoint
 chunk, n_chunks = int(sm.wildcards.chunk), sm.params.n_chunks
 features = json.loads(Path(sm.input.selected).read_text())["features"][chunk::n_chunks]

@@ -7,7 +7,7 @@ from mmsae.models import load_subject_model
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
 samples = build_corpus(p.corpus)
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)

@@ -14,7 +14,7 @@ from mmsae.neurons import find_all
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.neurons
 corpus = {**p.corpus, "prompts": [cfg["prompt"]], "text_prompts": cfg["text_prompts"], "max_images": cfg["max_images"]}
 samples = [{"name": s.sample_id, "prompt": s.prompt, "image": s.image_path} for s in build_corpus(corpus)]

@@ -8,7 +8,7 @@ from mmsae.io import write_parquet
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 tables = [pq.read_table(p).cast(EXPLANATION_SCHEMA) for p in sm.input]
 table = pa.concat_tables(tables).sort_by("feature") if tables else EXPLANATION_SCHEMA.empty_table()
 write_parquet(sm.output[0], table)

@@ -10,7 +10,7 @@ from mmsae.io import write_parquet
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 ok = ["ok", "untagged"] if sm.params.include_untagged else ["ok"]
 expl = pl.read_parquet(sm.input.explanations).filter(pl.col("status").is_in(ok))
 pairs = list(zip(expl["feature"].to_list(), expl["explanation"].to_list()))

@@ -10,7 +10,7 @@ from mmsae.maps import render_feature_maps
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 manifest = json.loads(open(sm.input.activations).read())
 act_dir = sm.input.activations.rsplit("/", 1)[0]
 samples = pl.read_parquet(f"{act_dir}/samples.parquet")

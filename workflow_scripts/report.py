@@ -10,7 +10,7 @@ from mmsae.report import build_report
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 i = sm.input
 provenance = Path(sm.params.model, "mmsae_provenance.json")
 page = build_report(

@@ -10,7 +10,7 @@ from mmsae.io import write_json
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
 codes_manifest = json.loads(open(sm.input.codes).read())
 codes = scan_codes(shard_paths(sm.input.codes))

@@ -14,7 +14,7 @@ from mmsae.steer import features_matching, steering_sweep
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, st = sm.params, sm.params.steer
 stats = pl.read_parquet(sm.input.stats)
 if st["features"]:

@@ -12,7 +12,7 @@ from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads)
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 manifest = json.loads(open(sm.input.activations).read())
 opts = {k: v for k, v in sm.params.sae.items() if k != "name"}
 cfg = TrainConfig(**opts, device=resolve_device(sm.params.device))

@@ -1,0 +1,91 @@
+"""Give each GPU job its own devices: a lock-file lease over the machine's GPUs.
+
+Snakemake's ``--resources gpu=8`` caps how many GPUs the running jobs ask for in total, but does
+not say *which* device a job gets. :func:`lease` takes ``n`` free device indices by ``flock``-ing one
+file per device in a shared directory, sets ``CUDA_VISIBLE_DEVICES`` to them, and releases them when
+the block ends - also when the job fails or is killed (the kernel drops a dead process's locks).
+
+Devices: the indices in ``CUDA_VISIBLE_DEVICES`` when it is set (e.g. by SLURM), else
+``MMSAE_NUM_GPUS`` (set it to simulate devices), else the GPUs the NVIDIA driver lists. No GPU: a
+no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def visible_devices() -> list[str]:
+    """The device ids jobs may lease (strings, as CUDA_VISIBLE_DEVICES holds them)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None and env.strip():
+        return [d.strip() for d in env.split(",") if d.strip()]
+    if os.environ.get("MMSAE_NUM_GPUS"):
+        return [str(i) for i in range(int(os.environ["MMSAE_NUM_GPUS"]))]
+    proc = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(proc.iterdir())))] if proc.is_dir() else []
+
+
+def default_lock_dir() -> Path:
+    return Path(os.environ.get("MMSAE_GPU_LOCK_DIR", Path(tempfile.gettempdir(), f"mmsae-gpu-locks-{os.getuid()}")))
+
+
+@contextlib.contextmanager
+def lease(n: int, lock_dir: str | os.PathLike | None = None, timeout_s: float = 3600.0, poll_s: float = 0.2):
+    """Hold ``n`` free devices for the block; yields their ids and sets ``CUDA_VISIBLE_DEVICES``.
+
+    Raises:
+        ValueError: more devices asked for than there are.
+        TimeoutError: not enough devices became free within ``timeout_s``.
+    """
+    devices = visible_devices()
+    if n <= 0 or not devices:
+        yield []
+        return
+    if n > len(devices):
+        raise ValueError(f"resources.gpu: {n} GPUs asked for but {len(devices)} exist ({','.join(devices)})")
+    lock_dir = Path(lock_dir or default_lock_dir())
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    held: list[tuple[str, int]] = []
+    deadline = time.monotonic() + timeout_s
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        while len(held) < n:
+            for dev in devices:
+                if len(held) == n or any(d == dev for d, _ in held):
+                    continue
+                fd = os.open(lock_dir / f"gpu-{dev}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append((dev, fd))
+                except BlockingIOError:
+                    os.close(fd)
+            if len(held) < n:
+                # Give back what we hold so two jobs waiting for 2 of 3 devices cannot deadlock.
+                for _, fd in held:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                held = []
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {n} free GPUs among {devices} after {timeout_s:.0f}s")
+                time.sleep(poll_s)
+        ids = [d for d, _ in held]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+        log.info("leased GPU(s) %s", ",".join(ids))
+        yield ids
+    finally:
+        for _, fd in held:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old

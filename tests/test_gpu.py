@@ -1,0 +1,70 @@
+"""GPU leases, simulated with MMSAE_NUM_GPUS on a CPU machine."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mmsae.gpu import lease, visible_devices
+
+CHILD = """
+import json, os, sys, time
+from mmsae.gpu import lease
+n, hold, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+with lease(n, poll_s=0.02) as ids:
+    t0 = time.time()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(ids)
+    time.sleep(hold)
+    json.dump({"ids": ids, "start": t0, "end": time.time()}, open(out, "w"))
+if sys.argv[4:] == ["fail"]:
+    raise SystemExit(3)
+"""
+
+
+@pytest.fixture()
+def eight(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("MMSAE_NUM_GPUS", "8")
+    monkeypatch.setenv("MMSAE_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    return tmp_path
+
+
+def test_jobs_get_disjoint_devices(eight):
+    asks = [1, 1, 2, 2, 1, 1, 2, 1, 2, 1]  # 14 GPUs asked for in all, 8 exist
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(n), "0.4", str(eight / f"{i}.json")], env=os.environ.copy())
+             for i, n in enumerate(asks)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * len(asks)
+    got = [json.loads((eight / f"{i}.json").read_text()) for i in range(len(asks))]
+    assert [len(g["ids"]) for g in got] == asks
+    for i, a in enumerate(got):
+        for b in got[i + 1:]:
+            if a["start"] < b["end"] and b["start"] < a["end"]:  # held at the same time
+                assert not set(a["ids"]) & set(b["ids"])
+    assert max(int(d) for g in got for d in g["ids"]) <= 7
+
+
+def test_lease_is_released_when_a_job_fails(eight):
+    p = subprocess.run([sys.executable, "-c", CHILD, "8", "0", str(eight / "a.json"), "fail"], env=os.environ.copy())
+    assert p.returncode == 3
+    t0 = time.monotonic()
+    with lease(8, poll_s=0.01) as ids:
+        assert ids == [str(i) for i in range(8)]
+    assert time.monotonic() - t0 < 2
+
+
+def test_visible_devices_and_errors(monkeypatch, eight):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_devices() == ["3", "5"]
+    with lease(1) as ids:
+        assert ids in (["3"], ["5"]) and os.environ["CUDA_VISIBLE_DEVICES"] == ids[0]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+    with pytest.raises(ValueError, match="3 GPUs asked for but 2 exist"):
+        with lease(3):
+            pass
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.delenv("MMSAE_NUM_GPUS")
+    with lease(2) as ids:  # a CPU machine: nothing to lease
+        assert ids == [] or len(ids) == 2
