@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mmsae.activations import activation_schema
+from mmsae.shards import activation_schema
 from mmsae.io import write_parquet
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.trainer import TrainConfig, train

@@ -14,7 +14,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,29 +23,13 @@ from tqdm import tqdm
 
 from mmsae.data.corpus import Sample, load_image
 from mmsae.io import write_json, write_parquet
+from mmsae.shards import _shard_meta, activation_schema, iter_activations, read_shard_meta, shard_paths  # noqa: F401
 from mmsae.models import ActivationCapture, SubjectModel, image_token_coordinates, layer_index, resolve_hook_point
 
 log = logging.getLogger(__name__)
 
 VIEW_TEXT, VIEW_NEWLINE = -1, -2
 ROW_GROUP_ROWS = 2048
-
-
-def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
-    """Arrow schema of an activation shard (``dtype`` is the storage type of ``activation``)."""
-    value = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
-    return pa.schema(
-        [
-            ("sample_id", pa.string()),
-            ("token_index", pa.int32()),
-            ("token_id", pa.int32()),
-            ("modality", pa.dictionary(pa.int8(), pa.string())),
-            ("view", pa.int16()),
-            ("patch_row", pa.int16()),
-            ("patch_col", pa.int16()),
-            ("activation", pa.list_(value, d_model)),
-        ]
-    )
 
 
 @dataclass
@@ -72,16 +55,6 @@ def build_messages(sample: Sample) -> list[dict]:
     """The chat messages for one sample: the image (if any) then the prompt, as one user turn."""
     content = ([{"type": "image"}] if sample.image_path else []) + [{"type": "text", "text": sample.prompt}]
     return [{"role": "user", "content": content}]
-
-
-def _shard_meta(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"mmsae", b"{}"))
-
-
-def read_shard_meta(path: str | os.PathLike) -> dict:
-    """The ``mmsae`` metadata of an activation shard (model, hook point, d_model, config hash...)."""
-    return _shard_meta(Path(path))
 
 
 class _ShardWriter:
@@ -351,32 +324,3 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], converted: in
         write_parquet(out_dir / "samples.parquet", samples)
     write_json(out_dir / "manifest.json", manifest)
     return manifest
-
-
-def shard_paths(manifest_path: str | os.PathLike) -> list[Path]:
-    """Absolute paths of the shards listed in an activation (or code) manifest."""
-    manifest_path = Path(manifest_path)
-    manifest = json.loads(manifest_path.read_text())
-    return [manifest_path.parent / s["path"] for s in manifest["shards"]]
-
-
-def iter_activations(
-    paths: list[Path], batch_rows: int = 4096, columns: tuple[str, ...] = ("modality", "token_id")
-) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Stream ``(activations [n, d_model] float32, {column: array [n]})`` from shards, in order.
-
-    Memory is bounded by ``batch_rows`` whatever the number or size of shards.
-    """
-    for path in paths:
-        pf = pq.ParquetFile(path)
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=["activation", *columns]):
-            act = rb.column("activation")
-            d = act.type.list_size
-            x = act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
-            cols = {}
-            for c in columns:
-                col = rb.column(c)
-                if pa.types.is_dictionary(col.type):
-                    col = col.cast(pa.string())
-                cols[c] = col.to_numpy(zero_copy_only=False)
-            yield x, cols

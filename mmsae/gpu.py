@@ -89,3 +89,14 @@ def lease(n: int, lock_dir: str | os.PathLike | None = None, timeout_s: float = 
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned as is."""
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:  # no torch, no CUDA
+            return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -39,6 +39,6 @@ rule gather_explanations:
     resources:
         gpu=0,
     conda:
-        "../envs/report.yaml"
+        "../envs/explain.yaml"
     script:
         "../workflow_scripts/gather_explanations.py"

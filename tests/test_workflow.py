@@ -88,6 +88,13 @@ def test_paper_config_dry_runs_to_the_evaluation_table(tmp_path):
     assert "results/sae/llava-next-8b-l24/cfg.json" in proc.stdout + proc.stderr
 
 
+def test_slurm_profile_dry_runs(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/llava-next-8b.yaml").read_text())
+    proc = smk(workdir_with(tmp_path, cfg), "--workflow-profile", str(REPO / "profiles/slurm"), "-n")
+    text = proc.stdout + proc.stderr
+    assert jobs(proc)["explain_chunk"] == 8 and "slurm_partition=gpu" in text and "runtime=1440" in text
+
+
 def test_hub_model_needs_no_demo_build(tmp_path):
     cfg = {**TINY, "model": {"source": "llava-hf/llama3-llava-next-8b-hf", "hook_point": "model.language_model.layers.24",
                              "dtype": "bfloat16"}}

@@ -9,7 +9,8 @@ from mmsae.attribution import run_case
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.io import write_bytes, write_json, write_parquet
 from mmsae.maps import heatmap, png_bytes
-from mmsae.models import load_subject_model, resolve_device, resolve_hook_point
+from mmsae.gpu import resolve_device
+from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae
 from mmsae.workflow import setup
 

@@ -1,8 +1,8 @@
 """Entry point of rule encode: sparse codes for every activation shard."""
 
-from mmsae.activations import shard_paths
+from mmsae.shards import shard_paths
 from mmsae.features import encode_shards
-from mmsae.models import resolve_device
+from mmsae.gpu import resolve_device
 from mmsae.sae import load_sae
 from mmsae.workflow import setup
 

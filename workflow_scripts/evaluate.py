@@ -9,7 +9,7 @@ import polars as pl
 # Models come from the local Hugging Face cache; set HF_HUB_OFFLINE=0 to allow downloads.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mmsae.activations import shard_paths  # noqa: E402
+from mmsae.shards import shard_paths  # noqa: E402
 from mmsae.evaluate import score_features, summary_table  # noqa: E402
 from mmsae.evaluate.backends import ClipScorer, GroundedSegmenter, try_load  # noqa: E402
 from mmsae.evaluate.refine import CATEGORIES  # noqa: E402

@@ -4,7 +4,7 @@ import json
 
 import polars as pl
 
-from mmsae.activations import shard_paths
+from mmsae.shards import shard_paths
 from mmsae.features import base_view_counts, feature_stats, scan_codes, select_features, top_samples, write_table
 from mmsae.io import write_json
 from mmsae.workflow import setup

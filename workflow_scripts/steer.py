@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from mmsae.data.corpus import resolve_image_ref
 from mmsae.io import write_parquet
-from mmsae.models import load_subject_model, resolve_device, resolve_hook_point
+from mmsae.gpu import resolve_device
+from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae
 from mmsae.steer import features_matching, steering_sweep
 from mmsae.workflow import setup

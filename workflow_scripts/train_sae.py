@@ -3,9 +3,9 @@
 import json
 import time
 
-from mmsae.activations import shard_paths
+from mmsae.shards import shard_paths
 from mmsae.io import write_json, write_parquet
-from mmsae.models import resolve_device
+from mmsae.gpu import resolve_device
 from mmsae.sae import save_sae
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmsae.gpu import resolve_device  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,13 +45,6 @@ class SubjectModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned as is."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_subject_model(source: str | os.PathLike, dtype: str = "float32", device: str = "auto") -> SubjectModel:

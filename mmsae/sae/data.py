@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mmsae.activations import iter_activations
+from mmsae.shards import iter_activations
 
 COLUMNS = ("sample_id", "modality", "token_id")
 

@@ -1,0 +1,72 @@
+"""Activation and code shards on disk: schema, metadata, manifests, streamed reading.
+
+Kept apart from :mod:`mmsae.activations` so that stages that only read shards (SAE training,
+encoding, selection) need neither transformers nor image libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
+    """Arrow schema of an activation shard (``dtype`` is the storage type of ``activation``)."""
+    value = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("token_index", pa.int32()),
+            ("token_id", pa.int32()),
+            ("modality", pa.dictionary(pa.int8(), pa.string())),
+            ("view", pa.int16()),
+            ("patch_row", pa.int16()),
+            ("patch_col", pa.int16()),
+            ("activation", pa.list_(value, d_model)),
+        ]
+    )
+
+
+def _shard_meta(path: Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"mmsae", b"{}"))
+
+
+def read_shard_meta(path: str | os.PathLike) -> dict:
+    """The ``mmsae`` metadata of an activation shard (model, hook point, d_model, config hash...)."""
+    return _shard_meta(Path(path))
+
+
+def shard_paths(manifest_path: str | os.PathLike) -> list[Path]:
+    """Absolute paths of the shards listed in an activation (or code) manifest."""
+    manifest_path = Path(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    return [manifest_path.parent / s["path"] for s in manifest["shards"]]
+
+
+def iter_activations(
+    paths: list[Path], batch_rows: int = 4096, columns: tuple[str, ...] = ("modality", "token_id")
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Stream ``(activations [n, d_model] float32, {column: array [n]})`` from shards, in order.
+
+    Memory is bounded by ``batch_rows`` whatever the number or size of shards.
+    """
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=["activation", *columns]):
+            act = rb.column("activation")
+            d = act.type.list_size
+            x = act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+            cols = {}
+            for c in columns:
+                col = rb.column(c)
+                if pa.types.is_dictionary(col.type):
+                    col = col.cast(pa.string())
+                cols[c] = col.to_numpy(zero_copy_only=False)
+            yield x, cols
