@@ -8,7 +8,7 @@ rule train_sae:
         metrics=f"{SAE_DIR}/metrics.json",
         log_table=f"{SAE_DIR}/log.parquet",
     params:
-        sae=config["sae"],
+        sae={k: v for k, v in config["sae"].items() if k != "gpus"},
         device=config["model"]["device"],
         checkpoint_dir=f"{SAE_DIR}/checkpoints",
     log:
@@ -17,7 +17,7 @@ rule train_sae:
         "results/benchmarks/train_sae.tsv"
     threads: workflow.cores
     resources:
-        gpu=1,
+        gpu=config["sae"]["gpus"],
     conda:
         "../envs/sae.yaml"
     script:

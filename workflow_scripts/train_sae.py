@@ -1,42 +1,29 @@
-"""Entry point of rule train_sae: train the TopK SAE, save it in SAELens's layout with metrics."""
+"""Entry point of rule train_sae: train the TopK SAE (under torchrun with DDP when the rule gets more
+than one GPU), save it in SAELens's layout with metrics."""
 
 import json
-import time
+import subprocess
+import sys
 
-from mmsae.shards import shard_paths
-from mmsae.io import write_json, write_parquet
 from mmsae.gpu import resolve_device
-from mmsae.sae import save_sae
-from mmsae.sae.data import ActivationStream
-from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
+from mmsae.sae.run import train_from_manifest
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
-log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
-manifest = json.loads(open(sm.input.activations).read())
+gpus = int(getattr(sm.resources, "gpu", 0))
+log = setup(sm.log[0], sm.threads, gpus)
 opts = {k: v for k, v in sm.params.sae.items() if k != "name"}
-cfg = TrainConfig(**opts, device=resolve_device(sm.params.device))
-stream = ActivationStream(
-    shard_paths(sm.input.activations),
-    batch_size=cfg.batch_size,
-    seed=cfg.seed,
-    buffer_tokens=cfg.buffer_tokens,
-    heldout_fraction=cfg.heldout_fraction,
-    exclude_token_ids=manifest["special_token_ids"] if cfg.exclude_special_tokens else None,
-)
-t0 = time.time()
-sae, rows = train(stream, manifest["d_model"], cfg, sm.params.checkpoint_dir)
-x, is_image = stream.heldout(cfg.heldout_max_tokens)
-heldout = evaluate(sae, x, is_image)
-metrics = {
-    "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
-    "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(time.time() - t0, 2),
-    "final_train_fvu": rows[-1]["fvu"], "heldout": heldout,
-    **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
-}
 out_dir = sm.output.cfg.rsplit("/", 1)[0]
-save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"], extra={"train": opts, "metrics": metrics})
-write_parquet(sm.output.log_table, log_table(rows))
-write_json(sm.output.metrics, metrics)
+if gpus > 1:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "mmsae.sae.run",
+           "--manifest", sm.input.activations, "--out", out_dir, "--ckpt", sm.params.checkpoint_dir,
+           "--opts", json.dumps(opts), "--device", sm.params.device]
+    log.info("DDP over %d GPUs: %s", gpus, " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    metrics = json.loads(open(sm.output.metrics).read())
+else:
+    metrics = train_from_manifest(sm.input.activations, opts, resolve_device(sm.params.device), sm.params.checkpoint_dir,
+                                  out_dir, log_path=sm.output.log_table)
+ho = metrics["heldout"]
 log.info("held-out FVU %.4f, L0 %.1f, never-active %.3f; dead fraction (train) %.3f",
-         heldout.get("fvu", float("nan")), heldout.get("l0", float("nan")), heldout.get("never_active_fraction", float("nan")), metrics["dead_fraction"])
+         ho.get("fvu", float("nan")), ho.get("l0", float("nan")), ho.get("never_active_fraction", float("nan")), metrics["dead_fraction"])

@@ -4,6 +4,11 @@ Hyperparameters follow Gao et al. 2024 and the paper's reference code (``shared/
 lr = 2e-4 / sqrt(d_sae / 2^14) unless set, gradient clipping 1.0, AuxK with k_aux = d_model // 2 and
 coefficient 1/32, a latent is dead after ``dead_tokens`` training tokens without firing.
 
+Under ``torch.distributed`` (torchrun, see :mod:`mmsae.sae.run`) each rank trains on its own stream
+with batch_size / world_size rows; gradients are averaged, the "tokens since fired" counters use
+global token counts and a latent fired on any rank, the logged scalars are averaged over ranks, and
+rank 0 writes the checkpoints.
+
 Resume: a checkpoint (SAE, optimiser, step, dead-latent counters, the per-step log) is written
 atomically every ``checkpoint_every`` steps; a new :func:`train` call with the same checkpoint
 directory loads it and skips the batches already seen, so the result equals an uninterrupted run.
@@ -139,6 +144,9 @@ def train(
     """
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     sae = TopKSAE(d_model, cfg.d_sae, cfg.k, seed=cfg.seed).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), betas=(0.9, 0.999), eps=6.25e-10)
     k_aux = cfg.k_aux or d_model // 2
@@ -162,8 +170,13 @@ def train(
             log.info("ignoring %s: made with another config", ckpt_path)
     if start == 0:
         sae.init_b_dec(stream.sample(cfg.b_dec_init_tokens), cfg.b_dec_init)
+    if world > 1:  # every rank starts from rank 0's parameters (b_dec came from rank 0's data)
+        for p in sae.parameters():
+            dist.broadcast(p.data, 0)
 
     def save(step: int) -> None:
+        if rank != 0:
+            return
         state = {
             "config_hash": chash,
             "step": step,
@@ -193,6 +206,10 @@ def train(
         loss = loss_fvu + cfg.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            for p in sae.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
         sae.remove_parallel_grads()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -200,9 +217,16 @@ def train(
         sae.normalize_decoder()
         with torch.no_grad():
             active = out.top_vals > 0
+            fired = torch.zeros(3, cfg.d_sae, dtype=torch.int32, device=device)
+            counts = torch.zeros(3, dtype=torch.long, device=device)
             for row, mask in enumerate((torch.ones_like(is_image), is_image, ~is_image)):
-                since_fired[row] += int(mask.sum())
-                since_fired[row, out.top_idx[mask][active[mask]]] = 0
+                counts[row] = mask.sum()
+                fired[row, out.top_idx[mask][active[mask]]] = 1
+            if world > 1:
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                dist.all_reduce(counts)
+            since_fired += counts[:, None]
+            since_fired[fired.bool()] = 0
             dead_now = (since_fired >= cfg.dead_tokens).float().mean(1).tolist()
             x_hat = out.x_hat.detach()
             rows.append(
@@ -223,15 +247,22 @@ def train(
                     "dead_fraction_text": dead_now[2],
                 }
             )
+        if world > 1:  # log the mean over ranks
+            keys = ("loss", "fvu", "aux_loss", "l0")
+            t = torch.tensor([rows[-1][k] for k in keys], device=device)
+            dist.all_reduce(t)
+            rows[-1].update({k: v / world for k, v in zip(keys, t.tolist())})
         if progress and step % 20 == 0:
             bar.set_postfix(fvu=f"{rows[-1]['fvu']:.3f}", dead=f"{rows[-1]['dead_fraction']:.2f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_after:
             save(done)
+            if world > 1:
+                dist.barrier()
         if done == stop_after:
             break
     bar.close()
-    if len(rows) >= cfg.steps and not keep_checkpoint:
+    if len(rows) >= cfg.steps and not keep_checkpoint and rank == 0:
         ckpt_path.unlink(missing_ok=True)
     return sae, rows
 

@@ -1,0 +1,104 @@
+"""Train an SAE from an activation manifest and write it in SAELens's layout, with metrics - in one
+process, or as one rank of ``torchrun`` (DDP: each rank streams its own shards, gradients and
+dead-latent statistics are all-reduced, rank 0 evaluates and writes).
+
+    torchrun --standalone --nproc_per_node=N -m mmsae.sae.run --manifest M --out DIR --ckpt DIR --opts JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mmsae.io import write_json, write_parquet
+from mmsae.sae.data import ActivationStream
+from mmsae.sae.io import save_sae
+from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
+from mmsae.shards import shard_paths
+
+log = logging.getLogger(__name__)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside ``torch.distributed``."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: str, ckpt_dir: str | os.PathLike,
+                        out_dir: str | os.PathLike, log_path: str | os.PathLike | None = None) -> dict | None:
+    """Train on the manifest's shards; rank 0 writes ``cfg.json``, ``sae_weights.safetensors``,
+    ``metrics.json`` and ``log.parquet`` (or ``log_path``) to ``out_dir`` and returns the metrics.
+
+    Raises:
+        ValueError: fewer shards than ranks, or a batch size not divisible by the number of ranks.
+    """
+    rank, world = dist_info()
+    manifest = json.loads(Path(manifest_path).read_text())
+    cfg = TrainConfig(**opts, device=device)
+    paths = shard_paths(manifest_path)
+    if world > 1 and (len(paths) < world or cfg.batch_size % world):
+        raise ValueError(f"DDP over {world} ranks needs >= {world} shards (have {len(paths)}) and sae.batch_size "
+                         f"divisible by {world} (is {cfg.batch_size})")
+    exclude = manifest["special_token_ids"] if cfg.exclude_special_tokens else None
+
+    def stream(p, bs, seed):
+        return ActivationStream(p, batch_size=bs, seed=seed, buffer_tokens=cfg.buffer_tokens // world,
+                                heldout_fraction=cfg.heldout_fraction, exclude_token_ids=exclude)
+
+    t0 = time.time()
+    sae, rows = train(stream(paths[rank::world], cfg.batch_size // world, cfg.seed + rank), manifest["d_model"], cfg,
+                      ckpt_dir, progress=rank == 0)
+    if rank != 0:
+        return None
+    x, is_image = stream(paths, cfg.batch_size, cfg.seed).heldout(cfg.heldout_max_tokens)
+    heldout = evaluate(sae, x, is_image)
+    metrics = {
+        "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "ranks": world, "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(time.time() - t0, 2),
+        "final_train_fvu": rows[-1]["fvu"], "heldout": heldout,
+        **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
+    }
+    save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"], extra={"train": opts, "metrics": metrics})
+    write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--opts", required=True, help="the sae section of the config, as JSON")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(name)s %(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from mmsae.gpu import resolve_device
+
+    device = resolve_device(args.device)
+    if world > 1:
+        cuda = device != "cpu" and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        else:
+            device = "cpu"
+    try:
+        train_from_manifest(args.manifest, json.loads(args.opts), device, args.ckpt, args.out)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

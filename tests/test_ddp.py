@@ -1,0 +1,54 @@
+"""SAE training under torchrun with DDP (gloo, 2 CPU processes) matches single-process training."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmsae.io import write_parquet
+from mmsae.sae import load_sae
+from mmsae.sae.run import train_from_manifest
+from mmsae.shards import activation_schema
+
+OPTS = {"d_sae": 128, "k": 8, "steps": 80, "batch_size": 128, "warmup_steps": 5, "buffer_tokens": 512,
+        "b_dec_init_tokens": 256, "checkpoint_every": 40, "dead_tokens": 5000, "heldout_fraction": 0.2}
+
+
+def _manifest(tmp_path, n_shards=4, n=600, d=32):
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(64, d)).astype(np.float32)
+    shards = []
+    for s in range(n_shards):
+        codes = (rng.random((n, 64)) < 0.08) * rng.random((n, 64)) * 3
+        x = (codes @ basis + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+        table = pa.table({
+            "sample_id": [f"s{s}-{i // 20}" for i in range(n)], "token_index": (np.arange(n) % 20).astype(np.int32),
+            "token_id": np.full(n, 7, np.int32),
+            "modality": pa.array(["image" if i % 2 else "text" for i in range(n)]).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+            "view": np.zeros(n, np.int16), "patch_row": np.zeros(n, np.int16), "patch_col": np.zeros(n, np.int16),
+            "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)}, schema=activation_schema(d))
+        write_parquet(tmp_path / f"shard-{s:05d}.parquet", table)
+        shards.append({"path": f"shard-{s:05d}.parquet", "n_tokens": n})
+    manifest = {"shards": shards, "d_model": d, "special_token_ids": [0], "model": "synthetic", "hook_point": "h"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "manifest.json"
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_matches_single_process(tmp_path):
+    manifest = _manifest(tmp_path)
+    single = train_from_manifest(manifest, OPTS, "cpu", tmp_path / "ck1", tmp_path / "single")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmsae.sae.run",
+           "--manifest", str(manifest), "--out", str(tmp_path / "ddp"), "--ckpt", str(tmp_path / "ck2"),
+           "--opts", json.dumps(OPTS), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["ranks"] == 2 and ddp["tokens_trained"] == single["tokens_trained"]
+    assert single["heldout"]["fvu"] < 0.5 and ddp["heldout"]["fvu"] < 0.5  # both learned
+    assert abs(ddp["heldout"]["fvu"] - single["heldout"]["fvu"]) < 0.05
+    sae, cfg = load_sae(tmp_path / "ddp")
+    assert cfg["d_sae"] == 128 and not (tmp_path / "ck2" / "checkpoint.pt").exists()
