@@ -70,3 +70,42 @@ def iter_activations(
                     col = col.cast(pa.string())
                 cols[c] = col.to_numpy(zero_copy_only=False)
             yield x, cols
+
+
+def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samples: bool = True) -> dict:
+    """One manifest over several part manifests (activations or codes) in subfolders of ``out``'s folder.
+
+    Shard paths become relative to ``out``; token and sample counts are summed, skipped images
+    concatenated; with ``samples``, the parts' ``samples.parquet`` are concatenated beside ``out``.
+    Every other field must agree across parts (e.g. d_model, hook point, k).
+
+    Raises:
+        ValueError: the parts disagree on a field that is not summed.
+    """
+    from mmsae.io import write_json, write_parquet
+
+    out = Path(out)
+    summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_shards"}
+    merged: dict = {"shards": [], "skipped": [], "parts": []}
+    for part in map(Path, parts):
+        m = json.loads(part.read_text())
+        rel = part.parent.relative_to(out.parent)
+        merged["parts"].append(str(rel))
+        merged["shards"] += [{**s, "path": str(rel / s["path"])} for s in m["shards"]]
+        merged["skipped"] += m.get("skipped", [])
+        for k, v in m.items():
+            if k in ("shards", "skipped", "config_hash"):
+                continue
+            if k in summed:
+                merged[k] = merged.get(k, 0) + v
+            elif k in merged and merged[k] != v:
+                raise ValueError(f"{part}: {k}={v!r} differs from the other parts ({merged[k]!r})")
+            else:
+                merged[k] = v
+    merged["n_shards"] = len(merged["shards"])
+    if samples:
+        tables = [pq.read_table(Path(p).parent / "samples.parquet") for p in parts if (Path(p).parent / "samples.parquet").exists()]
+        if tables:
+            write_parquet(out.parent / "samples.parquet", pa.concat_tables(tables))
+    write_json(out, merged)
+    return merged

@@ -2,6 +2,7 @@
 
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"
+PARTS = list(range(config["extract"]["parts"]))
 SAE_DIR = f"results/sae/{config['sae']['name']}"
 CODES = "results/codes/manifest.json"
 FEATURES = "results/features"

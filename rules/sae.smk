@@ -25,19 +25,21 @@ rule train_sae:
 
 
 rule encode:
-    """Encode every activation shard into sparse codes (the k nonzero latents per token)."""
+    """Encode one part's activation shards into sparse codes (the k nonzero latents per token)."""
     input:
-        activations=ACTIVATIONS,
+        activations="results/activations/part-{part}/manifest.json",
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
-        manifest=CODES,
+        manifest="results/codes/part-{part}/manifest.json",
     params:
         device=config["model"]["device"],
+    wildcard_constraints:
+        part=r"\d+",
     log:
-        "results/logs/encode.log",
+        "results/logs/encode-{part}.log",
     benchmark:
-        "results/benchmarks/encode.tsv"
+        "results/benchmarks/encode-{part}.tsv"
     threads: workflow.cores
     resources:
         gpu=1,
@@ -45,3 +47,20 @@ rule encode:
         "../envs/sae.yaml"
     script:
         "../workflow_scripts/encode.py"
+
+
+rule merge_codes:
+    """One manifest over the code parts."""
+    input:
+        expand("results/codes/part-{part}/manifest.json", part=PARTS),
+    output:
+        CODES,
+    log:
+        "results/logs/merge_codes.log",
+    threads: 1
+    resources:
+        gpu=0,
+    conda:
+        "../envs/features.yaml"
+    script:
+        "../workflow_scripts/merge_manifests.py"

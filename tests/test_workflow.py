@@ -19,7 +19,7 @@ TINY = {
     "model": {"source": "demo", "hook_point": "model.language_model.layers.6"},
     "corpus": {"source": "skimage", "names": ["chelsea", "rocket", "coffee"], "prompts": ["Describe this image."],
                "text_prompts": ["What is the capital of France?", "Write a haiku about the sea."]},
-    "extract": {"shard_tokens": 400},
+    "extract": {"shard_tokens": 400, "parts": 2},
     "sae": {"d_sae": 256, "k": 8, "steps": 30, "batch_size": 64, "warmup_steps": 3, "buffer_tokens": 256,
             "b_dec_init_tokens": 256, "checkpoint_every": 10, "dead_tokens": 2000, "heldout_fraction": 0.2},
     "features": {"top_n": 3, "select": {"n": 4, "min_samples": 1, "per_modality": True}},
@@ -74,7 +74,8 @@ def test_lint_is_clean(tmp_path):
 
 def test_default_config_dry_runs(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
-    assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "train_sae": 1, "encode": 1, "select_top": 1,
+    assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "merge_activations": 1, "train_sae": 1, "encode": 1,
+                          "merge_codes": 1, "select_top": 1,
                           "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1,
                           "evaluate": 1, "steer": 1, "attribute": 1, "find_neurons": 1, "edit_neurons": 1, "report": 1,
                           "all": 1}
@@ -83,7 +84,8 @@ def test_default_config_dry_runs(tmp_path):
 def test_paper_config_dry_runs_to_the_evaluation_table(tmp_path):
     cfg = yaml.safe_load((REPO / "config/llava-next-8b.yaml").read_text())
     proc = smk(workdir_with(tmp_path, cfg), "-n", "results/evaluation/table.md")
-    assert jobs(proc) == {"extract": 1, "train_sae": 1, "encode": 1, "select_top": 1, "render_maps": 1, "explain_chunk": 8,
+    assert jobs(proc) == {"extract": 1, "merge_activations": 1, "train_sae": 1, "encode": 1, "merge_codes": 1,
+                          "select_top": 1, "render_maps": 1, "explain_chunk": 8,
                           "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1}
     assert "results/sae/llava-next-8b-l24/cfg.json" in proc.stdout + proc.stderr
 
@@ -135,6 +137,9 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     assert expl.height == 4 and expl["error"].null_count() == 4  # every feature answered by transformers serve
     manifest = json.loads((wd / "results/activations/manifest.json").read_text())
     assert manifest["n_samples"] == 5 and manifest["n_image_tokens"] > 0 and manifest["n_text_tokens"] > 0
+    assert manifest["parts"] == ["part-0", "part-1"]  # extraction fanned out over 2 jobs
+    codes = json.loads((wd / "results/codes/manifest.json").read_text())
+    assert codes["n_tokens"] == manifest["n_tokens"] and codes["parts"] == ["part-0", "part-1"]
     metrics = json.loads((wd / "results/sae/default/metrics.json").read_text())
     assert metrics["heldout"]["l0"] <= 8 and 0 < metrics["heldout"]["fvu"] < 2
     cfg = json.loads((wd / "results/sae/default/cfg.json").read_text())
@@ -143,7 +148,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     # an SAE parameter reruns training and everything after it, not extraction
     changed = {**TINY, "sae": {**TINY["sae"], "k": 4}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
-    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 1, "attribute": 1, **DOWNSTREAM_OF_SELECTION}
+    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 2, "merge_codes": 1, "attribute": 1, **DOWNSTREAM_OF_SELECTION}
     # a selection parameter reruns only selection and what follows
     changed = {**TINY, "features": {**TINY["features"], "top_n": 2}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))

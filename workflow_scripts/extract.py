@@ -9,10 +9,12 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
-samples = build_corpus(p.corpus)
+part = int(sm.wildcards.part)
+samples = build_corpus(p.corpus)[part :: p.parts]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 cfg = ExtractConfig(hook_point=p.hook_point, **p.extract)
-chash = config_hash({"model": p.model, "dtype": p.dtype, "hook_point": p.hook_point, "corpus": p.corpus, "extract": p.extract})
+chash = config_hash({"model": p.model, "dtype": p.dtype, "hook_point": p.hook_point, "corpus": p.corpus, "extract": p.extract,
+                     "part": part, "parts": p.parts})
 out_dir = sm.output.manifest.rsplit("/", 1)[0]
 manifest = extract(subject, samples, out_dir, cfg, chash)
 log.info("%d tokens (%d image, %d text) from %d samples; %d images skipped",
