@@ -5,11 +5,10 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from mmsae.models import load_subject_model
-from mmsae.neurons import edit_all
-from mmsae.neurons.find import caption
-from mmsae.neurons import _load
 from mmsae.io import write_parquet
+from mmsae.models import load_subject_model
+from mmsae.neurons import _load, edit_all
+from mmsae.neurons.find import caption
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
@@ -17,8 +16,12 @@ log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.neurons
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 cases = torch.load(sm.input.cases, weights_only=False)
-for c in cases:  # rebuild each case's inputs (prompt + caption) from the model itself
-    c["full"] = caption(subject, _load(c["sample"]), c["sample"]["prompt"], cfg["prompt_prefix"], cfg["max_new_tokens"])[0]
+inputs = {}  # rebuild each sample's inputs (prompt + caption) once; its noun cases share them
+for c in cases:
+    name = c["sample"]["name"]
+    if name not in inputs:
+        inputs[name] = caption(subject, _load(c["sample"]), c["sample"]["prompt"], cfg["prompt_prefix"], cfg["max_new_tokens"])[0]
+    c["full"] = inputs[name]
 out_dir = Path(sm.output[0]).parent
 results = edit_all(subject, cases, cfg["edits"], cfg["locality_prompts"], cfg, out_dir)
 write_parquet(sm.output[0], pa.Table.from_pylist(results) if results else pa.table({"name": pa.array([], pa.string())}))
