@@ -37,6 +37,9 @@ CODE_SCHEMA = pa.schema(
         ("activation", pa.float32()),
     ]
 )
+# A feature is text-dominant when it is active on a larger share of text tokens than of image tokens.
+TEXT_DOMINANT = pl.col("frequency_text") > pl.col("frequency_image")
+
 META_COLS = ["sample_id", "token_index", "modality", "view", "patch_row", "patch_col"]
 
 
@@ -237,9 +240,8 @@ def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_f
         "n_too_dense": stats.filter(pl.col("frequency") > max_frequency).height,
     }
     if mode == "most_frequent" and per_modality:
-        image_dom = pl.col("frequency_image") >= pl.col("frequency_text")
-        img = qualifies.filter(image_dom).sort(["frequency_image", "feature"], descending=[True, False])
-        txt = qualifies.filter(~image_dom).sort(["frequency_text", "feature"], descending=[True, False])
+        img = qualifies.filter(~TEXT_DOMINANT).sort(["frequency_image", "feature"], descending=[True, False])
+        txt = qualifies.filter(TEXT_DOMINANT).sort(["frequency_text", "feature"], descending=[True, False])
         n_txt = min(n // 2, txt.height)
         chosen = img.head(n - n_txt)["feature"].to_list() + txt.head(n_txt)["feature"].to_list()
     elif mode == "most_frequent":

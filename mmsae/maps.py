@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import polars as pl
 from PIL import Image
 
 
@@ -20,6 +21,19 @@ def patch_grid(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, side: int
     grid = np.zeros((side, side), np.float32)
     grid[rows.astype(int), cols.astype(int)] = values
     return grid
+
+
+def feature_grids(codes: pl.LazyFrame, pairs: list[tuple[int, str]], side: int) -> dict[tuple[int, str], np.ndarray]:
+    """Base-view activation grids (side, side) for (feature, sample_id) pairs, from the code shards
+    (a pair with no active token gets zeros)."""
+    want = pl.DataFrame({"feature": [p[0] for p in pairs], "sample_id": [p[1] for p in pairs]},
+                        schema={"feature": pl.Int32, "sample_id": pl.String}).unique()
+    acts = (codes.filter(pl.col("view") == 0).join(want.lazy(), on=["feature", "sample_id"], how="semi")
+            .select("feature", "sample_id", "patch_row", "patch_col", "activation").collect(engine="streaming"))
+    grids = {p: np.zeros((side, side), np.float32) for p in pairs}
+    for (f, sid), g in acts.group_by(["feature", "sample_id"]):
+        grids[(f, sid)] = patch_grid(g["patch_row"].to_numpy(), g["patch_col"].to_numpy(), g["activation"].to_numpy(), side)
+    return grids
 
 
 def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -83,7 +97,6 @@ def render_feature_maps(codes, samples, tops, features: list[int], side: int, ou
         heatmap (paths relative to out_dir), n_active_patches. ``contexts``: feature, rank,
         sample_id, score, tokens (list[str]), activations (list[float]), focus (index in the list).
     """
-    import polars as pl
     from pathlib import Path
 
     from mmsae.data.corpus import load_image
@@ -92,18 +105,19 @@ def render_feature_maps(codes, samples, tops, features: list[int], side: int, ou
     out_dir = Path(out_dir)
     feats = pl.Series("feature", features, dtype=pl.Int32)
     sel = tops.filter(pl.col("feature").is_in(feats.implode()))
-    wanted = sel.select("feature", "sample_id").unique()
-    acts = (
-        codes.join(wanted.lazy(), on=["feature", "sample_id"], how="semi")
-        .select("feature", "sample_id", "token_index", "view", "patch_row", "patch_col", "activation")
+    text_pairs = sel.filter(pl.col("modality") == "text").select("feature", "sample_id").unique()
+    acts = (  # every token's activation for the text contexts (image grids come from feature_grids)
+        codes.join(text_pairs.lazy(), on=["feature", "sample_id"], how="semi")
+        .select("feature", "sample_id", "token_index", "activation")
         .collect(engine="streaming")
     )
     info = {r["sample_id"]: r for r in samples.select("sample_id", "image_path", "tokens").iter_rows(named=True)}
     map_rows, ctx_rows = [], []
-    for row in sel.filter(pl.col("modality") == "image").iter_rows(named=True):
+    image_rows = list(sel.filter(pl.col("modality") == "image").iter_rows(named=True))
+    grids = feature_grids(codes, [(r["feature"], r["sample_id"]) for r in image_rows], side)
+    for row in image_rows:
         f, sid = row["feature"], row["sample_id"]
-        base = acts.filter((pl.col("feature") == f) & (pl.col("sample_id") == sid) & (pl.col("view") == 0))
-        grid = patch_grid(base["patch_row"].to_numpy(), base["patch_col"].to_numpy(), base["activation"].to_numpy(), side)
+        grid = grids[(f, sid)]
         image, status = load_image(info[sid]["image_path"])
         if image is None:
             continue

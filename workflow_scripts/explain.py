@@ -8,6 +8,7 @@ import polars as pl
 from mmsae.explain import Explainer, build_requests, endpoint_session, explain_features
 from mmsae.explain.cache import ResponseCache
 from mmsae.io import write_parquet
+from mmsae.features import TEXT_DOMINANT
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
@@ -16,7 +17,7 @@ e = sm.params.endpoint
 chunk, n_chunks = int(sm.wildcards.chunk), sm.params.n_chunks
 features = json.loads(Path(sm.input.selected).read_text())["features"][chunk::n_chunks]
 maps_dir = Path(sm.input.maps).parent
-text_dominant = set(pl.read_parquet(sm.input.stats).filter(pl.col("frequency_text") > pl.col("frequency_image"))["feature"])
+text_dominant = set(pl.read_parquet(sm.input.stats).filter(TEXT_DOMINANT)["feature"])
 requests = build_requests(features, pl.read_parquet(sm.input.maps), pl.read_parquet(sm.input.contexts), maps_dir,
                           max_images=sm.params.max_images, text_dominant=text_dominant)
 log.info("chunk %d/%d: %d features, %d with images or contexts", chunk, n_chunks, len(features), len(requests))

@@ -12,6 +12,7 @@ from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae
 from mmsae.steer import features_matching, steering_sweep
+from mmsae.features import TEXT_DOMINANT
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
@@ -26,7 +27,7 @@ elif st["match"]:
     log.info("features whose explanation matches %s: %s", st["match"], features)
 else:
     selected = json.loads(Path(sm.input.selected).read_text())["features"]
-    text_dom = set(stats.filter(pl.col("frequency_text") > pl.col("frequency_image"))["feature"])
+    text_dom = set(stats.filter(TEXT_DOMINANT)["feature"])
     features = [f for f in selected if f in text_dom][: st["auto"]]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))

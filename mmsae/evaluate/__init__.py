@@ -14,23 +14,10 @@ import polars as pl
 
 from mmsae.data.corpus import load_image
 from mmsae.evaluate.metrics import activated_region, bootstrap_ci, clip_score, iou
-from mmsae.maps import patch_grid
+from mmsae.maps import feature_grids
 
 SCORE_SCHEMA = {"feature": pl.Int32, "category": pl.String, "phrase": pl.String, "sample_id": pl.String,
                 "source": pl.String, "trial": pl.Int32, "iou": pl.Float64, "clip_score": pl.Float64}
-
-
-def feature_grids(codes: pl.LazyFrame, pairs: list[tuple[int, str]], side: int) -> dict[tuple[int, str], np.ndarray]:
-    """Base-view activation grids (side, side) for (feature, sample_id) pairs, from the code shards
-    (a pair with no active token gets zeros)."""
-    want = pl.DataFrame({"feature": [p[0] for p in pairs], "sample_id": [p[1] for p in pairs]},
-                        schema={"feature": pl.Int32, "sample_id": pl.String}).unique()
-    acts = (codes.filter(pl.col("view") == 0).join(want.lazy(), on=["feature", "sample_id"], how="semi")
-            .select("feature", "sample_id", "patch_row", "patch_col", "activation").collect(engine="streaming"))
-    grids = {p: np.zeros((side, side), np.float32) for p in pairs}
-    for (f, sid), g in acts.group_by(["feature", "sample_id"]):
-        grids[(f, sid)] = patch_grid(g["patch_row"].to_numpy(), g["patch_col"].to_numpy(), g["activation"].to_numpy(), side)
-    return grids
 
 
 def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, str], codes: pl.LazyFrame, side: int,
