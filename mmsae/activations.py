@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mmsae.data.corpus import Sample, load_image
 from mmsae.io import write_json, write_parquet
-from mmsae.shards import _shard_meta, activation_schema, iter_activations, read_shard_meta, shard_paths  # noqa: F401
+from mmsae.shards import activation_schema, iter_activations, read_shard_meta, shard_paths  # noqa: F401
 from mmsae.models import ActivationCapture, SubjectModel, image_token_coordinates, layer_index, resolve_hook_point
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _existing_shards(out_dir: Path, chash: str) -> tuple[set[str], int]:
     for shard in sorted(out_dir.glob("shard-*.parquet")):
         idx = int(shard.stem.split("-")[1])
         samples = out_dir / f"samples-{shard.stem.split('-')[1]}.parquet"
-        if _shard_meta(shard).get("config_hash") != chash or not samples.exists():
+        if read_shard_meta(shard).get("config_hash") != chash or not samples.exists():
             log.info("removing %s (made with another config)", shard)
             shard.unlink()
             samples.unlink(missing_ok=True)

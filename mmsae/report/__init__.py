@@ -9,7 +9,6 @@ contexts with the activating tokens marked.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-from mmsae.report.sections import attribution_html, evaluation_html, neurons_html, steering_html
+from mmsae.report.sections import _e, attribution_html, evaluation_html, neurons_html, steering_html
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -30,10 +29,6 @@ h1{margin-bottom:.2em} .muted{color:#666} table.kv td{padding:2px 12px 2px 0}
 svg text{font-size:11px;fill:#444}
 table.steer td{padding:3px 10px;vertical-align:top;border-top:1px solid #eee} table.steer{border-collapse:collapse;table-layout:fixed;width:100%} table.steer td{overflow-wrap:anywhere} table.steer td:first-child{width:130px}
 """
-
-
-def _e(x) -> str:
-    return html.escape(str(x))
 
 
 def _fmt(x, nd: int = 4) -> str:
