@@ -1,4 +1,5 @@
-"""One trainer loop for the TopK SAE: Adam with warm-up and linear decay, AuxK, checkpoints, resume.
+"""One trainer loop for the TopK SAE: Adam with warm-up and linear decay (:mod:`mmsae.sae.schedule`),
+AuxK, checkpoints, resume.
 
 Hyperparameters follow Gao et al. 2024 and the paper's reference code (``shared/METHODS.md`` §2):
 lr = 2e-4 / sqrt(d_sae / 2^14) unless set, gradient clipping 1.0, AuxK with k_aux = d_model // 2 and
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from mmsae.io import atomic_path, config_hash
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.model import TopKSAE, fvu
+from mmsae.sae.schedule import lr_at
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -44,7 +46,8 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float | None = None
     warmup_steps: int = 100
-    decay_start: float = 0.8  # fraction of steps after which lr decays linearly to 0
+    lr_schedule: str = "flat_then_decay"
+    decay_start: float = 0.8  # flat_then_decay: fraction of steps after which lr decays linearly to 0
     aux_coef: float = 1 / 32
     k_aux: int | None = None
     dead_tokens: int = 100_000
@@ -63,15 +66,10 @@ class TrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 from ``decay_start``."""
-    base = cfg.learning_rate()
-    if step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    start = int(cfg.decay_start * cfg.steps)
-    if step >= start and cfg.steps > start:
-        return base * max(0.0, (cfg.steps - step) / (cfg.steps - start))
-    return base
+def cfg_lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of 0-based ``step`` under ``cfg`` (see :mod:`mmsae.sae.schedule`)."""
+    return lr_at(step, base=cfg.learning_rate(), steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                 schedule=cfg.lr_schedule, decay_start=cfg.decay_start)
 
 
 @torch.no_grad()
@@ -196,7 +194,7 @@ def train(
     for step in bar:
         x, is_image = next(batches)
         x, is_image = x.to(device), is_image.to(device)
-        lr = lr_at(step, cfg)
+        lr = cfg_lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         out = sae(x)
