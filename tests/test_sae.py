@@ -1,5 +1,7 @@
 """SAE math (Gao et al. 2024), SAELens-layout round trip, streaming and resume."""
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -150,7 +152,11 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     assert state["step"] == 30
     for name, p in part.state_dict().items():  # the checkpoint holds exactly the state at the kill
         assert torch.equal(state["sae"][name], p)
+    t0 = time.perf_counter()
     resumed, rows_b = train(stream, 16, cfg, tmp_path / "b", progress=False)
+    wall = time.perf_counter() - t0
+    # the time of the killed part is carried over: the final elapsed_s is the sum of both parts
+    assert rows_b[29]["elapsed_s"] <= state["train_seconds"] < rows_b[-1]["elapsed_s"] <= state["train_seconds"] + wall
     assert len(rows_b) == 60 and [r["step"] for r in rows_b] == list(range(60))
     for p, q in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)  # threaded scatter-add is not bit-exact

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -52,7 +51,6 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
         return ActivationStream(p, batch_size=bs, seed=seed, buffer_tokens=cfg.buffer_tokens // world,
                                 heldout_fraction=cfg.heldout_fraction, exclude_token_ids=exclude)
 
-    t0 = time.time()
     sae, rows = train(stream(paths[rank::world], cfg.batch_size // world, cfg.seed + rank), manifest["d_model"], cfg,
                       ckpt_dir, progress=rank == 0)
     if rank != 0:
@@ -61,7 +59,7 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     heldout = evaluate(sae, x, is_image)
     metrics = {
         "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
-        "ranks": world, "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(time.time() - t0, 2),
+        "ranks": world, "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(rows[-1]["elapsed_s"], 2),
         "final_train_fvu": rows[-1]["fvu"], "heldout": heldout,
         **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from mmsae.sae.schedule import lr_at
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 2  # hashed with the config: checkpoints of another layout are not resumed
 
 
 @dataclass
@@ -138,8 +140,12 @@ def train(
 
     Returns:
         (sae, log): the trained SAE and one dict per step (step, tokens, loss, fvu, aux_loss, l0,
-        dead_fraction, lr, fvu_image, fvu_text).
+        dead_fraction, lr, fvu_image, fvu_text, l0_image, l0_text, dead_fraction_image,
+        dead_fraction_text, elapsed_s: wall seconds spent in :func:`train` up to this step, summed
+        over a killed run and its resumption).
     """
+    t_start = time.perf_counter()
+    seconds_before = 0.0  # training seconds of earlier (killed) runs, from the checkpoint
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     dist = torch.distributed
@@ -152,7 +158,7 @@ def train(
     since_fired = torch.zeros(3, cfg.d_sae, dtype=torch.long, device=device)
     rows: list[dict] = []
     start = 0
-    chash = config_hash({**asdict(cfg), "device": None, "d_model": d_model, "data": stream.identity()})
+    chash = config_hash({**asdict(cfg), "device": None, "checkpoint_version": CHECKPOINT_VERSION, "d_model": d_model, "data": stream.identity()})
     ckpt_path = Path(ckpt_dir) / CHECKPOINT
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -162,6 +168,7 @@ def train(
             since_fired = state["since_fired"].to(device)
             rows = state["log"]
             start = state["step"]
+            seconds_before = state["train_seconds"]
             torch.set_rng_state(state["rng"])
             log.info("resuming from %s at step %d", ckpt_path, start)
         else:
@@ -183,6 +190,7 @@ def train(
             "since_fired": since_fired.cpu(),
             "log": rows,
             "rng": torch.get_rng_state(),
+            "train_seconds": seconds_before + time.perf_counter() - t_start,
         }
         with atomic_path(ckpt_path, ".pt") as tmp:
             torch.save(state, tmp)
@@ -243,6 +251,7 @@ def train(
                     "l0_text": _subset_l0(active, ~is_image),
                     "dead_fraction_image": dead_now[1],
                     "dead_fraction_text": dead_now[2],
+                    "elapsed_s": seconds_before + time.perf_counter() - t_start,
                 }
             )
         if world > 1:  # log the mean over ranks
