@@ -1,5 +1,6 @@
 """SAE math (Gao et al. 2024), SAELens-layout round trip, streaming and resume."""
 
+import random
 import time
 
 import numpy as np
@@ -158,8 +159,9 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     # the time of the killed part is carried over: the final elapsed_s is the sum of both parts
     assert rows_b[29]["elapsed_s"] <= state["train_seconds"] < rows_b[-1]["elapsed_s"] <= state["train_seconds"] + wall
     assert len(rows_b) == 60 and [r["step"] for r in rows_b] == list(range(60))
-    for p, q in zip(full.parameters(), resumed.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)  # threaded scatter-add is not bit-exact
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name  # bit-identical on CPU
+    assert [r["fvu"] for r in rows] == [r["fvu"] for r in rows_b]
     x, m = stream.heldout()
     ev = evaluate(resumed, x, m)
     assert ev["l0"] <= 4 and 0 <= ev["fvu"] < 1 and ev["n_image_tokens"] + ev["n_text_tokens"] == len(x)
@@ -176,3 +178,25 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     s2 = ActivationStream(_shards(tmp_path / "d2", seed=2, n=200), batch_size=32)
     _, rows = train(s2, 16, cfg, tmp_path / "ck", progress=False)
     assert rows[0]["step"] == 0  # started afresh
+
+
+def test_resume_is_bit_identical_with_another_thread_count_and_rng_use(tmp_path):
+    """The checkpointed run's CPU thread count and random states are restored, so neither a resumed
+    process with another thread count nor one whose global generators were used meanwhile drifts."""
+    paths = _shards(tmp_path, n=600, d=32)
+    stream = ActivationStream(paths, batch_size=128, seed=0, buffer_tokens=512, heldout_fraction=0.0)
+    cfg = TrainConfig(d_sae=256, k=8, steps=24, batch_size=128, warmup_steps=3, checkpoint_every=100, dead_tokens=600,
+                      b_dec_init_tokens=256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full, _ = train(stream, 32, cfg, tmp_path / "a", progress=False)
+        train(stream, 32, cfg, tmp_path / "b", progress=False, stop_after=12)
+        torch.set_num_threads(1)
+        torch.rand(5), np.random.rand(3), random.random()  # the new process's generators differ
+        resumed, _ = train(stream, 32, cfg, tmp_path / "b", progress=False)
+        assert torch.get_num_threads() == 1  # the caller's count is back
+    finally:
+        torch.set_num_threads(threads)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name

@@ -6,13 +6,17 @@ lr = 2e-4 / sqrt(d_sae / 2^14) unless set, gradient clipping 1.0, AuxK with k_au
 coefficient 1/32, a latent is dead after ``dead_tokens`` training tokens without firing.
 
 Under ``torch.distributed`` (torchrun, see :mod:`mmsae.sae.run`) each rank trains on its own stream
-with batch_size / world_size rows; gradients are averaged, the "tokens since fired" counters use
-global token counts and a latent fired on any rank, the logged scalars are averaged over ranks, and
-rank 0 writes the checkpoints.
+with batch_size / world_size rows; the SAE is wrapped in DistributedDataParallel, which averages the
+gradients; the "tokens since fired" counters use global token counts and a latent fired on any rank,
+the logged scalars are averaged over ranks (:mod:`mmsae.sae.distributed`), and rank 0 writes the
+checkpoints.
 
-Resume: a checkpoint (SAE, optimiser, step, dead-latent counters, the per-step log) is written
+Resume: a checkpoint (SAE, optimiser, step, dead-latent counters, the per-step log, training seconds
+so far, every random state and the CPU thread count; :mod:`mmsae.sae.checkpoint`) is written
 atomically every ``checkpoint_every`` steps; a new :func:`train` call with the same checkpoint
-directory loads it and skips the batches already seen, so the result equals an uninterrupted run.
+directory loads it and replays the data stream up to that step. On CPU the resumed run's weights are
+bit-identical to an uninterrupted run's (same torch build); on GPU they agree up to the
+non-determinism of the CUDA kernels.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from mmsae.io import atomic_path, config_hash
+from mmsae.io import config_hash
+from mmsae.sae.checkpoint import load_checkpoint, reproducible, save_checkpoint
 from mmsae.sae.data import ActivationStream
+from mmsae.sae.distributed import maybe_all_reduce, maybe_barrier, maybe_ddp, rank_world
 from mmsae.sae.model import TopKSAE, fvu
 from mmsae.sae.schedule import lr_at
 
@@ -128,6 +134,10 @@ def train(
 ) -> tuple[TopKSAE, list[dict]]:
     """Train (or resume training) a TopK SAE on ``stream``.
 
+    Under ``torch.distributed`` the SAE is wrapped in DistributedDataParallel (gradients averaged
+    over ranks) and the dead-latent counters and logged scalars go through
+    :func:`~mmsae.sae.distributed.maybe_all_reduce`; in one process both are no-ops.
+
     Args:
         stream: batches of activations (deterministic for its seed).
         d_model: input width.
@@ -144,59 +154,41 @@ def train(
         dead_fraction_text, elapsed_s: wall seconds spent in :func:`train` up to this step, summed
         over a killed run and its resumption).
     """
-    t_start = time.perf_counter()
-    seconds_before = 0.0  # training seconds of earlier (killed) runs, from the checkpoint
-    torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    with reproducible(device):
+        return _train(stream, d_model, cfg, device, Path(ckpt_dir) / CHECKPOINT, progress, stop_after, keep_checkpoint)
+
+
+def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_checkpoint):
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rank, _ = rank_world()
     sae = TopKSAE(d_model, cfg.d_sae, cfg.k, seed=cfg.seed).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), betas=(0.9, 0.999), eps=6.25e-10)
     k_aux = cfg.k_aux or d_model // 2
-    # Tokens since each latent last fired: row 0 over all tokens, row 1 image tokens, row 2 text.
-    since_fired = torch.zeros(3, cfg.d_sae, dtype=torch.long, device=device)
-    rows: list[dict] = []
-    start = 0
-    chash = config_hash({**asdict(cfg), "device": None, "checkpoint_version": CHECKPOINT_VERSION, "d_model": d_model, "data": stream.identity()})
-    ckpt_path = Path(ckpt_dir) / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state.get("config_hash") == chash:
-            sae.load_state_dict(state["sae"])
-            opt.load_state_dict(state["optimizer"])
-            since_fired = state["since_fired"].to(device)
-            rows = state["log"]
-            start = state["step"]
-            seconds_before = state["train_seconds"]
-            torch.set_rng_state(state["rng"])
-            log.info("resuming from %s at step %d", ckpt_path, start)
-        else:
-            log.info("ignoring %s: made with another config", ckpt_path)
-    if start == 0:
+    chash = config_hash({**asdict(cfg), "device": None, "checkpoint_version": CHECKPOINT_VERSION, "d_model": d_model,
+                         "data": stream.identity()})
+    state = load_checkpoint(ckpt_path, chash, device)
+    if state is not None:
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["optimizer"])
+    else:
         sae.init_b_dec(stream.sample(cfg.b_dec_init_tokens), cfg.b_dec_init)
-    if world > 1:  # every rank starts from rank 0's parameters (b_dec came from rank 0's data)
-        for p in sae.parameters():
-            dist.broadcast(p.data, 0)
+        # Tokens since each latent last fired: row 0 over all tokens, row 1 image tokens, row 2 text.
+        state = {"step": 0, "since_fired": torch.zeros(3, cfg.d_sae, dtype=torch.long), "log": [], "train_seconds": 0.0}
+    start, rows, seconds_before = state["step"], state["log"], state["train_seconds"]
+    since_fired = state["since_fired"].to(device)
+    model = maybe_ddp(sae, device)  # every rank starts from rank 0's parameters (b_dec came from rank 0's data)
 
     def save(step: int) -> None:
-        if rank != 0:
-            return
-        state = {
-            "config_hash": chash,
-            "step": step,
-            "sae": sae.state_dict(),
-            "optimizer": opt.state_dict(),
-            "since_fired": since_fired.cpu(),
-            "log": rows,
-            "rng": torch.get_rng_state(),
-            "train_seconds": seconds_before + time.perf_counter() - t_start,
-        }
-        with atomic_path(ckpt_path, ".pt") as tmp:
-            torch.save(state, tmp)
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"config_hash": chash, "step": step, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
+                                        "since_fired": since_fired.cpu(), "log": rows,
+                                        "train_seconds": seconds_before + time.perf_counter() - t_start})
+        maybe_barrier()
 
     batches = stream.train_batches()
-    for _ in range(start):  # skip what the checkpoint has already seen
+    for _ in range(start):  # the stream's position: replay what the checkpoint has already seen
         next(batches)
     bar = tqdm(range(start, cfg.steps), desc="train_sae", unit="step", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
@@ -205,17 +197,13 @@ def train(
         lr = cfg_lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = sae(x)
+        out = model(x)
         loss_fvu = fvu(x, out.x_hat)
         dead = since_fired[0] >= cfg.dead_tokens
         aux = sae.auxk_loss(x, out, dead, k_aux) if cfg.aux_coef > 0 else x.new_zeros(())
         loss = loss_fvu + cfg.aux_coef * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in sae.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
+        loss.backward()  # under DDP, gradients arrive averaged over ranks
         sae.remove_parallel_grads()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -228,21 +216,16 @@ def train(
             for row, mask in enumerate((torch.ones_like(is_image), is_image, ~is_image)):
                 counts[row] = mask.sum()
                 fired[row, out.top_idx[mask][active[mask]]] = 1
-            if world > 1:
-                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-                dist.all_reduce(counts)
-            since_fired += counts[:, None]
-            since_fired[fired.bool()] = 0
+            since_fired += maybe_all_reduce(counts, "sum")[:, None]  # global token counts
+            since_fired[maybe_all_reduce(fired, "max").bool()] = 0  # fired on any rank
             dead_now = (since_fired >= cfg.dead_tokens).float().mean(1).tolist()
             x_hat = out.x_hat.detach()
+            means = maybe_all_reduce(torch.stack([loss, loss_fvu, aux, active.sum() / len(x)]).detach().double(), "mean")
             rows.append(
                 {
                     "step": step,
                     "tokens": (step + 1) * cfg.batch_size,
-                    "loss": loss.item(),
-                    "fvu": loss_fvu.item(),
-                    "aux_loss": aux.item(),
-                    "l0": active.sum().item() / len(x),
+                    **dict(zip(("loss", "fvu", "aux_loss", "l0"), means.tolist())),
                     "dead_fraction": dead_now[0],
                     "lr": lr,
                     "fvu_image": _subset_fvu(x, x_hat, is_image),
@@ -254,18 +237,11 @@ def train(
                     "elapsed_s": seconds_before + time.perf_counter() - t_start,
                 }
             )
-        if world > 1:  # log the mean over ranks
-            keys = ("loss", "fvu", "aux_loss", "l0")
-            t = torch.tensor([rows[-1][k] for k in keys], device=device)
-            dist.all_reduce(t)
-            rows[-1].update({k: v / world for k, v in zip(keys, t.tolist())})
         if progress and step % 20 == 0:
             bar.set_postfix(fvu=f"{rows[-1]['fvu']:.3f}", dead=f"{rows[-1]['dead_fraction']:.2f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_after:
             save(done)
-            if world > 1:
-                dist.barrier()
         if done == stop_after:
             break
     bar.close()
