@@ -1,6 +1,6 @@
 """Train an SAE from an activation manifest and write it in SAELens's layout, with metrics - in one
-process, or as one rank of ``torchrun`` (DDP: each rank streams its own shards, gradients and
-dead-latent statistics are all-reduced, rank 0 evaluates and writes).
+process, or as one rank of ``torchrun`` (DDP: each rank streams its own shards, gradients are averaged by
+DistributedDataParallel, dead-latent statistics all-reduced, rank 0 evaluates and writes).
 
     torchrun --standalone --nproc_per_node=N -m mmsae.sae.run --manifest M --out DIR --ckpt DIR --opts JSON
 """
@@ -17,17 +17,12 @@ import torch
 
 from mmsae.io import write_json, write_parquet
 from mmsae.sae.data import ActivationStream
+from mmsae.sae.distributed import rank_world
 from mmsae.sae.io import save_sae
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
 from mmsae.shards import shard_paths
 
 log = logging.getLogger(__name__)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside ``torch.distributed``."""
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 
 def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: str, ckpt_dir: str | os.PathLike,
@@ -38,7 +33,7 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     Raises:
         ValueError: fewer shards than ranks, or a batch size not divisible by the number of ranks.
     """
-    rank, world = dist_info()
+    rank, world = rank_world()
     manifest = json.loads(Path(manifest_path).read_text())
     cfg = TrainConfig(**opts, device=device)
     paths = shard_paths(manifest_path)
