@@ -6,6 +6,7 @@ rule train_sae:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
         metrics=f"{SAE_DIR}/metrics.json",
+        heldout=f"{SAE_DIR}/heldout.json",
         log_table=f"{SAE_DIR}/log.parquet",
     params:
         sae={k: v for k, v in config["sae"].items() if k != "gpus"},

@@ -33,6 +33,11 @@ def _manifest(tmp_path, n_shards=4, n=600, d=32):
             "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)}, schema=activation_schema(d))
         write_parquet(tmp_path / f"shard-{s:05d}.parquet", table)
         shards.append({"path": f"shard-{s:05d}.parquet", "n_tokens": n})
+    # each image under two prompts, every 5th sample text-only
+    ids = [f"s{s}-{j}" for s in range(n_shards) for j in range(n // 20)]
+    images = [None if i % 5 == 4 else f"img{i // 2}.png" for i in range(len(ids))]
+    write_parquet(tmp_path / "samples.parquet", pa.table({"sample_id": ids, "image_path": images,
+                                                          "prompt": [f"prompt {i % 2}" for i in range(len(ids))]}))
     manifest = {"shards": shards, "d_model": d, "special_token_ids": [0], "model": "synthetic", "hook_point": "h"}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path / "manifest.json"
@@ -64,7 +69,7 @@ def _rank_worker(rank, world, init_file, paths, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        stream = ActivationStream(paths[rank::world], batch_size=64, seed=rank, buffer_tokens=256, heldout_fraction=0.0)
+        stream = ActivationStream(paths[rank::world], batch_size=64, seed=rank, buffer_tokens=256, heldout_ids=())
         cfg = TrainConfig(d_sae=128, k=4, steps=30, batch_size=128, warmup_steps=3, dead_tokens=300, b_dec_init_tokens=128,
                           checkpoint_every=1000)
         sae, rows = train(stream, 32, cfg, f"{out_dir}/ck{rank}", progress=False)

@@ -127,9 +127,12 @@ def _shards(tmp_path, n_shards=3, n=300, d=16, seed=0):
     return paths
 
 
+HELD = [f"s{s}-{j}" for s in range(3) for j in range(0, 30, 5)]  # every 5th sample of _shards
+
+
 def test_stream_is_deterministic_bounded_and_splits_by_sample(tmp_path):
     paths = _shards(tmp_path)
-    s = ActivationStream(paths, batch_size=32, seed=7, buffer_tokens=128, heldout_fraction=0.2, exclude_token_ids=[0], read_rows=50)
+    s = ActivationStream(paths, batch_size=32, seed=7, buffer_tokens=128, heldout_ids=HELD, exclude_token_ids=[0], read_rows=50)
     a = [b[0] for _, b in zip(range(40), s.train_batches())]
     b = [b[0] for _, b in zip(range(40), s.train_batches())]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -141,7 +144,7 @@ def test_stream_is_deterministic_bounded_and_splits_by_sample(tmp_path):
 
 def test_training_reduces_fvu_and_resume_matches(tmp_path):
     paths = _shards(tmp_path)
-    stream = ActivationStream(paths, batch_size=64, seed=0, buffer_tokens=256, heldout_fraction=0.2)
+    stream = ActivationStream(paths, batch_size=64, seed=0, buffer_tokens=256, heldout_ids=HELD)
     cfg = TrainConfig(d_sae=64, k=4, steps=60, batch_size=64, warmup_steps=5, checkpoint_every=10, dead_tokens=500, b_dec_init_tokens=200)
     full, rows = train(stream, 16, cfg, tmp_path / "a", progress=False)
     assert rows[-1]["fvu"] < 0.5 * rows[0]["fvu"]
@@ -173,9 +176,9 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     cfg = TrainConfig(d_sae=32, k=4, steps=20, batch_size=32, warmup_steps=2, checkpoint_every=5, b_dec_init_tokens=64)
     (tmp_path / "d1").mkdir()
     (tmp_path / "d2").mkdir()
-    s1 = ActivationStream(_shards(tmp_path / "d1", seed=1), batch_size=32)
+    s1 = ActivationStream(_shards(tmp_path / "d1", seed=1), batch_size=32, seed=0, buffer_tokens=128, heldout_ids=())
     train(s1, 16, cfg, tmp_path / "ck", progress=False, stop_after=10)
-    s2 = ActivationStream(_shards(tmp_path / "d2", seed=2, n=200), batch_size=32)
+    s2 = ActivationStream(_shards(tmp_path / "d2", seed=2, n=200), batch_size=32, seed=0, buffer_tokens=128, heldout_ids=())
     _, rows = train(s2, 16, cfg, tmp_path / "ck", progress=False)
     assert rows[0]["step"] == 0  # started afresh
 
@@ -184,7 +187,7 @@ def test_resume_is_bit_identical_with_another_thread_count_and_rng_use(tmp_path)
     """The checkpointed run's CPU thread count and random states are restored, so neither a resumed
     process with another thread count nor one whose global generators were used meanwhile drifts."""
     paths = _shards(tmp_path, n=600, d=32)
-    stream = ActivationStream(paths, batch_size=128, seed=0, buffer_tokens=512, heldout_fraction=0.0)
+    stream = ActivationStream(paths, batch_size=128, seed=0, buffer_tokens=512, heldout_ids=())
     cfg = TrainConfig(d_sae=256, k=8, steps=24, batch_size=128, warmup_steps=3, checkpoint_every=100, dead_tokens=600,
                       b_dec_init_tokens=256)
     threads = torch.get_num_threads()

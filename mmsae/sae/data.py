@@ -4,30 +4,51 @@ Memory is bounded by the shuffle buffer (``buffer_tokens`` rows) plus one Parque
 whatever the number of shards. The stream is a deterministic function of the seed, so a resumed
 run can skip exactly the batches it has already trained on.
 
-The held-out split is by sample (a hash of ``sample_id``), so no sample has tokens on both sides.
+The held-out split is by image, and by prompt for text-only samples (:func:`heldout_sample_ids`): the
+image tokens of one image are identical under every prompt, so splitting by sample would put the
+same tokens on both sides.
 """
 
 from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from mmsae.io import config_hash
 from mmsae.shards import iter_activations
 
 COLUMNS = ("sample_id", "modality", "token_id")
 
 
-def is_heldout(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Bool mask: True where a sample's id hashes (CRC32) below ``fraction`` of the range."""
+def heldout_sample_ids(samples: pa.Table, fraction: float) -> list[str]:
+    """The ids of the held-out samples, sorted: every sample of an image whose path hashes (CRC32)
+    below ``fraction`` of the range, and every text-only sample whose prompt does.
+
+    Args:
+        samples: the activations' samples table (``samples.parquet``) with columns ``sample_id``,
+            ``image_path`` (null for text-only samples) and ``prompt``.
+        fraction: expected share of images (and of distinct text prompts) held out, in [0, 1).
+
+    Raises:
+        ValueError: a column is missing.
+    """
+    missing = {"sample_id", "image_path", "prompt"} - set(samples.column_names)
+    if missing:
+        raise ValueError(f"samples table: missing column(s) {sorted(missing)}")
     if fraction <= 0:
-        return np.zeros(len(sample_ids), bool)
-    uniq, inv = np.unique(sample_ids, return_inverse=True)
-    h = np.array([zlib.crc32(str(s).encode()) / 2**32 for s in uniq])
-    return (h < fraction)[inv]
+        return []
+    ids, images, prompts = (samples.column(c).to_pylist() for c in ("sample_id", "image_path", "prompt"))
+    held = set()
+    for sid, image, prompt in zip(ids, images, prompts):
+        key = f"image:{image}" if image is not None else f"prompt:{prompt}"
+        if zlib.crc32(key.encode()) / 2**32 < fraction:
+            held.add(sid)
+    return sorted(held)
 
 
 class ActivationStream:
@@ -38,17 +59,18 @@ class ActivationStream:
         batch_size: rows per batch.
         seed: shuffling seed (shard order per epoch and the buffer permutation).
         buffer_tokens: shuffle-buffer size in rows (>= batch_size).
-        heldout_fraction: share of samples kept out of training (see :func:`is_heldout`).
+        heldout_ids: sample ids kept out of training (see :func:`heldout_sample_ids`).
         exclude_token_ids: token ids (e.g. BOS and other special tokens) left out of training.
+        read_rows: rows per Parquet read.
     """
 
     def __init__(
         self,
         paths: list[Path],
         batch_size: int,
-        seed: int = 0,
-        buffer_tokens: int = 65536,
-        heldout_fraction: float = 0.1,
+        seed: int,
+        buffer_tokens: int,
+        heldout_ids: Collection[str],
         exclude_token_ids: list[int] | None = None,
         read_rows: int = 4096,
     ):
@@ -56,7 +78,7 @@ class ActivationStream:
             raise ValueError("no activation shards to train on")
         self.paths, self.batch_size, self.seed = list(paths), batch_size, seed
         self.buffer_tokens = max(buffer_tokens, 2 * batch_size)
-        self.heldout_fraction = heldout_fraction
+        self.heldout_ids = np.array(sorted(set(heldout_ids)), dtype=object)
         self.exclude = np.array(sorted(set(exclude_token_ids or [])), dtype=np.int64)
         self.read_rows = read_rows
 
@@ -68,13 +90,13 @@ class ActivationStream:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "buffer_tokens": self.buffer_tokens,
-            "heldout_fraction": self.heldout_fraction,
+            "heldout_ids": config_hash(self.heldout_ids.tolist()),
             "exclude": self.exclude.tolist(),
         }
 
     def _rows(self, paths: list[Path], heldout: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for x, cols in iter_activations(paths, self.read_rows, COLUMNS):
-            keep = is_heldout(cols["sample_id"], self.heldout_fraction) == heldout
+            keep = np.isin(cols["sample_id"], self.heldout_ids) == heldout
             if len(self.exclude):
                 keep &= ~np.isin(cols["token_id"], self.exclude)
             if keep.any():

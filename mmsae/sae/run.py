@@ -13,24 +13,31 @@ import logging
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from mmsae.io import write_json, write_parquet
-from mmsae.sae.data import ActivationStream
+from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.distributed import rank_world
 from mmsae.sae.io import save_sae
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
 from mmsae.shards import shard_paths
 
 log = logging.getLogger(__name__)
+SAMPLES, HELDOUT = "samples.parquet", "heldout.json"
 
 
 def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: str, ckpt_dir: str | os.PathLike,
                         out_dir: str | os.PathLike, log_path: str | os.PathLike | None = None) -> dict | None:
     """Train on the manifest's shards; rank 0 writes ``cfg.json``, ``sae_weights.safetensors``,
-    ``metrics.json`` and ``log.parquet`` (or ``log_path``) to ``out_dir`` and returns the metrics.
+    ``metrics.json``, ``heldout.json`` (the held-out sample ids, a JSON list) and ``log.parquet`` (or
+    ``log_path``) to ``out_dir`` and returns the metrics.
+
+    The held-out split is by image and by text prompt (:func:`~mmsae.sae.data.heldout_sample_ids`),
+    read from ``samples.parquet`` beside the manifest.
 
     Raises:
+        FileNotFoundError: no ``samples.parquet`` beside the manifest.
         ValueError: fewer shards than ranks, or a batch size not divisible by the number of ranks.
     """
     rank, world = rank_world()
@@ -41,10 +48,14 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
         raise ValueError(f"DDP over {world} ranks needs >= {world} shards (have {len(paths)}) and sae.batch_size "
                          f"divisible by {world} (is {cfg.batch_size})")
     exclude = manifest["special_token_ids"] if cfg.exclude_special_tokens else None
+    samples_path = Path(manifest_path).parent / SAMPLES
+    if not samples_path.is_file():
+        raise FileNotFoundError(f"{samples_path} not found: the held-out split needs the samples table of {manifest_path}")
+    held = heldout_sample_ids(pq.read_table(samples_path, columns=["sample_id", "image_path", "prompt"]), cfg.heldout_fraction)
 
     def stream(p, bs, seed):
         return ActivationStream(p, batch_size=bs, seed=seed, buffer_tokens=cfg.buffer_tokens // world,
-                                heldout_fraction=cfg.heldout_fraction, exclude_token_ids=exclude)
+                                heldout_ids=held, exclude_token_ids=exclude)
 
     sae, rows = train(stream(paths[rank::world], cfg.batch_size // world, cfg.seed + rank), manifest["d_model"], cfg,
                       ckpt_dir, progress=rank == 0)
@@ -55,11 +66,12 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     metrics = {
         "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "ranks": world, "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(rows[-1]["elapsed_s"], 2),
-        "final_train_fvu": rows[-1]["fvu"], "heldout": heldout,
+        "final_train_fvu": rows[-1]["fvu"], "n_heldout_samples": len(held), "heldout": heldout,
         **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
     }
     save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"], extra={"train": opts, "metrics": metrics})
     write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
+    write_json(Path(out_dir) / HELDOUT, held)
     write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
 
