@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from mmsae.io import config_hash
+from mmsae.sae.norms import row_norms
 from mmsae.shards import iter_activations
 
 COLUMNS = ("sample_id", "modality", "token_id")
@@ -61,6 +62,10 @@ class ActivationStream:
         buffer_tokens: shuffle-buffer size in rows (>= batch_size).
         heldout_ids: sample ids kept out of training (see :func:`heldout_sample_ids`).
         exclude_token_ids: token ids (e.g. BOS and other special tokens) left out of training.
+        max_norm: training tokens with a larger L2 norm are left out (``sae.exclude_norm_above``);
+            None keeps all.
+        scale: training rows (:meth:`train_batches`, :meth:`sample`) are multiplied by this
+            (``sae.normalize_activations``); :meth:`heldout` and :meth:`train_norms` stay raw.
         read_rows: rows per Parquet read.
     """
 
@@ -72,6 +77,8 @@ class ActivationStream:
         buffer_tokens: int,
         heldout_ids: Collection[str],
         exclude_token_ids: list[int] | None = None,
+        max_norm: float | None = None,
+        scale: float = 1.0,
         read_rows: int = 4096,
     ):
         if not paths:
@@ -80,6 +87,7 @@ class ActivationStream:
         self.buffer_tokens = max(buffer_tokens, 2 * batch_size)
         self.heldout_ids = np.array(sorted(set(heldout_ids)), dtype=object)
         self.exclude = np.array(sorted(set(exclude_token_ids or [])), dtype=np.int64)
+        self.max_norm, self.scale = max_norm, scale
         self.read_rows = read_rows
 
     def identity(self) -> dict:
@@ -92,15 +100,32 @@ class ActivationStream:
             "buffer_tokens": self.buffer_tokens,
             "heldout_ids": config_hash(self.heldout_ids.tolist()),
             "exclude": self.exclude.tolist(),
+            "max_norm": self.max_norm,
+            "scale": self.scale,
         }
 
-    def _rows(self, paths: list[Path], heldout: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _rows(self, paths: list[Path], heldout: bool, train: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(x, is_image) of one split without excluded token ids; ``train``: also without outliers, scaled."""
         for x, cols in iter_activations(paths, self.read_rows, COLUMNS):
             keep = np.isin(cols["sample_id"], self.heldout_ids) == heldout
             if len(self.exclude):
                 keep &= ~np.isin(cols["token_id"], self.exclude)
+            if train and self.max_norm is not None:
+                keep &= row_norms(x) <= self.max_norm
             if keep.any():
-                yield x[keep], cols["modality"][keep] == "image"
+                x, m = x[keep], cols["modality"][keep] == "image"
+                yield (x * np.float32(self.scale) if train and self.scale != 1.0 else x), m
+
+    def train_norms(self) -> tuple[np.ndarray, np.ndarray]:
+        """L2 norms (float64) and is_image of every training token before the outlier rule and scaling,
+        in shard order: one pass over the data, 9 bytes a token."""
+        norms, image = [], []
+        for x, m in self._rows(self.paths, heldout=False):
+            norms.append(row_norms(x))
+            image.append(m)
+        if not norms:
+            raise ValueError("the training split is empty (all samples held out or excluded)")
+        return np.concatenate(norms), np.concatenate(image)
 
     def _drain(self, buf_x, buf_m, rng, keep_fraction: float):
         """Shuffle the buffer, return (batches to emit, remaining x, remaining m)."""
@@ -128,7 +153,7 @@ class ActivationStream:
         while True:
             order = rng.permutation(len(self.paths))
             produced = False
-            for x, m in self._rows([self.paths[i] for i in order], heldout=False):
+            for x, m in self._rows([self.paths[i] for i in order], heldout=False, train=True):
                 produced = True
                 buf_x.append(x)
                 buf_m.append(m)
@@ -144,7 +169,8 @@ class ActivationStream:
             buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
 
     def heldout(self, max_tokens: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held-out tokens (at most ``max_tokens``, in shard order) as ``(x, is_image)``."""
+        """The held-out tokens (at most ``max_tokens``, in shard order, outliers included, unscaled) as
+        ``(x, is_image)``."""
         xs, ms, n = [], [], 0
         for x, m in self._rows(self.paths, heldout=True):
             xs.append(x[: max_tokens - n])
@@ -159,7 +185,7 @@ class ActivationStream:
     def sample(self, n: int) -> torch.Tensor:
         """The first ``n`` training rows (for initialising b_dec)."""
         xs, got = [], 0
-        for x, _ in self._rows(self.paths, heldout=False):
+        for x, _ in self._rows(self.paths, heldout=False, train=True):
             xs.append(x[: n - got])
             got += len(xs[-1])
             if got >= n:

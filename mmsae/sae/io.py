@@ -5,6 +5,10 @@
 ``architecture``, ``d_in``, ``d_sae``, ``k``, ``dtype``, ``apply_b_dec_to_input``,
 ``normalize_activations`` and ``metadata`` (model name, hook name). Our own fields sit under
 ``mmsae`` and are ignored by SAELens.
+
+``normalize_activations`` is always ``none``: an SAE trained on scaled activations
+(``sae.normalize_activations``) is saved with the scale folded into its weights, as SAELens saves a
+finished SAE; the scale is kept in ``mmsae.normalize_activations`` (see :mod:`mmsae.sae.norms`).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dic
 
     Raises:
         FileNotFoundError: ``cfg.json`` or the weights are missing.
-        ValueError: the architecture is not ``topk`` or a tensor's shape is wrong.
+        ValueError: the architecture is not ``topk``, ``normalize_activations`` is not ``none`` (the
+            SAE would need an input scale this loader does not apply), or a tensor's shape is wrong.
     """
     path = Path(path)
     cfg_path = path / CFG_FILE
@@ -63,6 +68,9 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dic
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("architecture") != "topk":
         raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not 'topk'")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(f"{cfg_path}: normalize_activations {cfg['normalize_activations']!r} is not 'none'; fold the "
+                         "scaling into the weights first (SAELens: fold_activation_norm_scaling_factor)")
     tensors = load_file(str(path / WEIGHTS_FILE), device=device)
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], dtype=dtype).to(device)

@@ -20,6 +20,7 @@ from mmsae.io import write_json, write_parquet
 from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.distributed import rank_world
 from mmsae.sae.io import save_sae
+from mmsae.sae.norms import fold_scaling_factor, norm_stats, row_norms, scaling_factor
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
 from mmsae.shards import shard_paths
 
@@ -34,7 +35,10 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     ``log_path``) to ``out_dir`` and returns the metrics.
 
     The held-out split is by image and by text prompt (:func:`~mmsae.sae.data.heldout_sample_ids`),
-    read from ``samples.parquet`` beside the manifest.
+    read from ``samples.parquet`` beside the manifest. Before training, one pass over the training
+    tokens gives ``metrics["token_norms"]`` (:func:`~mmsae.sae.norms.norm_stats`), the outlier
+    threshold ``sae.exclude_norm_above`` x the median norm, and the scale of
+    ``sae.normalize_activations`` (:mod:`mmsae.sae.norms`); the scale is folded into the saved SAE.
 
     Raises:
         FileNotFoundError: no ``samples.parquet`` beside the manifest.
@@ -53,27 +57,54 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
         raise FileNotFoundError(f"{samples_path} not found: the held-out split needs the samples table of {manifest_path}")
     held = heldout_sample_ids(pq.read_table(samples_path, columns=["sample_id", "image_path", "prompt"]), cfg.heldout_fraction)
 
-    def stream(p, bs, seed):
-        return ActivationStream(p, batch_size=bs, seed=seed, buffer_tokens=cfg.buffer_tokens // world,
-                                heldout_ids=held, exclude_token_ids=exclude)
-
-    sae, rows = train(stream(paths[rank::world], cfg.batch_size // world, cfg.seed + rank), manifest["d_model"], cfg,
-                      ckpt_dir, progress=rank == 0)
+    # One pass over the training tokens: their norm distribution, the outlier threshold, the scale.
+    norms, norm_is_image = _stream(paths, cfg, cfg.batch_size, cfg.seed, held, exclude).train_norms()
+    token_norms = norm_stats(norms, norm_is_image)
+    max_norm = cfg.exclude_norm_above * token_norms["all"]["median"] if cfg.exclude_norm_above is not None else None
+    kept = norms <= max_norm if max_norm is not None else slice(None)
+    scale = scaling_factor(norms[kept], manifest["d_model"]) if cfg.normalize_activations == "expected_average_only_in" else 1.0
+    mine = _stream(paths[rank::world], cfg, cfg.batch_size // world, cfg.seed + rank, held, exclude, max_norm, scale, world)
+    sae, rows = train(mine, manifest["d_model"], cfg, ckpt_dir, progress=rank == 0)
     if rank != 0:
         return None
-    x, is_image = stream(paths, cfg.batch_size, cfg.seed).heldout(cfg.heldout_max_tokens)
-    heldout = evaluate(sae, x, is_image)
+    if scale != 1.0:
+        fold_scaling_factor(sae, scale)  # the saved SAE takes raw activations, as SAELens saves it
+    x, is_image = _stream(paths, cfg, cfg.batch_size, cfg.seed, held, exclude).heldout(cfg.heldout_max_tokens)
     metrics = {
         "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "ranks": world, "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(rows[-1]["elapsed_s"], 2),
-        "final_train_fvu": rows[-1]["fvu"], "n_heldout_samples": len(held), "heldout": heldout,
+        "final_train_fvu": rows[-1]["fvu"], "n_heldout_samples": len(held), "heldout": _heldout_metrics(sae, x, is_image, max_norm),
         **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
+        "token_norms": token_norms,
+        "normalize_activations": {"method": cfg.normalize_activations, "scaling_factor": scale},
     }
-    save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"], extra={"train": opts, "metrics": metrics})
+    if max_norm is not None:
+        metrics["exclude_norm_above"] = {"multiple_of_median": cfg.exclude_norm_above, "threshold": max_norm,
+                                         "n_excluded_train_tokens": int((norms > max_norm).sum())}
+    norm_cfg = {"method": cfg.normalize_activations, "scaling_factor": scale, "folded": True}
+    save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"],
+             extra={"train": opts, "metrics": metrics, "normalize_activations": norm_cfg})
     write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
     write_json(Path(out_dir) / HELDOUT, held)
     write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
+
+
+def _stream(paths, cfg: TrainConfig, batch_size, seed, held, exclude, max_norm=None, scale=1.0, world=1) -> ActivationStream:
+    return ActivationStream(paths, batch_size=batch_size, seed=seed, buffer_tokens=cfg.buffer_tokens // world, heldout_ids=held,
+                            exclude_token_ids=exclude, max_norm=max_norm, scale=scale)
+
+
+def _heldout_metrics(sae, x, is_image, max_norm: float | None) -> dict:
+    """:func:`evaluate` on the held-out tokens; with an outlier threshold, on the tokens at or below it
+    (``fvu`` etc.), plus ``fvu_including_excluded`` over all of them and ``n_excluded_tokens``."""
+    if max_norm is None:
+        return evaluate(sae, x, is_image)
+    keep = torch.from_numpy(row_norms(x.numpy()) <= max_norm)
+    res = evaluate(sae, x[keep], is_image[keep])
+    res["fvu_including_excluded"] = evaluate(sae, x, is_image)["fvu"] if len(x) else None
+    res["n_excluded_tokens"] = int((~keep).sum())
+    return res
 
 
 def main() -> None:

@@ -66,6 +66,8 @@ class TrainConfig:
     heldout_max_tokens: int = 65536
     buffer_tokens: int = 65536
     exclude_special_tokens: bool = True
+    normalize_activations: str = "none"
+    exclude_norm_above: float | None = None
     seed: int = 0
     checkpoint_every: int = 200
     device: str = "cpu"
