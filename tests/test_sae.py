@@ -1,12 +1,15 @@
 """SAE math (Gao et al. 2024), SAELens-layout round trip, streaming and resume."""
 
+import dataclasses
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 
 from mmsae.activations import activation_schema
 from mmsae.io import write_parquet
@@ -137,7 +140,7 @@ def test_stream_is_deterministic_bounded_and_splits_by_sample(tmp_path):
     b = [b[0] for _, b in zip(range(40), s.train_batches())]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert all(x.shape == (32, 16) for x in a)
-    ho, _ = s.heldout()
+    ho, _ = s.heldout(65536)
     train_rows = {tuple(r.tolist()) for x in a for r in x}
     assert ho.shape[0] > 0 and not any(tuple(r.tolist()) in train_rows for r in ho)
 
@@ -165,7 +168,7 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name  # bit-identical on CPU
     assert [r["fvu"] for r in rows] == [r["fvu"] for r in rows_b]
-    x, m = stream.heldout()
+    x, m = stream.heldout(65536)
     ev = evaluate(resumed, x, m)
     assert ev["l0"] <= 4 and 0 <= ev["fvu"] < 1 and ev["n_image_tokens"] + ev["n_text_tokens"] == len(x)
     # every latent active on some token is active on an image or a text token
@@ -203,3 +206,11 @@ def test_resume_is_bit_identical_with_another_thread_count_and_rng_use(tmp_path)
         torch.set_num_threads(threads)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_train_config_defaults_are_the_schema_defaults():
+    """Defaults live in config/schema.yaml; TrainConfig mirrors them and has a field for every key."""
+    schema = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
+    keys = {k: v["default"] for k, v in schema["properties"]["sae"]["properties"].items() if k not in ("name", "gpus")}
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "device"}
+    assert fields == keys

@@ -168,7 +168,7 @@ class ActivationStream:
             yield from out
             buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
 
-    def heldout(self, max_tokens: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    def heldout(self, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The held-out tokens (at most ``max_tokens``, in shard order, outliers included, unscaled) as
         ``(x, is_image)``."""
         xs, ms, n = [], [], 0

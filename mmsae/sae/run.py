@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from mmsae.gpu import resolve_device
 from mmsae.io import write_json, write_parquet
 from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.distributed import rank_world
@@ -117,8 +118,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(name)s %(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    from mmsae.gpu import resolve_device
-
     device = resolve_device(args.device)
     if world > 1:
         cuda = device != "cpu" and torch.cuda.is_available()

@@ -46,33 +46,59 @@ CHECKPOINT_VERSION = 2  # hashed with the config: checkpoints of another layout 
 
 @dataclass
 class TrainConfig:
-    """Everything the trained SAE depends on (hashed into the checkpoint)."""
+    """The ``sae`` section of the config (less ``name`` and ``gpus``) plus the device: everything the
+    trained SAE depends on (hashed into the checkpoint). The defaults are ``config/schema.yaml``'s,
+    which documents each key (a test keeps the two equal)."""
 
     d_sae: int = 4608
+    """Number of latents."""
     k: int = 32
+    """Latents kept per token (TopK)."""
     steps: int = 1000
+    """Optimiser steps."""
     batch_size: int = 1024
+    """Tokens per step, over all ranks."""
     lr: float | None = None
+    """Peak learning rate; None = 2e-4 / sqrt(d_sae / 2^14)."""
     warmup_steps: int = 100
+    """Steps of linear warm-up."""
     lr_schedule: str = "flat_then_decay"
-    decay_start: float = 0.8  # flat_then_decay: fraction of steps after which lr decays linearly to 0
+    """After warm-up: flat_then_decay or linear_decay (:mod:`mmsae.sae.schedule`)."""
+    decay_start: float = 0.8
+    """flat_then_decay: fraction of steps after which lr decays linearly to 0."""
     aux_coef: float = 1 / 32
+    """AuxK coefficient; 0 turns AuxK off."""
     k_aux: int | None = None
+    """Dead latents used by AuxK; None = d_model // 2."""
     dead_tokens: int = 100_000
+    """A latent is dead after this many training tokens without firing."""
     grad_clip: float = 1.0
+    """Gradient-norm clip; 0 turns clipping off."""
     b_dec_init: str = "geometric_median"
+    """b_dec initialisation: geometric_median or mean of a training sample."""
     b_dec_init_tokens: int = 8192
+    """Training tokens that sample has."""
     heldout_fraction: float = 0.1
+    """Share of images (and text prompts) held out (:func:`mmsae.sae.data.heldout_sample_ids`)."""
     heldout_max_tokens: int = 65536
+    """Held-out tokens evaluated at most."""
     buffer_tokens: int = 65536
+    """Shuffle-buffer rows, over all ranks."""
     exclude_special_tokens: bool = True
+    """Leave the manifest's special tokens out of training and evaluation."""
     normalize_activations: str = "none"
+    """none or expected_average_only_in (SAELens; :mod:`mmsae.sae.norms`)."""
     exclude_norm_above: float | None = None
+    """Leave out tokens with a norm above this multiple of the median; None keeps all."""
     seed: int = 0
+    """Seeds the initial weights and the shuffling."""
     checkpoint_every: int = 200
+    """Steps between checkpoints."""
     device: str = "cpu"
+    """The resolved torch device to train on (``model.device`` after :func:`mmsae.gpu.resolve_device`)."""
 
     def learning_rate(self) -> float:
+        """The peak learning rate: ``lr``, or Gao et al.'s 2e-4 / sqrt(d_sae / 2^14) when None."""
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)
 
 
