@@ -27,3 +27,9 @@ else:
 ho = metrics["heldout"]
 log.info("held-out FVU %.4f, L0 %.1f, never-active %.3f; dead fraction (train) %.3f",
          ho.get("fvu", float("nan")), ho.get("l0", float("nan")), ho.get("never_active_fraction", float("nan")), metrics["dead_fraction"])
+tn = metrics["token_norms"]
+log.info("token norms (training tokens) median/p99/max: image %s, text %s", *(
+    "/".join(f"{v:.1f}" if v is not None else "-" for v in (tn[m]["median"], tn[m]["p99"], tn[m]["max"])) for m in ("image", "text")))
+if "fvu_including_excluded" in ho:
+    log.info("held-out FVU %.4f without %d tokens above the norm cap, %.4f with them", ho["fvu"], ho["n_excluded_tokens"],
+             ho["fvu_including_excluded"])
