@@ -99,7 +99,7 @@ def _stream(paths, cfg: TrainConfig, batch_size, seed, held, exclude, max_norm=N
 def _heldout_metrics(sae, x, is_image, max_norm: float | None) -> dict:
     """:func:`evaluate` on the held-out tokens; with an outlier threshold, on the tokens at or below it
     (``fvu`` etc.), plus ``fvu_including_excluded`` over all of them and ``n_excluded_tokens``."""
-    if max_norm is None:
+    if max_norm is None or len(x) == 0:
         return evaluate(sae, x, is_image)
     keep = torch.from_numpy(row_norms(x.numpy()) <= max_norm)
     res = evaluate(sae, x[keep], is_image[keep])
