@@ -32,13 +32,14 @@ def reproducible(device: torch.device) -> Iterator[None]:
     """On CPU, run the block with deterministic algorithms; afterwards restore the caller's setting and
     CPU thread count (:func:`restore_rng` may change it). On GPU, do nothing (CUDA's deterministic
     mode needs settings made before CUDA starts, and costs speed)."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+    threads = torch.get_num_threads()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.type == "cpu":  # warn_only: an op without a deterministic kernel warns instead of failing training
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(threads)
 
 
