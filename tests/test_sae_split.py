@@ -47,6 +47,9 @@ def test_no_image_or_text_prompt_on_both_sides():
     n_groups_held = sum(True in v for v in sides.values())
     assert 0 < n_groups_held < len(sides)
     assert heldout_sample_ids(table, 0.0) == []
+    # the same corpus installed elsewhere is split the same way
+    moved = table.set_column(1, "image_path", pa.array([p and p.replace("/data/", "/home/u/x/") for p in table.column(1).to_pylist()]))
+    assert set(heldout_sample_ids(moved, 0.3)) == held
 
 
 def _manifest(tmp_path, table, d=16, tokens_per_sample=12):

@@ -12,7 +12,7 @@ same tokens on both sides.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Collection, Iterator
 
 import numpy as np
@@ -27,8 +27,12 @@ COLUMNS = ("sample_id", "modality", "token_id")
 
 
 def heldout_sample_ids(samples: pa.Table, fraction: float) -> list[str]:
-    """The ids of the held-out samples, sorted: every sample of an image whose path hashes (CRC32)
-    below ``fraction`` of the range, and every text-only sample whose prompt does.
+    """The ids of the held-out samples, sorted: every sample of an image whose file name hashes
+    (CRC32) below ``fraction`` of the range, and every text-only sample whose prompt does.
+
+    The file name, not the full path, is hashed so the split does not depend on where the images
+    are installed (``image_path`` is absolute); images of the same name in different folders fall
+    on the same side, which only makes the split coarser.
 
     Args:
         samples: the activations' samples table (``samples.parquet``) with columns ``sample_id``,
@@ -46,7 +50,7 @@ def heldout_sample_ids(samples: pa.Table, fraction: float) -> list[str]:
     ids, images, prompts = (samples.column(c).to_pylist() for c in ("sample_id", "image_path", "prompt"))
     held = set()
     for sid, image, prompt in zip(ids, images, prompts):
-        key = f"image:{image}" if image is not None else f"prompt:{prompt}"
+        key = f"image:{PurePath(image).name}" if image is not None else f"prompt:{prompt}"
         if zlib.crc32(key.encode()) / 2**32 < fraction:
             held.add(sid)
     return sorted(held)
