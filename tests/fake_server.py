@@ -1,5 +1,5 @@
 """A real HTTP server on 127.0.0.1 that answers ``POST /v1/chat/completions`` like an
-OpenAI-compatible endpoint, with scripted faults - for the client's tests and benchmarks.
+OpenAI-compatible endpoint, with scripted faults - for the client's tests and ``bench/explain_throughput.py`` (test code: it is not part of the package).
 
 Each request takes the next action from ``script`` (then ``default``): ``"ok"``, an HTTP status
 such as ``500``, ``("429", retry_after_s)``, ``"garbage"`` (a 200 with a body that is not JSON),

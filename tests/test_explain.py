@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmsae.explain import EndpointConfig, Explainer, build_requests, explain_features
 from mmsae.explain.cache import ResponseCache
-from mmsae.explain.fake_server import FakeEndpoint
+from fake_server import FakeEndpoint
 from mmsae.explain.prompts import image_messages, parse_response, text_messages
 from mmsae.explain.server import LocalServer, free_port
 
