@@ -9,6 +9,7 @@ prompt's and prints achieved requests/s against the ideal concurrency / latency.
 import argparse
 import asyncio
 import io
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ from PIL import Image
 
 from mmsae.explain import EndpointConfig, Explainer
 from mmsae.explain.cache import ResponseCache
-from mmsae.explain.fake_server import FakeEndpoint
 from mmsae.explain.prompts import image_messages
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scripted server is test code, not package code
+from fake_server import FakeEndpoint  # noqa: E402
 
 
 def png(seed: int, side: int) -> bytes:

@@ -1,9 +1,16 @@
-"""Top-activation selection versus a plain polars scan of the same code shards, and peak memory as
-the number of shards grows (shards are copies of the default run's code shards).
+"""Top-activation selection (feature statistics + top samples, as rule select_top runs it) versus a
+plain polars scan that reads the same columns, as the number of code shards grows; then rows/s and
+peak RSS at 10^8 code rows.
 
-Each measurement runs in a fresh subprocess so that peak RSS is its own.
+Code shards are generated with the real schema (``mmsae.features.CODE_SCHEMA``): each sample has
+two 12x12 image views and 40 text tokens, each token k features drawn from d_sae with density ~ id^(-3/4) (low ids common), with
+exponential activations; two samples share each image file. Every measurement runs in a fresh
+subprocess so that its peak RSS is its own. The 10^8-row set (~1.6 GB) is written under --tmp and
+deleted afterwards.
 
-    .venv/bin/python bench/select_top.py [--codes results/codes/manifest.json] [--copies 1 4 16]
+    .venv/bin/python bench/select_top.py [--shards 2 8 32] [--rows-per-shard 400000] [--big-rows 1e8]
+
+Last line: ``select_top shards=N ratio_vs_scan=R rows_per_s_1e8=X peak_rss_mb_1e8=M``.
 """
 
 import argparse
@@ -14,58 +21,108 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmsae.features import CODE_SCHEMA  # noqa: E402
+
+SIDE, N_TEXT, N_VIEWS, K, D_SAE = 12, 40, 2, 32, 16384
+TOKENS_PER_SAMPLE = SIDE * SIDE * N_VIEWS + N_TEXT
+
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 import polars as pl
-from mmsae.features import base_view_counts, feature_stats, scan_codes, top_samples
-kind, d, acts = sys.argv[1], Path(sys.argv[2]), [Path(p) for p in json.loads(sys.argv[3])]
-paths = sorted(d.glob("codes-*.parquet"))
+from mmsae.features import base_view_counts, scan_codes, stats_and_top_samples
+kind, d = sys.argv[1], Path(sys.argv[2])
+paths, acts = sorted(d.glob("codes-*.parquet")), sorted(d.glob("acts-*.parquet"))
 t0 = time.perf_counter()
-if kind == "scan":
-    pl.scan_parquet([str(p) for p in paths]).select(pl.len(), pl.col("activation").sum()).collect(engine="streaming")
+if kind == "scan":  # every column the selection reads, decoded and reduced trivially
+    pl.scan_parquet([str(p) for p in paths]).select(
+        pl.len(), pl.col("sample_id").str.len_bytes().sum(), (pl.col("modality") == "image").sum(), pl.col("view").sum(),
+        pl.col("feature").sum(), pl.col("token_index").sum(), pl.col("activation").sum()).collect(engine="streaming")
+    pl.scan_parquet([str(p) for p in acts]).select(pl.col("sample_id").str.len_bytes().sum(), pl.col("view").sum()).collect(engine="streaming")
 else:
-    codes = scan_codes(paths)
     m = json.loads((d / "manifest.json").read_text())
-    feature_stats(codes, m["n_tokens"], m["n_image_tokens"], m["n_text_tokens"])
-    samples = pl.read_parquet(acts[0].parent / "samples.parquet")
-    top_samples(codes, base_view_counts(acts, samples), n=5)
+    samples = pl.read_parquet(d / "samples.parquet")
+    stats_and_top_samples(scan_codes(paths), m["n_tokens"], m["n_image_tokens"], m["n_text_tokens"],
+                          base_view_counts(acts, samples), n=5, rank_by="max")
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run(kind, d, acts):
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(d), json.dumps([str(a) for a in acts])],
-                         capture_output=True, text=True, check=True)
+def generate(out: Path, n_shards: int, samples_per_shard: int, seed: int = 0) -> int:
+    """Write code shards, stub activation shards (sample_id, view) and samples.parquet; returns code rows."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    img = SIDE * SIDE * N_VIEWS
+    view1 = np.concatenate([np.repeat(np.arange(N_VIEWS), SIDE * SIDE), np.full(N_TEXT, -1)]).astype(np.int16)
+    prow1 = np.concatenate([np.tile(np.repeat(np.arange(SIDE), SIDE), N_VIEWS), np.full(N_TEXT, -1)]).astype(np.int16)
+    pcol1 = np.concatenate([np.tile(np.arange(SIDE), SIDE * N_VIEWS), np.full(N_TEXT, -1)]).astype(np.int16)
+    rows = n_img = 0
+    for s in range(n_shards):
+        sids = pa.array([f"s{s:04d}-{j:06d}" for j in range(samples_per_shard)])
+        T = samples_per_shard * TOKENS_PER_SAMPLE
+        token_sample = np.repeat(np.arange(samples_per_shard), TOKENS_PER_SAMPLE)  # (T,) sample of each token
+        token_pos = np.tile(np.arange(TOKENS_PER_SAMPLE), samples_per_shard)  # (T,) position in its sample
+        row_token = np.repeat(np.arange(T), K)  # (T*K,) token of each code row
+        feats = (rng.random(T * K, dtype=np.float32) ** 4 * D_SAE).astype(np.int32)  # skewed: low ids common
+        acts = rng.standard_exponential(T * K, dtype=np.float32)
+        pos = token_pos[row_token]
+        table = pa.table({"sample_id": sids.take(pa.array(token_sample[row_token])), "token_index": pos.astype(np.int32),
+                          "modality": pa.array(["image", "text"]).take(pa.array((pos >= img).astype(np.int8))),
+                          "view": view1[pos], "patch_row": prow1[pos], "patch_col": pcol1[pos],
+                          "feature": feats, "activation": acts}).cast(CODE_SCHEMA)
+        pq.write_table(table, out / f"codes-{s:05d}.parquet", row_group_size=65536)
+        pq.write_table(pa.table({"sample_id": sids.take(pa.array(token_sample)), "view": view1[token_pos]}), out / f"acts-{s:05d}.parquet")
+        rows += table.num_rows
+        n_img += samples_per_shard * img
+    ids = [f"s{s:04d}-{j:06d}" for s in range(n_shards) for j in range(samples_per_shard)]
+    pq.write_table(pa.table({"sample_id": ids, "image_path": [f"{i // 2}.jpg" for i in range(len(ids))]}), out / "samples.parquet")
+    n_tok = len(ids) * TOKENS_PER_SAMPLE
+    (out / "manifest.json").write_text(json.dumps({"n_tokens": n_tok, "n_image_tokens": n_img, "n_text_tokens": n_tok - n_img}))
+    return rows
+
+
+def run(kind: str, d: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(d)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--codes", default="results/codes/manifest.json")
-    ap.add_argument("--activations", default="results/activations/manifest.json")
-    ap.add_argument("--copies", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--shards", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--rows-per-shard", type=float, default=4e5)
+    ap.add_argument("--big-rows", type=float, default=1e8, help="0 to skip the large run")
+    ap.add_argument("--big-shards", type=int, default=64)
+    ap.add_argument("--tmp", default=tempfile.gettempdir())
     args = ap.parse_args()
-    src = Path(args.codes).parent
-    manifest = json.loads(Path(args.codes).read_text())
-    act_dir = Path(args.activations).parent
-    acts = [act_dir / s["path"] for s in json.loads(Path(args.activations).read_text())["shards"]]
-    print(f"{'shards':>6} {'rows':>10} {'scan_s':>7} {'select_s':>8} {'ratio':>6} {'scan_MB':>8} {'select_MB':>9}")
-    for c in args.copies:
-        with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            rows = 0
-            for i in range(c):
-                for s in manifest["shards"]:
-                    shutil.copy(src / s["path"], d / f"codes-{i:03d}-{s['path'].split('-')[-1]}")
-                    rows += s["n_rows"]
-            m = {**manifest, "n_tokens": manifest["n_tokens"] * c, "n_image_tokens": manifest["n_image_tokens"] * c,
-                 "n_text_tokens": manifest["n_text_tokens"] * c}
-            (d / "manifest.json").write_text(json.dumps(m))
-            scan, sel = run("scan", d, acts), run("select", d, acts)
-            print(f"{c * len(manifest['shards']):>6} {rows:>10,} {scan['seconds']:>7.3f} {sel['seconds']:>8.3f} "
-                  f"{sel['seconds'] / scan['seconds']:>6.1f} {scan['peak_rss_mb']:>8.0f} {sel['peak_rss_mb']:>9.0f}")
+    print(f"uptime: {Path('/proc/loadavg').read_text().split()[:3]} (load averages)")
+    per_shard = max(1, round(args.rows_per_shard / (TOKENS_PER_SAMPLE * K)))
+    print(f"{'shards':>6} {'rows':>12} {'scan_s':>7} {'select_s':>8} {'ratio':>6} {'scan_MB':>8} {'select_MB':>9}")
+    ratio = None
+    for n in args.shards:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            rows = generate(Path(d), n, per_shard)
+            scan, sel = run("scan", Path(d)), run("select", Path(d))
+            ratio = sel["seconds"] / scan["seconds"]
+            print(f"{n:>6} {rows:>12,} {scan['seconds']:>7.2f} {sel['seconds']:>8.2f} {ratio:>6.1f} "
+                  f"{scan['peak_rss_mb']:>8.0f} {sel['peak_rss_mb']:>9.0f}", flush=True)
+    rate = rss = float("nan")
+    if args.big_rows:
+        d = Path(tempfile.mkdtemp(prefix="select-top-1e8-", dir=args.tmp))
+        try:
+            samples = max(1, round(args.big_rows / (TOKENS_PER_SAMPLE * K * args.big_shards)))
+            rows = generate(d, args.big_shards, samples)
+            sel = run("select", d)
+            rate, rss = rows / sel["seconds"], sel["peak_rss_mb"]
+            print(f"{rows:,} rows in {args.big_shards} shards: {sel['seconds']:.1f} s, {rate:,.0f} rows/s, peak RSS {rss:.0f} MB")
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    print(f"select_top shards={args.shards[-1]} ratio_vs_scan={ratio:.2f} rows_per_s_1e8={rate:.0f} peak_rss_mb_1e8={rss:.0f}")
 
 
 if __name__ == "__main__":

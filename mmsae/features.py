@@ -1,7 +1,7 @@
 """Paper step 3: sparse codes per token, per-feature statistics, each feature's top samples.
 
-* :func:`encode_shards` writes, for every activation shard, a code shard with only the k nonzero
-  latents of each token (schema ``codes`` in ``shared/DESIGN.md``).
+* :data:`CODE_SCHEMA` is the schema of the code shards (``codes`` in ``shared/DESIGN.md``) that
+  :func:`mmsae.sae.encode.encode_shards` writes.
 * :func:`feature_stats` and :func:`top_samples` are lazy polars queries over the code shards,
   collected with the streaming engine, so memory does not grow with the number of shards.
 * :func:`select_features` picks the features that go forward to maps, explanations and the report.
@@ -13,15 +13,10 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from tqdm import tqdm
 
-from mmsae.io import write_json, write_parquet
-from mmsae.sae.model import TopKSAE
+from mmsae.io import write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -43,86 +38,53 @@ TEXT_DOMINANT = pl.col("frequency_text") > pl.col("frequency_image")
 META_COLS = ["sample_id", "token_index", "modality", "view", "patch_row", "patch_col"]
 
 
-@torch.no_grad()
-def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, batch_rows: int = 4096, progress: bool = True) -> dict:
-    """Encode every activation shard into a code shard ``codes-NNNNN.parquet`` in ``out_dir``.
-
-    Each token contributes up to k rows ``(…, feature, activation)``; zero activations are dropped.
-    Returns a manifest ``{"shards": [{"path", "n_rows", "n_tokens"}], "n_tokens", "n_image_tokens",
-    "n_text_tokens"}`` (also written to ``out_dir/manifest.json``).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = sae.W_enc.device
-    entries, totals = [], {"image": 0, "text": 0}
-    for shard in tqdm(shards, desc="encode", unit="shard", disable=not progress):
-        pf = pq.ParquetFile(shard)
-        parts = []
-        n_tokens = 0
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=META_COLS + ["activation"]):
-            act = rb.column("activation")
-            x = torch.from_numpy(
-                act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, act.type.list_size)
-            )
-            vals, idx = sae.encode(x.to(device))
-            vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
-            keep = vals > 0
-            tok = np.nonzero(keep)[0]
-            meta = rb.select(META_COLS).take(pa.array(tok))
-            modality = meta.column("modality")
-            if pa.types.is_dictionary(modality.type):
-                modality = modality.cast(pa.string())
-            parts.append(
-                pa.table(
-                    {
-                        **{c: meta.column(c) for c in META_COLS if c != "modality"},
-                        "modality": modality,
-                        "feature": pa.array(idx[keep].astype(np.int32)),
-                        "activation": pa.array(vals[keep].astype(np.float32)),
-                    }
-                ).select(CODE_SCHEMA.names).cast(CODE_SCHEMA)
-            )
-            n_tokens += rb.num_rows
-            mods = rb.column("modality").to_pylist()
-            totals["image"] += mods.count("image")
-            totals["text"] += mods.count("text")
-        name = "codes-" + shard.stem.split("-")[-1] + ".parquet"
-        table = pa.concat_tables(parts) if parts else CODE_SCHEMA.empty_table()
-        write_parquet(out_dir / name, table, row_group_size=65536)
-        entries.append({"path": name, "n_rows": table.num_rows, "n_tokens": n_tokens})
-    manifest = {
-        "shards": entries,
-        "n_tokens": sum(totals.values()),
-        "n_image_tokens": totals["image"],
-        "n_text_tokens": totals["text"],
-        "d_sae": sae.d_sae,
-        "k": sae.k,
-    }
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
-
-
 def scan_codes(paths: list[Path]) -> pl.LazyFrame:
     """A lazy frame over code shards."""
     return pl.scan_parquet([str(p) for p in paths])
 
 
-def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
-    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), streaming.
+def _pairs(codes: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per active (feature, sample): token counts by modality, the max and sum of the
+    activation over all its tokens, over its base-view (view 0) image tokens (``*_base``) and over
+    its text tokens (``max_text``); null where the sample has no such token.
 
-    frequency = active tokens / all tokens; frequency_image/text likewise per modality;
-    mean_activation is over the tokens where the feature is active; n_samples counts the samples
-    with at least one active token.
+    Everything :func:`feature_stats` and :func:`top_samples` need comes from this one hash
+    aggregation over the code rows (the per-feature ``n_unique`` of sample ids, the slow part
+    before, is the number of pairs).
     """
+    image = pl.col("modality") == "image"
+    text = pl.col("modality") == "text"
+    act = pl.col("activation")
     return (
-        codes.group_by("feature")
+        codes.select(
+            "feature", "sample_id", "activation", image.alias("is_image"), text.alias("is_text"),
+            pl.when(image & (pl.col("view") == 0)).then(act).alias("act_base"),
+            pl.when(text).then(act).alias("act_text"),
+        )
+        .group_by("feature", "sample_id")
         .agg(
-            pl.len().alias("n_tokens_active"),
-            pl.col("activation").max().alias("max_activation"),
-            pl.col("activation").mean().alias("mean_activation"),
-            (pl.col("modality") == "image").sum().alias("n_image_active"),
-            (pl.col("modality") == "text").sum().alias("n_text_active"),
-            pl.col("sample_id").n_unique().alias("n_samples"),
+            pl.len().alias("n"),
+            pl.col("is_image").sum().alias("n_image"),
+            pl.col("is_text").sum().alias("n_text"),
+            act.max().alias("max"),
+            act.cast(pl.Float64).sum().alias("sum"),
+            pl.col("act_base").max().alias("max_base"),
+            pl.col("act_base").cast(pl.Float64).sum().alias("sum_base"),
+            pl.col("act_text").max().alias("max_text"),
+        )
+    )
+
+
+def _stats_from_pairs(pairs: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.LazyFrame:
+    return (
+        pairs.group_by("feature")
+        .agg(
+            pl.col("n").sum().alias("n_tokens_active"),
+            pl.col("max").max().alias("max_activation"),
+            (pl.col("sum").sum() / pl.col("n").sum()).cast(pl.Float32).alias("mean_activation"),
+            pl.col("n_image").sum().alias("n_image_active"),
+            pl.col("n_text").sum().alias("n_text_active"),
+            pl.len().alias("n_samples"),
         )
         .with_columns(
             (pl.col("n_tokens_active") / max(n_tokens, 1)).alias("frequency"),
@@ -140,63 +102,71 @@ def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_tex
             pl.col("n_samples").cast(pl.Int64),
         )
         .sort("feature")
-        .collect(engine="streaming")
     )
 
 
-def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5, rank_by: str = "max") -> pl.DataFrame:
-    """Each feature's top-``n`` samples, for image and for text tokens separately.
+def _candidates(df: pl.LazyFrame, keep: int) -> pl.LazyFrame:
+    """Rows whose ``score`` is among the ``keep`` largest of their feature (ties at the cut kept):
+    a cheap exact pre-filter before the sorts and de-duplication below."""
+    cut = df.group_by("feature").agg(pl.col("score").top_k(keep).min().alias("cut"))
+    return df.join(cut, on="feature").filter(pl.col("score") >= pl.col("cut")).drop("cut")
 
-    Image ranking uses base-view image tokens (view 0): ``max`` ranks by the largest activation,
-    ``mean`` by the activation summed over the base view divided by the sample's number of
-    base-view tokens (the reference code's mean, inactive tokens counting 0). Text ranking uses the
-    largest activation on a text token of the sample.
 
-    Image samples that share an image file count once (their image tokens are identical under
-    causal attention when the image precedes the prompt): the best-scoring sample stands for it.
+def _ranked_from_pairs(pairs: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int, rank_by: str) -> pl.LazyFrame:
+    """Top-``n`` (feature, modality, sample) with scores, without the token index.
 
-    Args:
-        base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
-            sample and its image file (see :func:`base_view_counts`).
-
-    Returns:
-        ``feature, modality, rank (0-based), sample_id, score, max_activation, token_index`` where
-        token_index is the sample's most activating token of that modality.
+    A feature's top ``n`` distinct images lie within its ``n * m`` best image samples, where ``m``
+    is the most samples any one image file has (the rest are beaten by n images already), so only
+    those are sorted and de-duplicated.
     """
     if rank_by not in ("max", "mean"):
         raise ValueError(f"features.rank_by: {rank_by!r} is not one of max, mean")
-    per_image = (
-        codes.filter((pl.col("modality") == "image") & (pl.col("view") == 0))
-        .group_by("feature", "sample_id")
-        .agg(
-            pl.col("activation").max().alias("max_activation"),
-            pl.col("activation").sum().alias("sum_activation"),
-            pl.col("token_index").sort_by("activation", descending=True).first().alias("token_index"),
-        )
+    per_file = base_view_tokens.group_by("image_path").len()["len"].max() or 1
+    cols = ["feature", "modality", "sample_id", pl.col("score").cast(pl.Float64), "max_activation"]
+    images = (
+        pairs.filter(pl.col("max_base").is_not_null())
         .join(base_view_tokens.lazy(), on="sample_id", how="left")
         .with_columns(
-            (pl.col("max_activation") if rank_by == "max" else pl.col("sum_activation") / pl.col("n_base")).alias("score"),
+            (pl.col("max_base") if rank_by == "max" else pl.col("sum_base") / pl.col("n_base")).alias("score"),
+            pl.col("max_base").alias("max_activation"),
             pl.lit("image").alias("modality"),
         )
+    )
+    per_image = (
+        _candidates(images, n * per_file)
         .sort(["score", "sample_id"], descending=[True, False])
         .unique(subset=["feature", "image_path"], keep="first", maintain_order=True)
+        .select(cols)
     )
-    per_text = (
-        codes.filter(pl.col("modality") == "text")
-        .group_by("feature", "sample_id")
-        .agg(
-            pl.col("activation").max().alias("max_activation"),
-            pl.col("token_index").sort_by("activation", descending=True).first().alias("token_index"),
-        )
-        .with_columns(pl.col("max_activation").alias("score"), pl.lit("text").alias("modality"))
-    )
-    cols = ["feature", "modality", "sample_id", pl.col("score").cast(pl.Float64), "max_activation", "token_index"]
-    both = pl.concat([per_image.select(cols), per_text.select(cols)])
-    ranked = (
-        both.with_columns(
-            (pl.col("score").rank("ordinal", descending=True).over("feature", "modality") - 1).alias("rank")
-        )
+    per_text = _candidates(
+        pairs.filter(pl.col("max_text").is_not_null())
+        .with_columns(pl.col("max_text").alias("score"), pl.col("max_text").alias("max_activation"), pl.lit("text").alias("modality")),
+        n,
+    ).select(cols)
+    return (
+        pl.concat([per_image, per_text])
+        .sort(["score", "sample_id"], descending=[True, False])
+        .with_columns((pl.col("score").rank("ordinal", descending=True).over("feature", "modality") - 1).alias("rank"))
         .filter(pl.col("rank") < n)
+    )
+
+
+def _with_tokens(codes: pl.LazyFrame, ranked: pl.DataFrame) -> pl.DataFrame:
+    """Add each ranked row's ``token_index``: its sample's most activating token of that modality
+    (base view for images; the lowest index on ties), from a second pass over the codes that
+    keeps only the ranked (feature, sample) pairs."""
+    want = ranked.select("feature", "sample_id", "modality", "max_activation").lazy()
+    tokens = (
+        codes.filter((pl.col("modality") == "text") | (pl.col("view") == 0))
+        .select("feature", "sample_id", "modality", "token_index", "activation")
+        .join(want, on=["feature", "sample_id", "modality"], how="inner")
+        .filter(pl.col("activation") == pl.col("max_activation"))
+        .group_by("feature", "sample_id", "modality")
+        .agg(pl.col("token_index").min())
+        .collect(engine="streaming")
+    )
+    return (
+        ranked.join(tokens, on=["feature", "sample_id", "modality"], how="left")
         .select(
             pl.col("feature").cast(pl.Int32),
             "modality",
@@ -208,7 +178,53 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
         )
         .sort("feature", "modality", "rank")
     )
-    return ranked.collect(engine="streaming")
+
+
+def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
+    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), streaming.
+
+    frequency = active tokens / all tokens; frequency_image/text likewise per modality;
+    mean_activation is over the tokens where the feature is active; n_samples counts the samples
+    with at least one active token.
+    """
+    return _stats_from_pairs(_pairs(codes), n_tokens, n_image_tokens, n_text_tokens).collect(engine="streaming")
+
+
+def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5, rank_by: str = "max") -> pl.DataFrame:
+    """Each feature's top-``n`` samples, for image and for text tokens separately.
+
+    Image ranking uses base-view image tokens (view 0): ``max`` ranks by the largest activation,
+    ``mean`` by the activation summed over the base view divided by the sample's number of
+    base-view tokens (the reference code's mean, inactive tokens counting 0). Text ranking uses the
+    largest activation on a text token of the sample. Ties rank by sample id.
+
+    Image samples that share an image file count once (their image tokens are identical under
+    causal attention when the image precedes the prompt): the best-scoring sample stands for it.
+
+    Args:
+        base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
+            sample and its image file (see :func:`base_view_counts`).
+
+    Returns:
+        ``feature, modality, rank (0-based), sample_id, score, max_activation, token_index`` where
+        token_index is the sample's most activating token of that modality.
+
+    Raises:
+        ValueError: ``rank_by`` is not ``max`` or ``mean``.
+    """
+    ranked = _ranked_from_pairs(_pairs(codes), base_view_tokens, n, rank_by).collect(engine="streaming")
+    return _with_tokens(codes, ranked)
+
+
+def stats_and_top_samples(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int,
+                          base_view_tokens: pl.DataFrame, n: int, rank_by: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`feature_stats` and :func:`top_samples` together, aggregating the code rows once:
+    the (feature, sample) pairs are collected once (memory: one row per active pair, not per code
+    row) and both results derive from them; one more pass finds the top samples' tokens."""
+    pairs = _pairs(codes).collect(engine="streaming").lazy()
+    stats, ranked = pl.collect_all([_stats_from_pairs(pairs, n_tokens, n_image_tokens, n_text_tokens),
+                                    _ranked_from_pairs(pairs, base_view_tokens, n, rank_by)])
+    return stats, _with_tokens(codes, ranked)
 
 
 def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_frequent", n: int = 16,

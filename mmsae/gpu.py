@@ -1,8 +1,8 @@
 """Give each GPU job its own devices: a lock-file lease over the machine's GPUs.
 
 Snakemake's ``--resources gpu=8`` caps how many GPUs the running jobs ask for in total, but does
-not say *which* device a job gets. :func:`lease` takes ``n`` free device indices by ``flock``-ing one
-file per device in a shared directory, sets ``CUDA_VISIBLE_DEVICES`` to them, and releases them when
+not say *which* device a job gets. :func:`lease` takes ``n`` free device indices by locking one
+file per device in a shared directory (:func:`mmsae.locks.try_hold`), sets ``CUDA_VISIBLE_DEVICES`` to them, and releases them when
 the block ends - also when the job fails or is killed (the kernel drops a dead process's locks).
 
 Devices: the indices in ``CUDA_VISIBLE_DEVICES`` when it is set (e.g. by SLURM), else
@@ -13,12 +13,13 @@ no-op.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from mmsae.locks import release, try_hold
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +55,22 @@ def lease(n: int, lock_dir: str | os.PathLike | None = None, timeout_s: float = 
         raise ValueError(f"resources.gpu: {n} GPUs asked for but {len(devices)} exist ({','.join(devices)})")
     lock_dir = Path(lock_dir or default_lock_dir())
     lock_dir.mkdir(parents=True, exist_ok=True)
-    held: list[tuple[str, int]] = []
+    paths = [lock_dir / f"gpu-{dev}.lock" for dev in devices]
+    held = None
     deadline = time.monotonic() + timeout_s
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        while len(held) < n:
-            for dev in devices:
-                if len(held) == n or any(d == dev for d, _ in held):
-                    continue
-                fd = os.open(lock_dir / f"gpu-{dev}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held.append((dev, fd))
-                except BlockingIOError:
-                    os.close(fd)
-            if len(held) < n:
-                # Give back what we hold so two jobs waiting for 2 of 3 devices cannot deadlock.
-                for _, fd in held:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
-                held = []
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no {n} free GPUs among {devices} after {timeout_s:.0f}s")
-                time.sleep(poll_s)
-        ids = [d for d, _ in held]
+        while (held := try_hold(paths, n)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {n} free GPUs among {devices} after {timeout_s:.0f}s")
+            time.sleep(poll_s)
+        ids = [devices[i] for i in sorted(held)]
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         log.info("leased GPU(s) %s", ",".join(ids))
         yield ids
     finally:
-        for _, fd in held:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        if held is not None:
+            release(held.values())
         if old is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:

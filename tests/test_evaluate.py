@@ -15,7 +15,7 @@ from mmsae.evaluate.metrics import activated_region, bootstrap_ci, clip_score, i
 from mmsae.evaluate.refine import parse_category, parse_phrase, refine_all
 from mmsae.explain import EndpointConfig, Explainer
 from mmsae.explain.cache import ResponseCache
-from mmsae.explain.fake_server import FakeEndpoint
+from fake_server import FakeEndpoint
 from mmsae.features import CODE_SCHEMA
 from mmsae.io import write_parquet
 

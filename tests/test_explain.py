@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmsae.explain import EndpointConfig, Explainer, build_requests, explain_features
 from mmsae.explain.cache import ResponseCache
-from mmsae.explain.fake_server import FakeEndpoint
+from fake_server import FakeEndpoint
 from mmsae.explain.prompts import image_messages, parse_response, text_messages
 from mmsae.explain.server import LocalServer, free_port
 
@@ -62,6 +62,17 @@ def test_retries_through_500_429_garbage_then_answers(tmp_path):
         ans = asyncio.run(ex.complete_all([image_messages([_png()])]))[0]
         assert time.monotonic() - t0 >= 0.3  # Retry-After was honoured
         assert ans["content"] == "[EXPLANATION]: red circles" and ans["attempts"] == 5 and ep.requests == 5
+
+
+def test_http_errors_are_retried_by_the_openai_client_within_one_budget(tmp_path):
+    """5xx/429 are retried by the openai client itself (its retry-count header climbs); a malformed
+    200 is resent by tenacity; both draw on one budget of ``retries`` resends."""
+    with FakeEndpoint(script=[500, 503, "ok"]) as ep:
+        ans = asyncio.run(_explainer(ep.base_url, tmp_path, retries=3).complete_all([image_messages([_png()])]))[0]
+        assert ans["content"] and ans["attempts"] == 3 and ep.retry_counts == ["0", "1", "2"]
+    with FakeEndpoint(script=[500, "garbage", 500, "garbage", 500]) as ep:
+        ans = asyncio.run(_explainer(ep.base_url, tmp_path / "b", retries=3).complete_all([image_messages([_png(1)])]))[0]
+        assert ans["content"] is None and "malformed" in ans["error"] and ans["attempts"] == 4 and ep.requests == 4
 
 
 def test_failures_are_recorded_not_dropped(tmp_path):

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mmsae.features import CODE_SCHEMA, feature_stats, select_features, top_samples
+from mmsae.features import CODE_SCHEMA, feature_stats, select_features, stats_and_top_samples, top_samples
 from mmsae.io import write_parquet
 from mmsae.maps import activation_mask, highlight, patch_grid
 
@@ -95,3 +95,19 @@ def test_activation_mask_and_highlight():
     image = Image.new("RGB", (40, 20), (200, 200, 200))
     out = np.asarray(highlight(image, grid, dim=0.12))
     assert out[0, 0, 0] == 200 and out[-1, -1, 0] == int(200 * 0.12)
+
+
+def test_top_tokens_and_one_pass_selection_agree_with_brute_force(codes):
+    """Each top sample's token_index is its most activating token of that modality (base view for
+    images), and stats_and_top_samples (one aggregation of the codes) equals the two functions."""
+    df, lazy, images, n_tokens = codes
+    tops = top_samples(lazy, images, n=3)
+    for r in tops.iter_rows(named=True):
+        g = df.filter((pl.col("feature") == r["feature"]) & (pl.col("sample_id") == r["sample_id"])
+                      & (pl.col("modality") == r["modality"]))
+        if r["modality"] == "image":
+            g = g.filter(pl.col("view") == 0)
+        best = g.filter(pl.col("activation") == g["activation"].max())["token_index"].min()
+        assert r["token_index"] == best
+    stats, tops2 = stats_and_top_samples(lazy, n_tokens, 128, n_tokens - 128, images, n=3, rank_by="max")
+    assert stats.equals(feature_stats(lazy, n_tokens, 128, n_tokens - 128)) and tops2.equals(tops)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from mmsae.gpu import lease, visible_devices
+from mmsae.locks import release, try_hold
 
 CHILD = """
 import json, os, sys, time
@@ -68,3 +69,15 @@ def test_visible_devices_and_errors(monkeypatch, eight):
     monkeypatch.delenv("MMSAE_NUM_GPUS")
     with lease(2) as ids:  # a CPU machine: nothing to lease
         assert ids == [] or len(ids) == 2
+
+
+def test_try_hold_is_all_or_nothing(tmp_path):
+    """The one lock helper behind GPU leases and endpoint slots: n of the files or none of them."""
+    paths = [tmp_path / f"r{i}.lock" for i in range(3)]
+    first = try_hold(paths[:2], 2)
+    assert sorted(first) == [0, 1]
+    assert try_hold(paths, 2) is None  # only r2 is free: nothing is taken
+    only = try_hold(paths, 1)
+    assert list(only) == [2]  # r2 was not left held by the failed attempt
+    release([*first.values(), *only.values()])
+    assert sorted(try_hold(paths, 3)) == [0, 1, 2]

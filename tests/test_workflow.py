@@ -162,7 +162,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
 @pytest.mark.slow
 def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
     """A remote endpoint with a key from the environment: 2 chunk jobs, and the key is nowhere on disk."""
-    from mmsae.explain.fake_server import FakeEndpoint
+    from fake_server import FakeEndpoint
 
     secret = "sk-mmsae-test-9f8e7d6c"
     with FakeEndpoint(script=[500, ("429", 0.1)], latency_s=0.05) as ep:

@@ -1,7 +1,7 @@
 """Entry point of rule encode: sparse codes for every activation shard."""
 
 from mmsae.shards import shard_paths
-from mmsae.features import encode_shards
+from mmsae.sae.encode import encode_shards
 from mmsae.gpu import resolve_device
 from mmsae.sae import load_sae
 from mmsae.workflow import setup

@@ -5,7 +5,7 @@ import json
 import polars as pl
 
 from mmsae.shards import shard_paths
-from mmsae.features import base_view_counts, feature_stats, scan_codes, select_features, top_samples, write_table
+from mmsae.features import base_view_counts, scan_codes, select_features, stats_and_top_samples, write_table
 from mmsae.io import write_json
 from mmsae.workflow import setup
 
@@ -14,9 +14,9 @@ log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
 codes_manifest = json.loads(open(sm.input.codes).read())
 codes = scan_codes(shard_paths(sm.input.codes))
-stats = feature_stats(codes, codes_manifest["n_tokens"], codes_manifest["n_image_tokens"], codes_manifest["n_text_tokens"])
 samples = pl.read_parquet(sm.input.activations.rsplit("/", 1)[0] + "/samples.parquet")
-tops = top_samples(codes, base_view_counts(shard_paths(sm.input.activations), samples), n=p.top_n, rank_by=p.rank_by)
+stats, tops = stats_and_top_samples(codes, codes_manifest["n_tokens"], codes_manifest["n_image_tokens"], codes_manifest["n_text_tokens"],
+                                    base_view_counts(shard_paths(sm.input.activations), samples), n=p.top_n, rank_by=p.rank_by)
 chosen, info = select_features(stats, tops, **p.select)
 write_table(sm.output.stats, stats)
 write_table(sm.output.top, tops)

@@ -3,17 +3,21 @@ for explanations: async, cached, retried, and bounded in concurrency across proc
 
 * The API key is read from the environment variable named by ``api_key_env`` at call time; it is
   never stored in config, params, logs or outputs.
-* Retried with exponential backoff: HTTP 5xx, 429 (honouring ``Retry-After``), time-outs, refused
-  connections and malformed bodies. Other 4xx are not retried. After the last try the error is
-  returned with the request, never raised, so a stage always finishes and counts its failures.
+* Retries: the openai client's own (``max_retries``) for HTTP 408/409/429/5xx (honouring
+  ``Retry-After``), time-outs and refused connections, with its exponential backoff (0.5 s doubling
+  to 8 s, jittered). A 200 whose body is malformed (not JSON, no choices, no message content) is
+  something the client does not retry: :mod:`tenacity` retries that, waiting ``backoff_s`` doubling
+  to ``max_backoff_s``. Both draw on one budget: at most ``retries + 1`` requests per answer. Other
+  4xx are not retried. After the last try the error is returned with the request, never raised, so
+  a stage always finishes and counts its failures.
 * Concurrency: at most ``concurrency`` requests in flight in this process (a semaphore) and, when
-  ``slots_dir`` is given, across every process sharing that directory (one ``flock``-ed file per slot).
+  ``slots_dir`` is given, across every process sharing that directory (one lock file per slot,
+  :func:`mmsae.locks.try_hold`); a slot is held through the client's retries of its request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import random
@@ -21,7 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
 from mmsae.explain.cache import ResponseCache, request_key
+from mmsae.locks import release, try_hold
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,12 @@ class EndpointConfig:
         temperature, max_tokens: sampling parameters (part of the cache key).
         concurrency: requests in flight at most (per slots directory, else per process).
         timeout_s: per-request time-out in seconds.
-        retries: tries after the first one.
-        backoff_s: first backoff; doubled each retry, with jitter, capped at ``max_backoff_s``.
+        retries: requests after the first one, at most (HTTP errors and malformed bodies together).
+        backoff_s: first wait before resending after a malformed 200 body; doubled each retry, with
+            jitter, capped at ``max_backoff_s`` (HTTP errors wait by the openai client's schedule).
+
+    The defaults of the fields that mirror ``explain.*`` config keys are the schema's
+    (``config/schema.yaml``); the workflow always passes them explicitly.
         extra_body: passed through to the endpoint (e.g. ``generation_config`` for transformers serve).
     """
 
@@ -48,7 +60,7 @@ class EndpointConfig:
     temperature: float = 0.0
     max_tokens: int = 256
     concurrency: int = 4
-    timeout_s: float = 120.0
+    timeout_s: float = 300.0
     retries: int = 4
     backoff_s: float = 1.0
     max_backoff_s: float = 30.0
@@ -66,54 +78,54 @@ class EndpointConfig:
         return key
 
 
+class MalformedResponse(ValueError):
+    """A 200 answer whose body is not a chat completion with message content; ``requests``: how
+    many requests the client sent to get it (its retries of HTTP errors included)."""
+
+    def __init__(self, message: str, requests: int = 1):
+        super().__init__(message)
+        self.requests = requests
+
+
 class SlotPool:
-    """At most ``n`` holders at once across processes: one ``flock``-ed file per slot in ``directory``."""
+    """At most ``n`` holders at once across processes: one lock file per slot in ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, n: int):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.n = n
+        self.paths = [self.dir / f"slot-{i}.lock" for i in range(n)]
 
-    async def acquire(self) -> int:
-        while True:
-            for i in random.sample(range(self.n), self.n):
-                fd = os.open(self.dir / f"slot-{i}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return fd
-                except BlockingIOError:
-                    os.close(fd)
+    async def acquire(self):
+        """Wait for a free slot; returns its lock (pass it to :meth:`release`)."""
+        while (held := try_hold(random.sample(self.paths, len(self.paths)), 1)) is None:
             await asyncio.sleep(0.01)
+        return next(iter(held.values()))
 
     @staticmethod
-    def release(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    def release(lock) -> None:
+        release([lock])
 
 
-def _retry_after(exc) -> float | None:
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
+def _attempts(exc: Exception) -> int:
+    """Requests the openai client sent before raising ``exc`` (its last request's retry count + 1)."""
+    request = getattr(exc, "request", None)
     try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, ValueError):
+        return 1
 
 
-def _classify(exc: Exception) -> tuple[bool, str]:
-    """(retryable, short description) for an exception from the openai client."""
-    import openai
-
+def _describe(exc: Exception) -> str:
+    """A short description of a failure, for the ``error`` column."""
     if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        return code == 429 or code >= 500, f"HTTP {code}: {str(exc)[:200]}"
+        return f"HTTP {exc.status_code}: {str(exc)[:200]}"
     if isinstance(exc, openai.APITimeoutError):
-        return True, "timeout"
+        return "timeout"
     if isinstance(exc, openai.APIConnectionError):
-        return True, f"connection error: {exc}"
-    if isinstance(exc, (openai.APIResponseValidationError, ValueError, KeyError, TypeError, IndexError, AttributeError)):
-        return True, f"malformed response: {type(exc).__name__}: {str(exc)[:200]}"
-    return False, f"{type(exc).__name__}: {str(exc)[:200]}"
+        return f"connection error: {exc}"
+    if isinstance(exc, MalformedResponse):
+        return f"malformed response: {str(exc)[:200]}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class Explainer:
@@ -132,61 +144,83 @@ class Explainer:
         self.sent = 0
         self.client = self.sem = None
 
-    async def _send(self, messages: list[dict]) -> dict:
-        fd = await self.slots.acquire() if self.slots else None
+    async def _send(self, messages: list[dict], max_retries: int) -> tuple[dict, int]:
+        """One answer through the openai client (which retries HTTP errors up to ``max_retries``
+        times); returns ``(answer, requests sent)``.
+
+        Raises:
+            MalformedResponse: a 200 whose body is not a completion with string content.
+            openai.APIError: what the client raised after its retries.
+        """
+        lock = await self.slots.acquire() if self.slots else None
         try:
-            self.sent += 1
             t0 = time.perf_counter()
-            resp = await self.client.chat.completions.create(
+            raw = await self.client.with_options(max_retries=max_retries).chat.completions.with_raw_response.create(
                 model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
                 max_tokens=self.cfg.max_tokens, extra_body=self.cfg.extra_body or None,
             )
             latency = time.perf_counter() - t0
         finally:
-            if fd is not None:
-                SlotPool.release(fd)
-        content = resp.choices[0].message.content
-        if content is None or not isinstance(content, str):
-            raise ValueError("no message content in the response")
-        usage = resp.usage
-        return {
+            if lock is not None:
+                SlotPool.release(lock)
+        n = raw.retries_taken + 1
+        try:
+            resp = raw.parse()
+            content = resp.choices[0].message.content
+            usage = resp.usage
+        except Exception as exc:  # noqa: BLE001 - any failure to read the body makes it malformed
+            raise MalformedResponse(f"{type(exc).__name__}: {exc}", n) from exc
+        if not isinstance(content, str):
+            raise MalformedResponse("no message content in the response", n)
+        answer = {
             "content": content,
             "latency_s": latency,
             "prompt_tokens": getattr(usage, "prompt_tokens", None),
             "completion_tokens": getattr(usage, "completion_tokens", None),
         }
+        return answer, n
 
     async def complete(self, messages: list[dict]) -> dict:
         """One answer: ``{"content", "latency_s", "prompt_tokens", "completion_tokens", "cached",
-        "error", "attempts"}``; ``content`` is None and ``error`` set when every try failed."""
+        "error", "attempts"}``; ``content`` is None and ``error`` set when every try failed.
+        ``attempts`` counts the HTTP requests sent (at most ``retries + 1``)."""
         key = request_key(self.cfg.model, messages, self.cfg.sampling())
         hit = self.cache.get(key)
         if hit is not None:
             return {**hit, "cached": True, "error": None, "attempts": 0}
-        error = None
+        sent = 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(MalformedResponse),
+            stop=lambda state: sent > self.cfg.retries,  # the budget is shared with the client's retries
+            wait=wait_exponential_jitter(multiplier=self.cfg.backoff_s, max=self.cfg.max_backoff_s, jitter=self.cfg.backoff_s),
+            before_sleep=lambda state: log.warning("request failed (%s); resending", _describe(state.outcome.exception())),
+            reraise=True,
+        )
         async with self.sem:
-            for attempt in range(self.cfg.retries + 1):
-                try:
-                    answer = await self._send(messages)
-                    self.cache.put(key, self.cfg.model, answer)
-                    return {**answer, "cached": False, "error": None, "attempts": attempt + 1}
-                except Exception as exc:  # noqa: BLE001 - every failure is classified and recorded
-                    retryable, error = _classify(exc)
-                    if not retryable or attempt == self.cfg.retries:
-                        break
-                    wait = _retry_after(exc)
-                    if wait is None:
-                        wait = min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
-                    log.warning("request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.cfg.retries, wait)
-                    await asyncio.sleep(min(wait, self.cfg.max_backoff_s))
-        return {"content": None, "latency_s": None, "prompt_tokens": None, "completion_tokens": None,
-                "cached": False, "error": error, "attempts": attempt + 1}
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        try:
+                            answer, n = await self._send(messages, max_retries=self.cfg.retries - sent)
+                        except MalformedResponse as exc:
+                            sent += exc.requests
+                            raise
+                        except openai.APIError as exc:
+                            sent += _attempts(exc)
+                            raise
+                        sent += n
+            except (openai.APIError, MalformedResponse) as exc:
+                self.sent += sent
+                return {"content": None, "latency_s": None, "prompt_tokens": None, "completion_tokens": None,
+                        "cached": False, "error": _describe(exc), "attempts": sent}
+        self.sent += sent
+        self.cache.put(key, self.cfg.model, answer)
+        return {**answer, "cached": False, "error": None, "attempts": sent}
 
     async def complete_all(self, requests: list[list[dict]]) -> list[dict]:
         """Answers for many message lists, in order, concurrently (one event loop per call)."""
-        import openai
-
-        self.client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s, max_retries=0)
+        self.client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s,
+                                         max_retries=self.cfg.retries)
         self.sem = asyncio.Semaphore(self.cfg.concurrency)
         try:
             # identical requests in one batch are sent once

@@ -1,149 +1,181 @@
-"""Report sections for steering (before/after per clamp value) and attribution (top features per
-modality, heatmaps per image view, per-token text attribution, validation against ablation)."""
+"""What each report section shows, as plain data for its template: grouping, derived numbers
+(ratios, verdicts) and tolerance of outputs that lack newer keys. Every function here takes one
+stage's outputs and returns a dict; the HTML is in ``templates/``."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import polars as pl
 
+from mmsae.report.views import context_tokens, missing, signed_tokens
 
-def _e(x) -> str:
-    return html.escape(str(x))
+SAE_HELDOUT_KEYS = ("fvu", "fvu_image", "fvu_text", "l0", "l0_image", "l0_text", "never_active_fraction",
+                    "never_active_fraction_image", "never_active_fraction_text")
+SAE_TRAINING_KEYS = ("dead_fraction", "dead_fraction_image", "dead_fraction_text")
+NEURON_PROPERTIES = [
+    ("n_cases", "noun cases"),
+    ("semantic_sensitivity", "semantic sensitivity (top tokens match the noun)"),
+    ("specificity_overlap", "top-neuron overlap across nouns (lower = more specific)"),
+    ("invariance_overlap", "top-neuron overlap for a noun across images"),
+    ("noun_removed_rate_top", "noun removed by noise on the top-k neurons"),
+    ("noun_removed_rate_random", "noun removed by noise on k random neurons"),
+]
+CAUSAL_COLUMNS = ("noun_prob_drop_top", "noun_prob_drop_random", "fluency_change_top", "fluency_change_random")
+VALIDATION_COLUMNS = ("pearson_r", "sign_agreement", "n_features")
 
 
-def steering_html(steering: pl.DataFrame) -> str:
-    """One table per (feature, prompt): the unclamped text, then the text at each clamp value."""
+def sae_view(metrics: dict, heldout_ids: list | None) -> dict:
+    """Held-out and training-window metrics, token norms by modality, excluded tokens, and the
+    held-out split (``heldout.json``: sample ids held out, whole images at a time)."""
+    ho = metrics.get("heldout") or {}
+
+    def pick(k):  # newer keys may sit at the top level or under "heldout"
+        return metrics.get(k, ho.get(k))
+
+    norms = metrics.get("token_norms") or ho.get("token_norms") or {}
+    return {
+        "heldout": [(k, ho.get(k)) for k in SAE_HELDOUT_KEYS],
+        "training": [(k, metrics.get(k)) for k in SAE_TRAINING_KEYS],
+        "n_heldout_tokens": ho.get("n_tokens"),
+        "fvu_including_excluded": pick("fvu_including_excluded"),
+        "n_excluded_tokens": pick("n_excluded_tokens"),
+        "token_norms": [(m, norms[m]) for m in ("all", "image", "text") if isinstance(norms.get(m), dict)],
+        "n_heldout_samples": None if heldout_ids is None else len(heldout_ids),
+    }
+
+
+def explanation_view(row: dict | None) -> dict | None:
+    """The explanation line of a feature card: ``status``, ``text``, a ``detail`` for why there is
+    none, the explainer's name and prompt version, and the raw answer when useful."""
+    if row is None:
+        return None
+    detail = {"no_explanation": "the explainer found nothing in common",
+              "unparsed": "no [EXPLANATION] line in the answer",
+              "failed": f"request failed: {row.get('error')}"}.get(row.get("status"), row.get("status"))
+    return {"status": row.get("status"), "text": row.get("explanation"), "detail": detail,
+            "model": Path(row.get("explainer_model") or "").name, "prompt_version": row.get("prompt_version"),
+            "raw": row.get("raw_response")}
+
+
+def feature_cards(features: list[int], stats: pl.DataFrame, maps: pl.DataFrame, contexts: pl.DataFrame,
+                  maps_dir: Path, explanations: pl.DataFrame | None) -> list[dict]:
+    """One card per selected feature: statistics, top images (highlight + heatmap paths), top text
+    contexts (as :func:`~mmsae.report.views.context_tokens`) and the explanation."""
+    stat_by = {r["feature"]: r for r in stats.iter_rows(named=True)}
+    expl = {r["feature"]: r for r in explanations.iter_rows(named=True)} if explanations is not None else {}
+    cards = []
+    for f in features:
+        images = [{**r, "highlight": maps_dir / r["highlight"], "heatmap": maps_dir / r["heatmap"]}
+                  for r in maps.filter(pl.col("feature") == f).sort("rank").iter_rows(named=True)]
+        ctx = [context_tokens(r["tokens"], r["activations"], r["focus"])
+               for r in contexts.filter(pl.col("feature") == f).sort("rank").iter_rows(named=True)]
+        cards.append({"feature": f, "stat": stat_by.get(f, {}), "images": images, "contexts": ctx,
+                      "explanation": explanation_view(expl.get(f))})
+    return cards
+
+
+def steering_verdict(r: dict) -> dict:
+    """``mark``: ``success`` (only when the row's ``success`` is true), ``not_toward`` / ``not_fluent``
+    (changed, but not toward the feature / not fluent), ``unchanged``, or ``changed`` (older
+    outputs without a verdict); ``ppl_ratio``: perplexity after / before, when both are known."""
+    before, after = r.get("ppl_before"), r.get("ppl_after")
+    ratio = after / before if not missing(before) and not missing(after) and before > 0 else None
+    if r.get("success") is True:
+        mark = "success"
+    elif not r.get("changed"):
+        mark = "unchanged"
+    elif r.get("toward_feature") is False:
+        mark = "not_toward"
+    elif r.get("toward_feature") is True and r.get("success") is False:
+        mark = "not_fluent"
+    else:
+        mark = "changed"
+    return {"mark": mark, "ppl_ratio": ratio}
+
+
+def steering_view(steering: pl.DataFrame) -> dict:
+    """One group per (feature, prompt, image): the unclamped text, then each clamp value's text
+    with its verdict."""
     if steering.is_empty():
-        return "<h2 id=steering>Steering</h2><p class=muted>no features to steer</p>"
-    parts = ["<h2 id=steering>Steering</h2><p class=muted>Greedy generation with one feature clamped at the hooked layer "
-             f"({_e(steering['mode'][0])} mode, positions: {_e(steering['positions'][0])}; the SAE's error term is kept "
-             "unless mode is 'reference', so the unclamped text equals the model's own).</p>"]
+        return {"groups": []}
+    groups = []
     for (f, prompt, image), g in steering.group_by(["feature", "prompt", "image"], maintain_order=True):
-        img = f" · image {_e(Path(image).name)}" if image else ""
-        parts.append(f"<div class=card><h3>Feature {f} <a href='#f{f}'>↗</a></h3><div class=muted>prompt: {_e(prompt)}{img}</div>"
-                     f"<table class=steer><tr><th>clamp</th><th>generated text</th></tr>"
-                     f"<tr><td>none</td><td>{_e(g['text_before'][0])}</td></tr>")
+        rows = []
         for r in g.sort("value").iter_rows(named=True):
             label = f"{r['value']:g}× max = {r['clamp_value']:.3g}" if r["scale"] == "max_multiple" else f"{r['clamp_value']:.3g}"
-            mark = "" if r["changed"] else " <span class=muted>(unchanged)</span>"
-            text = _e(r["text_after"]) if r["text_after"].strip() else "<span class=muted>(empty: only special tokens)</span>"
-            parts.append(f"<tr><td>{_e(label)}</td><td>{text}{mark}</td></tr>")
-        parts.append("</table></div>")
-    return "".join(parts)
+            rows.append({"label": label, "text": r["text_after"], "empty": not r["text_after"].strip(), **steering_verdict(r)})
+        groups.append({"feature": f, "prompt": prompt, "image": Path(image).name if image else None,
+                       "before": g["text_before"][0], "rows": rows})
+    return {"groups": groups, "mode": steering["mode"][0], "positions": steering["positions"][0],
+            "has_verdict": "success" in steering.columns}
 
 
-def _signed_tokens(tokens: list[str], values: list[float]) -> str:
-    vmax = max((abs(v) for v in values), default=0.0) or 1.0
-    out = []
-    for t, v in zip(tokens, values):
-        a = min(1.0, abs(v) / vmax)
-        color = f"rgba(0,120,255,{a:.2f})" if v >= 0 else f"rgba(230,40,40,{a:.2f})"
-        out.append(f'<span class=tok style="background:{color}" title="{v:.3g}">{_e(t)}</span>')
-    return f'<div class=ctx>{"".join(out)}</div>'
-
-
-def attribution_html(summary: dict, attr_dir: Path, data_url) -> str:
-    """The attribution section; ``data_url(path)`` inlines an image file."""
-    parts = ["<h2 id=attribution>Attribution</h2><p class=muted>m = logit(answer) − logit(baseline) at the last position; "
-             "A[t,f] = z·∂m/∂z from one forward and one backward with the SAE spliced in (error term held constant). "
-             "Blue supports the answer, red the baseline. Validation: the true effect of zero-ablating each of the "
-             "features with the largest |total attribution|.</p>"]
+def attribution_view(summary: dict, attr_dir: Path) -> dict:
+    """Cases with their validation: the newer ``{"ours", "reference"}`` table when present, else the
+    older Pearson r over ablated features."""
+    cases = []
     for c in summary.get("cases", []):
-        v = c["validation"]
-        r = f"{v['pearson']:.2f}" if v["pearson"] is not None else "–"
-        img = f" · image {_e(Path(c['image']).name)}" if c.get("image") else ""
-        parts.append(
-            f"<div class=card><h3>{_e(c['case'])}: {_e(repr(c['answer']))} vs {_e(repr(c['baseline']))}</h3>"
-            f"<div class=muted>prompt: {_e(c['prompt'])}{img} · m = {c['metric']:.3f} · features {c['feature_attribution']:.3f} "
-            f"+ error node {c['error_attribution']:.3f} · attribution vs ablation: Pearson r = {r} over {len(v['features'])} "
-            f"features · {c['seconds']['attribution']:.2f} s for all features vs {c['seconds']['ablation_per_feature']:.2f} s "
-            f"per ablated feature</div>")
-        for mod in ("image", "text"):
-            top = c[f"top_{mod}"]
-            if top:
-                cells = " · ".join(f"<a href='#f{t['feature']}'>{t['feature']}</a> ({t['attribution']:+.3g})" for t in top)
-                parts.append(f"<p><b>Top features on {mod} tokens</b> ({_e(c['pool'])}): {cells}</p>")
-        if c.get("maps"):
-            figs = "".join(f"<figure><img src='{data_url(attr_dir / m['png'])}'><figcaption>feature {m['feature']} · "
-                           f"view {m['view']} · Σ {m['sum']:+.3g}</figcaption></figure>" for m in c["maps"] if m["view"] <= 1)
-            parts.append(f"<h4>Heatmaps (positive attribution; view 0 = base view on the image, 1 = first tile)</h4><div class=imgs>{figs}</div>")
-        parts.append("<h4>Text tokens (total attribution over features)</h4>")
-        parts.append(_signed_tokens(c["text_tokens"], c["text_attribution"]))
-        parts.append("</div>")
-    return "".join(parts)
+        v = c.get("validation") or {}
+        table = [(name, v[name]) for name in ("ours", "reference") if isinstance(v.get(name), dict)]
+        maps = [{**m, "png": attr_dir / m["png"]} for m in c.get("maps", []) if m.get("view", 0) <= 1]
+        cases.append({**c, "validation_table": table, "pearson": v.get("pearson"), "n_validated": len(v.get("features", [])),
+                      "image_name": Path(c["image"]).name if c.get("image") else None, "map_items": maps,
+                      "tokens": signed_tokens(c.get("text_tokens", []), c.get("text_attribution", []))})
+    return {"cases": cases, "columns": VALIDATION_COLUMNS}
 
 
-def neurons_html(props: dict, captions: pl.DataFrame, neurons: pl.DataFrame, tokens: pl.DataFrame,
-                 edits: pl.DataFrame, neuron_dir: Path, data_url, per_case: int = 5) -> str:
-    """Multimodal neurons: properties, captions with their top neurons and tokens, heatmaps, edits."""
-    def f(x):
-        return "–" if x is None else f"{x:.3g}"
-
-    parts = ["<h2 id=neurons>Multimodal neurons</h2><p class=muted>Score s = a·(W_out W_U)[i, t] at the position "
-             "predicting each caption noun's first token, all layers ranked together (arXiv 2311.07470).</p><table class=kv>"]
-    for k, label in [("n_cases", "noun cases"), ("semantic_sensitivity", "semantic sensitivity (top tokens match the noun)"),
-                     ("specificity_overlap", "top-neuron overlap across nouns (lower = more specific)"),
-                     ("invariance_overlap", "top-neuron overlap for a noun across images"),
-                     ("noun_removed_rate_top", "noun removed by noise on the top-k neurons"),
-                     ("noun_removed_rate_random", "noun removed by noise on k random neurons")]:
-        parts.append(f"<tr><td>{_e(label)}</td><td>{f(props.get(k))}</td></tr>")
-    parts.append("</table>")
-    toks = {(r["layer"], r["neuron"]): [] for r in tokens.iter_rows(named=True)} if tokens.height else {}
+def neurons_view(props: dict, captions: pl.DataFrame, neurons: pl.DataFrame, tokens: pl.DataFrame,
+                 edits: pl.DataFrame, neuron_dir: Path, per_case: int = 5) -> dict:
+    """Properties present in ``properties.json``, the causal sweep over noise scales, captions with
+    each noun's top neurons (with their top tokens and heatmaps), and the edits."""
+    toks: dict = {}
     for r in tokens.iter_rows(named=True) if tokens.height else []:
-        toks[(r["layer"], r["neuron"])].append(r["token"])
-    maps_by = {}
+        toks.setdefault((r["layer"], r["neuron"]), []).append(r["token"])
+    maps_by: dict = {}
     for m in props.get("maps", []):
         maps_by.setdefault(m["case"], []).append(m)
+    caps = []
     for c in captions.iter_rows(named=True):
-        parts.append(f"<div class=card><b>{_e(c['sample'])}</b>: “{_e(c['caption'])}” <span class=muted>nouns: "
-                     f"{_e(', '.join(c['nouns']) or 'none')}</span>")
+        nouns = []
         if neurons.height:
             for (case, noun), g in neurons.filter(pl.col("sample") == c["sample"]).group_by(["case", "noun"], maintain_order=True):
-                rows = " · ".join(f"L{r['layer']}.{r['neuron']} ({r['score']:.3g}; {_e(' '.join(toks.get((r['layer'], r['neuron']), [])[:5]))})"
-                                  for r in g.sort("rank").head(per_case).iter_rows(named=True))
-                parts.append(f"<p><b>{_e(noun)}</b>: {rows}</p>")
-                figs = "".join(f"<figure><img src='{data_url(neuron_dir / m[k])}'><figcaption>L{m['layer']}.{m['neuron']} "
-                               f"{'top 5%' if k == 'mask_png' else 'heatmap'}</figcaption></figure>"
-                               for m in maps_by.get(case, []) for k in ("png", "mask_png"))
-                if figs:
-                    parts.append(f"<div class=imgs>{figs}</div>")
-        parts.append("</div>")
-    if edits.height and "method" in edits.columns:
-        parts.append("<h3>Editing</h3><table class=steer><tr><th>edit</th><th>caption after</th><th>success · generality · locality</th></tr>")
-        for r in edits.iter_rows(named=True):
-            if r.get("status") != "ok":
-                parts.append(f"<tr><td>{_e(r['name'])}</td><td colspan=2>{_e(r['status'])}</td></tr>")
-                continue
-            parts.append(f"<tr><td>{_e(r['source'])} → {_e(r['target'])} ({_e(r['method'])})</td><td>{_e(r['caption_after'])}</td>"
-                         f"<td>{r['success']} · {f(r['generality'])} (n={r['n_generality']}) · {f(r['locality'])}</td></tr>")
-        parts.append("</table>")
-    return "".join(parts)
+                top = [{**r, "tokens": " ".join(toks.get((r["layer"], r["neuron"]), [])[:5])}
+                       for r in g.sort("rank").head(per_case).iter_rows(named=True)]
+                figs = [{"src": neuron_dir / m[k], "label": f"L{m['layer']}.{m['neuron']} {'top 5%' if k == 'mask_png' else 'heatmap'}"}
+                        for m in maps_by.get(case, []) for k in ("png", "mask_png") if m.get(k)]
+                nouns.append({"noun": noun, "neurons": top, "figures": figs})
+        caps.append({"sample": c["sample"], "caption": c["caption"], "nouns_listed": ", ".join(c["nouns"]) or "none", "nouns": nouns})
+    sweep = [s for s in props.get("causal_sweep") or [] if isinstance(s, dict)]
+    at = props.get("causal_at_scale")
+    return {
+        "properties": [(label, props[k]) for k, label in NEURON_PROPERTIES if k in props],
+        "sweep": sweep, "sweep_columns": CAUSAL_COLUMNS, "causal_scale": props.get("causal_scale"),
+        "causal_at_scale": sorted(at.items()) if isinstance(at, dict) else ([("value", at)] if at is not None else []),
+        "captions": caps,
+        "edits": list(edits.iter_rows(named=True)) if edits.height and "method" in edits.columns else [],
+    }
 
 
-def evaluation_html(summary: dict) -> str:
-    """The paper's Table 1 for this run, with the metrics that could not be computed and why."""
-    un = summary.get("unavailable", {})
-
-    def cell(row, metric):
-        if metric in un:
-            return "<i>unavailable</i>", "<i>unavailable</i>"
-        e, ci, r, s = row[f"{metric}_explained"], row[f"{metric}_ci"], row[f"{metric}_random"], row[f"{metric}_random_std"]
-        exp = "–" if e is None else f"{e:.3f}" + (f" <span class=muted>[{ci[0]:.3f}, {ci[1]:.3f}]</span>" if ci and ci[0] is not None else "")
-        return exp, ("–" if r is None else f"{r:.3f} ± {s:.3f}")
-
-    parts = ["<h2 id=evaluation>Explanation evaluation</h2><p class=muted>IoU of the refined phrase's grounded mask "
-             "with the feature's activated region, and CLIP score of the phrase with the image, on the feature's top images "
-             f"versus random images. {summary.get('n_with_phrase', 0)} of {summary.get('n_refined', 0)} refined explanations "
-             "have a phrase; the others are excluded.</p>",
-             "<table class=steer><tr><th>category</th><th>features</th><th>IoU explained</th><th>IoU random</th>"
-             "<th>CLIP explained</th><th>CLIP random</th></tr>"]
+def evaluation_view(summary: dict) -> dict:
+    """Table 1 rows with each metric's explained value, its CI, and the random baseline (mean ± std);
+    metrics in ``unavailable`` are marked so."""
+    un = summary.get("unavailable") or {}
+    rows = []
     for row in summary.get("table", []):
-        ie, ir = cell(row, "iou")
-        ce, cr = cell(row, "clip_score")
-        parts.append(f"<tr><td>{_e(row['category'])}</td><td>{row['n_features']}</td><td>{ie}</td><td>{ir}</td><td>{ce}</td><td>{cr}</td></tr>")
-    parts.append("</table>")
-    if un:
-        parts.append("<ul>" + "".join(f"<li>{_e(m)} unavailable: {_e(w)}</li>" for m, w in un.items()) + "</ul>")
-    return "".join(parts)
+        cells = {}
+        for metric in ("iou", "clip_score"):
+            if metric in un:
+                cells[metric] = None
+                continue
+            ci = row.get(f"{metric}_ci")
+            cells[metric] = {"explained": row.get(f"{metric}_explained"),
+                             "ci": ci if ci and not missing(ci[0]) else None,
+                             "random": row.get(f"{metric}_random"), "random_std": row.get(f"{metric}_random_std")}
+        rows.append({"category": row.get("category"), "n_features": row.get("n_features"), **cells})
+    return {"rows": rows, "unavailable": list(un.items()), "n_with_phrase": summary.get("n_with_phrase", 0),
+            "n_refined": summary.get("n_refined", 0)}
+
+
+__all__ = ["attribution_view", "evaluation_view", "feature_cards", "neurons_view", "sae_view", "steering_view",
+           "steering_verdict", "explanation_view"]

@@ -1,11 +1,11 @@
 """A real HTTP server on 127.0.0.1 that answers ``POST /v1/chat/completions`` like an
-OpenAI-compatible endpoint, with scripted faults - for the client's tests and benchmarks.
+OpenAI-compatible endpoint, with scripted faults - for the client's tests and ``bench/explain_throughput.py`` (test code: it is not part of the package).
 
 Each request takes the next action from ``script`` (then ``default``): ``"ok"``, an HTTP status
 such as ``500``, ``("429", retry_after_s)``, ``"garbage"`` (a 200 with a body that is not JSON),
 ``"nochoices"`` (valid JSON without choices) or ``("slow", seconds)`` (answers late). Every answer
 waits ``latency_s`` first. The server counts requests, records the ``Authorization`` headers it
-saw, and the largest number of requests in flight at once.
+saw (and the client's retry-count header), and the largest number of requests in flight at once.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class FakeEndpoint:
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_headers: list[str] = []
+        self.retry_counts: list[str | None] = []  # the openai client's x-stainless-retry-count per request
         self.bodies: list[dict] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -73,6 +74,7 @@ class FakeEndpoint:
                 action = ep._next()
                 with ep._lock:
                     ep.auth_headers.append(self.headers.get("Authorization", ""))
+                    ep.retry_counts.append(self.headers.get("x-stainless-retry-count"))
                     ep.bodies.append(body)
                 try:
                     time.sleep(ep.latency_s)
