@@ -14,11 +14,28 @@ import time
 import torch
 
 from mmsae.activations import prepare_inputs
-from mmsae.attribution import attribute, per_feature_loop_cost
+from mmsae.attribution import SAESplice, attribute, logit_diff
 from mmsae.data import Sample
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae
+
+def per_feature_loop_cost(model, module, sae, inputs: dict, answer_id: int, baseline_id: int, features: list[int]) -> None:
+    """The released code's cost pattern, for timing only: per feature, two forwards and one backward
+    (EvolvingLMMs-Lab/multimodal-sae, sae_auto_interp/features/patching/attribution.py,
+    ``Attribution.get_attribution``)."""
+    for f in features:
+        for ablate in (None, f):
+            splice = SAESplice(sae, ablate=ablate, track=ablate is None)
+            handle = module.register_forward_hook(splice)
+            try:
+                with torch.enable_grad():
+                    m = logit_diff(model, inputs, answer_id, baseline_id)
+                    if ablate is None:
+                        m.backward()
+            finally:
+                handle.remove()
+
 
 CASES = [
     ("text", "What is the capital of France?", None, "The capital of France is", " Paris", " London"),

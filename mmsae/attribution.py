@@ -45,8 +45,16 @@ class AttributionResult:
     grad_norm: np.ndarray
 
 
-class _Splice:
-    """Forward hook: x -> x_hat(z) + eps, with z's TopK values as grad leaves; optional ablation."""
+class SAESplice:
+    """Forward hook that splices the SAE into a layer with its error term held constant.
+
+    The layer output x (batch, seq, d_model) becomes x_hat(z) + eps with eps = x - x_hat(x)
+    detached, so the forward is unchanged. With ``track`` the (batch*seq, k) TopK values are grad
+    leaves (``vals``) and the new output keeps its grad (``x_out``); with ``ablate`` = f, feature f's
+    value is set to 0 wherever it is in the top k (zero-ablation, error term kept).
+
+    Attributes set by each call: vals, idx (n, k); x_out (batch, seq, d_model); eps (n, d_model).
+    """
 
     def __init__(self, sae: TopKSAE, ablate: int | None = None, track: bool = True):
         self.sae, self.ablate, self.track = sae, ablate, track
@@ -69,7 +77,8 @@ class _Splice:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def _metric(model: nn.Module, inputs: dict, answer_id: int, baseline_id: int) -> torch.Tensor:
+def logit_diff(model: nn.Module, inputs: dict, answer_id: int, baseline_id: int) -> torch.Tensor:
+    """m = logit(answer) - logit(baseline) at the last position of batch element 0 (a 0-d float tensor)."""
     logits = model(**inputs, use_cache=False).logits[0, -1]
     return logits[answer_id].float() - logits[baseline_id].float()
 
@@ -82,11 +91,11 @@ def attribute(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, a
         inputs: processor outputs for one sample (batch 1).
         answer_id, baseline_id: token ids of the answer and the baseline.
     """
-    splice = _Splice(sae)
+    splice = SAESplice(sae)
     handle = module.register_forward_hook(splice)
     try:
         with torch.enable_grad():
-            m = _metric(model, inputs, answer_id, baseline_id)
+            m = logit_diff(model, inputs, answer_id, baseline_id)
             m.backward()
     finally:
         handle.remove()
@@ -114,31 +123,15 @@ def ablation_effects(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: 
     first value equals the unmodified model's metric.
     """
     def run(ablate):
-        splice = _Splice(sae, ablate=ablate, track=False)
+        splice = SAESplice(sae, ablate=ablate, track=False)
         handle = module.register_forward_hook(splice)
         try:
-            return _metric(model, inputs, answer_id, baseline_id).item()
+            return logit_diff(model, inputs, answer_id, baseline_id).item()
         finally:
             handle.remove()
 
     base = run(None)
     return base, {f: base - run(f) for f in features}
-
-
-def per_feature_loop_cost(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int,
-                          baseline_id: int, features: list[int]) -> None:
-    """The released code's approach for comparison: per feature, two forwards and one backward."""
-    for f in features:
-        for ablate in (None, f):
-            splice = _Splice(sae, ablate=ablate, track=ablate is None)
-            handle = module.register_forward_hook(splice)
-            try:
-                with torch.enable_grad():
-                    m = _metric(model, inputs, answer_id, baseline_id)
-                    if ablate is None:
-                        m.backward()
-            finally:
-                handle.remove()
 
 
 def pool(result: AttributionResult, modality: np.ndarray, how: str = "sum") -> dict[str, dict[int, float]]:
