@@ -23,6 +23,38 @@ from torch import nn
 from mmsae.sae.model import TopKSAE
 
 
+def select_topk(latents: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, d_sae) ReLU'd latents -> (values, indices), each (n, k): the k largest, unsorted.
+
+    The released code's ``Sae.select_topk`` (EleutherAI ``sae``, used by
+    EvolvingLMMs-Lab/multimodal-sae ``sae_auto_interp/features/steering.py``), which takes the top k
+    *after* ReLU and after the clamp, so a clamped feature can enter or leave the top k.
+    """
+    return latents.topk(k, dim=-1, sorted=False)
+
+
+def sae_hook_point(sae_cfg: dict, configured: str, where: str) -> str:
+    """The hook point an SAE was trained at, read from its ``cfg.json`` (SAELens's key ``hook_name``,
+    top level or under ``metadata``); it must equal the configured ``model.hook_point``.
+
+    Args:
+        sae_cfg: the parsed cfg.json; configured: ``model.hook_point``; where: the cfg.json path (for errors).
+
+    Returns:
+        The hook point (``configured`` when cfg.json names none).
+
+    Raises:
+        ValueError: cfg.json names another hook point than the config.
+    """
+    name = sae_cfg.get("hook_name") or (sae_cfg.get("metadata") or {}).get("hook_name")
+    if name is None:
+        return configured
+    if name != configured:
+        raise ValueError(f"{where}: the SAE was trained at hook_name {name!r} but model.hook_point is {configured!r}; "
+                         "set model.hook_point to the SAE's hook point or use an SAE trained there")
+    return name
+
+
 @dataclass(frozen=True)
 class Clamp:
     """Set feature ``feature`` to ``value`` (absolute units of the SAE latent)."""
@@ -64,10 +96,10 @@ class SteeringHook:
         sae = self.sae
         flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
         if self.mode == "reference":
-            pre = sae.pre_acts(flat)
+            pre = sae.pre_acts(flat).relu()
             for c in self.clamps:
                 pre[:, c.feature] = c.value
-            vals, idx = sae._topk(pre)
+            vals, idx = select_topk(pre, sae.k)
             return sae.decode(vals, idx).to(x.dtype).reshape(x.shape)
         if not self.clamps:
             return x
