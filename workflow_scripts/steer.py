@@ -11,7 +11,7 @@ from mmsae.io import write_parquet
 from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae
-from mmsae.steer import features_matching, steering_sweep
+from mmsae.steer import features_matching, sae_hook_point, steering_sweep
 from mmsae.features import TEXT_DOMINANT
 from mmsae.workflow import setup
 
@@ -30,9 +30,10 @@ else:
     text_dom = set(stats.filter(TEXT_DOMINANT)["feature"])
     features = [f for f in selected if f in text_dom][: st["auto"]]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
+sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
+hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
 prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} for q in st["prompts"]]
-rows = steering_sweep(subject, resolve_hook_point(subject.model, p.hook_point), sae, features, prompts, st["values"],
+rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, st["values"],
                       st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],
                       st["max_new_tokens"])
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
