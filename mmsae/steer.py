@@ -5,16 +5,29 @@ reconstruction with the chosen features clamped plus the SAE's error term,
 
     x' = SAE_clamped(x) + (x - SAE(x)) = x + sum_f (c_f - z_f(x)) * W_dec[f]
 
-so with no clamp the output is exactly x (the model is unchanged). ``reference`` mode reproduces the
-paper's released code: the output becomes the SAE reconstruction alone (error term dropped) with the
-feature's pre-TopK value set to an absolute c, on the prompt pass only.
+so with no clamp the output is exactly x (the model is unchanged); it is applied at ``positions``
+(default ``all``).
+
+``reference`` mode is the paper's released code (EvolvingLMMs-Lab/multimodal-sae,
+``sae_auto_interp/features/steering.py``, ``SteeringController.clamp_features_max``; the same hook
+in ``tools/model_steering.py``, ``clamp_features_max``): on EVERY forward of ``generate`` the
+layer's output becomes the SAE reconstruction alone (error term dropped),
+``decode(select_topk(ReLU(pre_acts(x))))``, and the feature's post-ReLU, pre-TopK value is set to an
+absolute c only on the prompt pass (the released hook clamps when the forward has more than one
+position, i.e. the first forward of a cached ``generate``). ``positions`` then picks where the clamp
+applies (default ``prompt``, the released code); the reconstruction is applied everywhere.
 
 Positions: ``all``, ``prompt`` (the first forward of ``generate``, which covers the prompt) or
 ``generated`` (the later single-token forwards).
+
+Evaluation of a steered generation (:func:`evaluate_generation`): its perplexity under the
+unsteered model (teacher-forced), whether it moved *toward the feature* (:func:`toward_feature`),
+and ``success`` = changed AND ppl_after / ppl_before <= max ratio AND toward the feature.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -69,18 +82,22 @@ class SteeringHook:
     Args:
         sae: the SAE trained on that layer.
         clamps: features and values; empty = identity.
-        positions: ``all``, ``prompt`` or ``generated``.
-        mode: ``error_term`` (default, Anthropic) or ``reference`` (released code: no error term).
+        mode: ``error_term`` (Anthropic) or ``reference`` (released code: every forward is replaced
+            by the SAE reconstruction, no error term).
+        positions: where the clamp applies: ``all``, ``prompt`` or ``generated``; None = the mode's
+            own (``all`` for error_term, ``prompt`` for reference, as in the released code).
 
     Raises:
         ValueError: unknown positions or mode, or a feature outside the SAE.
     """
 
-    def __init__(self, sae: TopKSAE, clamps: list[Clamp], positions: str = "all", mode: str = "error_term"):
-        if positions not in ("all", "prompt", "generated"):
-            raise ValueError(f"steer.positions: {positions!r} is not one of all, prompt, generated")
+    def __init__(self, sae: TopKSAE, clamps: list[Clamp], mode: str, positions: str | None):
         if mode not in ("error_term", "reference"):
             raise ValueError(f"steer.mode: {mode!r} is not one of error_term, reference")
+        if positions is None:
+            positions = "prompt" if mode == "reference" else "all"
+        if positions not in ("all", "prompt", "generated"):
+            raise ValueError(f"steer.positions: {positions!r} is not one of all, prompt, generated")
         for c in clamps:
             if not 0 <= c.feature < sae.d_sae:
                 raise ValueError(f"steer: feature {c.feature} is outside the SAE (d_sae={sae.d_sae})")
@@ -92,16 +109,20 @@ class SteeringHook:
         return self.positions == "all" or (self.positions == "prompt") == first
 
     @torch.no_grad()
-    def _steer(self, x: torch.Tensor) -> torch.Tensor:
+    def steer(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """(..., d_model) layer output -> steered output of the same shape and dtype.
+
+        ``clamp=False``: no clamp (error_term: x itself; reference: the plain reconstruction).
+        """
         sae = self.sae
         flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
         if self.mode == "reference":
             pre = sae.pre_acts(flat).relu()
-            for c in self.clamps:
+            for c in self.clamps if clamp else ():
                 pre[:, c.feature] = c.value
             vals, idx = select_topk(pre, sae.k)
             return sae.decode(vals, idx).to(x.dtype).reshape(x.shape)
-        if not self.clamps:
+        if not self.clamps or not clamp:
             return x
         vals, idx = sae.encode(flat)
         delta = torch.zeros_like(flat)
@@ -112,7 +133,7 @@ class SteeringHook:
 
     def __call__(self, _module, _inputs, output):
         x = output[0] if isinstance(output, tuple) else output
-        new = self._steer(x) if self._active() else x
+        new = self.steer(x, clamp=self._active())
         self.calls += 1
         if new is x:
             return None
@@ -120,7 +141,7 @@ class SteeringHook:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, inputs: dict, module: nn.Module, hook: SteeringHook | None, max_new_tokens: int = 32) -> torch.Tensor:
+def generate(model: nn.Module, inputs: dict, module: nn.Module, hook: SteeringHook | None, max_new_tokens: int) -> torch.Tensor:
     """Greedy generation with ``hook`` on ``module`` (None: no hook). Returns the new token ids (batch, n)."""
     handle = None
     if hook is not None:
@@ -161,20 +182,126 @@ def features_matching(explanations, words: list[str]) -> list[int]:
     return sorted(set(out))
 
 
+# Function words, and words that describe a feature rather than what it is about; never "feature words".
+STOPWORDS = frozenset("""
+a about above after again all also an and any are as at be because been before being below between both but by can
+could did do does doing down during each either etc even few for from further had has have having he her here hers him
+his how however i if in into is it its itself just like may me might more most much must my no nor not now of off on
+once only or other our ours out over own same she should so some such than that the their theirs them then there these
+they this those through to too under until up upon very was we were what when where which while who whom why will with
+within would you your yours
+activate activates activated activation activations captures concept concepts context contexts denote denotes detect
+detects especially example examples explanation feature features fires including indicate indicates mention mentions
+often pattern patterns refer refers related relates represent represents sequence specific text texts token tokens
+typically usually various word words
+""".split())
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-cased alphabetic words of ``text`` with at least 3 letters, minus :data:`STOPWORDS`, in order, unique."""
+    out = []
+    for w in re.findall(r"[a-z]+", (text or "").lower()):
+        if len(w) >= 3 and w not in STOPWORDS and w not in out:
+            out.append(w)
+    return out
+
+
+def feature_words(feature: int, contexts=None, explanations=None) -> list[str]:
+    """The words that stand for a feature: its top activating tokens and its explanation's content words.
+
+    Args:
+        contexts: ``results/features/maps/contexts.parquet`` (feature, tokens, focus, ...): the token
+            at ``focus`` of each of the feature's top text contexts; None = not available.
+        explanations: ``explanations.parquet`` (feature, explanation); None = not available.
+
+    Returns:
+        :func:`content_words` of those tokens, then of the explanation, unique; empty when the
+        feature has neither (then nothing can be said about its direction).
+    """
+    words: list[str] = []
+    if contexts is not None:
+        for row in contexts.filter(contexts["feature"] == feature).iter_rows(named=True):
+            words += content_words(row["tokens"][row["focus"]])
+    if explanations is not None:
+        for row in explanations.filter(explanations["feature"] == feature).iter_rows(named=True):
+            words += content_words(row.get("explanation") or "")
+    return list(dict.fromkeys(words))
+
+
+def toward_feature(text_before: str, text_after: str, words: list[str]) -> tuple[bool | None, list[str]]:
+    """Did steering move the text toward the feature?
+
+    Definition: True when some word of ``text_after`` begins with one of the feature's ``words``
+    (:func:`feature_words`; so the word "ocean" matches "oceans", the sub-word token "phot" matches
+    "photosynthesis") while no word of ``text_before`` begins with it. Words are compared
+    lower-cased, as :func:`content_words` splits them.
+
+    Returns:
+        (toward, matched words); toward is None when ``words`` is empty (the feature has no top
+        tokens or explanation to judge by).
+    """
+    if not words:
+        return None, []
+    before, after = set(re.findall(r"[a-z]+", text_before.lower())), set(re.findall(r"[a-z]+", text_after.lower()))
+    hit = [w for w in words if any(a.startswith(w) for a in after) and not any(b.startswith(w) for b in before)]
+    return bool(hit), hit
+
+
+def is_success(changed: bool, ppl_before: float, ppl_after: float, toward: bool | None, max_ppl_ratio: float) -> bool:
+    """The steering success rule: changed AND ppl_after / ppl_before <= max_ppl_ratio AND toward the feature.
+
+    ``ppl_*`` are perplexities under the unsteered model (:func:`continuation_perplexity`); a
+    ``toward`` of None (unknown) is not a success.
+    """
+    return bool(changed and toward is True and ppl_after <= max_ppl_ratio * ppl_before)
+
+
+@torch.no_grad()
+def continuation_perplexity(model: nn.Module, inputs: dict, continuation: torch.Tensor) -> float:
+    """Perplexity of ``continuation`` given the prompt under ``model`` as it is (no hook), teacher-forced.
+
+    Args:
+        inputs: processor outputs of the prompt, batch 1 (input_ids (1, n), attention_mask,
+            pixel_values, image_sizes as present).
+        continuation: (m,) generated token ids, m >= 1.
+
+    Returns:
+        exp(mean over the m tokens of -log p(token | prompt, previous tokens)).
+
+    Raises:
+        ValueError: an empty continuation.
+    """
+    if continuation.numel() == 0:
+        raise ValueError("continuation_perplexity: empty continuation")
+    ids = inputs["input_ids"]
+    cont = continuation.reshape(1, -1).to(ids.device, ids.dtype)
+    full = dict(inputs, input_ids=torch.cat([ids, cont], 1))
+    if "attention_mask" in inputs:
+        full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
+    logits = model(**full, use_cache=False).logits[0, ids.shape[1] - 1: -1].float()
+    nll = torch.nn.functional.cross_entropy(logits, cont[0], reduction="mean")
+    return float(nll.exp())
+
+
 def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int], prompts: list[dict],
-                   values: list[float], scale: str, max_activation: dict[int, float], positions: str = "all",
-                   mode: str = "error_term", max_new_tokens: int = 32) -> list[dict]:
-    """Greedy text before and after clamping each feature to each value, for each prompt.
+                   values: list[float], scale: str, max_activation: dict[int, float], positions: str | None,
+                   mode: str, max_new_tokens: int, max_ppl_ratio: float, words: dict[int, list[str]]) -> list[dict]:
+    """Greedy text before and after clamping each feature to each value, for each prompt, judged.
 
     Args:
         subject: the loaded model; module: its hooked layer.
         prompts: ``{"prompt": str, "image": path or None}`` each.
         values: clamp values, in ``scale`` units (``absolute`` or ``max_multiple``).
         max_activation: feature -> max activation (from the feature statistics).
+        positions, mode, max_new_tokens: see :class:`SteeringHook` and ``steer`` in config/schema.yaml.
+        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`is_success`).
+        words: feature -> :func:`feature_words` (missing = none known).
 
     Returns:
         One row per (feature, prompt, value): feature, prompt, image, scale, value, clamp_value,
-        positions, mode, text_before, text_after, changed.
+        positions, mode, text_before, text_after, changed, ppl_before, ppl_after (perplexities of the
+        unsteered / steered continuation under the unsteered model), feature_words,
+        toward_words (those that newly appear), toward_feature (None: no words known), success.
     """
     from mmsae.activations import prepare_inputs
     from mmsae.data.corpus import Sample, load_image
@@ -188,13 +315,21 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             if image is None:
                 raise ValueError(f"steer.prompts: image {p['image']}: {status}")
         inputs = dict(prepare_inputs(subject, [(Sample("steer", p["prompt"], p.get("image")), image)]).to(subject.device))
-        before = decode(generate(subject.model, inputs, module, None, max_new_tokens)[0], skip_special_tokens=True)
+        ids_before = generate(subject.model, inputs, module, None, max_new_tokens)[0]
+        before = decode(ids_before, skip_special_tokens=True)
+        ppl_before = continuation_perplexity(subject.model, inputs, ids_before)
         for f in features:
             for v in values:
                 c = resolve_clamp_value(v, scale, max_activation.get(f))
-                hook = SteeringHook(sae, [Clamp(f, c)], positions=positions, mode=mode)
-                after = decode(generate(subject.model, inputs, module, hook, max_new_tokens)[0], skip_special_tokens=True)
+                hook = SteeringHook(sae, [Clamp(f, c)], mode=mode, positions=positions)
+                ids_after = generate(subject.model, inputs, module, hook, max_new_tokens)[0]
+                after = decode(ids_after, skip_special_tokens=True)
+                ppl_after = continuation_perplexity(subject.model, inputs, ids_after)
+                toward, hit = toward_feature(before, after, words.get(f, []))
+                changed = after != before
                 rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": scale, "value": float(v),
-                             "clamp_value": c, "positions": positions, "mode": mode, "text_before": before,
-                             "text_after": after, "changed": after != before})
+                             "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
+                             "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
+                             "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
+                             "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio)})
     return rows
