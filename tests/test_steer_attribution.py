@@ -123,10 +123,10 @@ def test_run_case_with_an_image_and_bad_answers(tiny_llava_dir, image_dir):
     module = resolve_hook_point(s.model, "model.language_model.layers.2")
     sae = TopKSAE(64, 128, k=8, seed=1)
     case = {"name": "c", "prompt": "Is it green?", "image": str(image_dir / "good.png"), "answer": "Yes", "baseline": "No"}
-    rows, summary, grids = run_case(s, module, sae, case, top_k=3, validate_top=5)
+    rows, summary, grids = run_case(s, module, sae, case, top_k=3, validate_top=5, how="sum", method="ours")
     assert rows and {r["modality"] for r in rows} == {"image", "text"}
     assert summary["top_image"] and all((f, v) for (f, v) in grids) and all(g.shape == (4, 4) for g in grids.values())
     assert summary["metric_spliced"] == pytest.approx(summary["metric"], abs=1e-4)
     assert len(summary["validation"]["features"]) == 5
     with pytest.raises(ValueError, match="not one"):
-        run_case(s, module, sae, {**case, "answer": " Yes indeed"})
+        run_case(s, module, sae, {**case, "answer": " Yes indeed"}, 3, 5, "sum", "ours")

@@ -1,4 +1,5 @@
-"""Entry point of rule attribute: feature attribution per case, heatmaps, validation by ablation."""
+"""Entry point of rule attribute: feature attribution per case (attribution.method), heatmaps, validation of both
+methods by zero-ablation."""
 
 from pathlib import Path
 
@@ -26,7 +27,7 @@ out_dir = Path(sm.output.summary).parent
 all_rows, summaries = [], []
 for case in cfg["cases"]:
     case = {**case, "image": resolve_image_ref(case.get("image"))}
-    rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"])
+    rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"], cfg["method"])
     image = load_image(case["image"])[0] if case["image"] else None
     summary["maps"] = []
     for (f, view), grid in sorted(grids.items()):
@@ -39,9 +40,11 @@ for case in cfg["cases"]:
     all_rows += rows
     summaries.append(summary)
     v = summary["validation"]
-    log.info("case %s: m=%.3f, %d active features, attribution vs ablation r=%s, %.2fs (ablation %.2fs/feature)",
-             case["name"], summary["metric"], summary["n_active_features"], v["pearson"],
-             summary["seconds"]["attribution"], summary["seconds"]["ablation_per_feature"])
+    log.info("case %s (%s): m=%.3f, %d active features; vs zero-ablation of %d features: ours r=%s sign=%s, "
+             "reference r=%s sign=%s; %.2fs (ablation %.2fs/feature, reference %.2fs/feature)", case["name"], cfg["method"],
+             summary["metric"], summary["n_active_features"], v["ours"]["n_features"], v["ours"]["pearson_r"],
+             v["ours"]["sign_agreement"], v["reference"]["pearson_r"], v["reference"]["sign_agreement"],
+             summary["seconds"]["attribution"], summary["seconds"]["ablation_per_feature"], summary["seconds"]["reference_per_feature"])
 schema = pa.schema([("case", pa.string()), ("position", pa.int32()), ("token", pa.string()), ("modality", pa.string()),
                     ("view", pa.int16()), ("patch_row", pa.int16()), ("patch_col", pa.int16()), ("feature", pa.int32()),
                     ("attribution", pa.float32())])
