@@ -81,7 +81,9 @@ class SteeringHook:
 
     Args:
         sae: the SAE trained on that layer.
-        clamps: features and values; empty = identity.
+        clamps: features and values for every batch row (empty = no clamp), or one entry per batch
+            row: a list of clamps, or None for a row left untouched (the unsteered model, also in
+            reference mode), so that one batched ``generate`` runs the baseline and many clamps.
         mode: ``error_term`` (Anthropic) or ``reference`` (released code: every forward is replaced
             by the SAE reconstruction, no error term).
         positions: where the clamp applies: ``all``, ``prompt`` or ``generated``; None = the mode's
@@ -98,7 +100,8 @@ class SteeringHook:
             positions = "prompt" if mode == "reference" else "all"
         if positions not in ("all", "prompt", "generated"):
             raise ValueError(f"steer.positions: {positions!r} is not one of all, prompt, generated")
-        for c in clamps:
+        self.per_row = any(c is None or isinstance(c, (list, tuple)) for c in clamps)
+        for c in (x for row in clamps for x in (row or ())) if self.per_row else clamps:
             if not 0 <= c.feature < sae.d_sae:
                 raise ValueError(f"steer: feature {c.feature} is outside the SAE (d_sae={sae.d_sae})")
         self.sae, self.clamps, self.positions, self.mode = sae, list(clamps), positions, mode
@@ -113,20 +116,31 @@ class SteeringHook:
         """(..., d_model) layer output -> steered output of the same shape and dtype.
 
         ``clamp=False``: no clamp (error_term: x itself; reference: the plain reconstruction).
+
+        Raises:
+            ValueError: per-row clamps for another batch size than x's.
         """
+        if not self.per_row:
+            return self._apply(x, self.clamps, clamp)
+        if len(self.clamps) != x.shape[0]:
+            raise ValueError(f"steer: {len(self.clamps)} per-row clamp lists for a batch of {x.shape[0]}")
+        return torch.cat([x[b: b + 1] if row is None else self._apply(x[b: b + 1], row, clamp)
+                          for b, row in enumerate(self.clamps)])
+
+    def _apply(self, x: torch.Tensor, clamps: list[Clamp], clamp: bool) -> torch.Tensor:
         sae = self.sae
         flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
         if self.mode == "reference":
             pre = sae.pre_acts(flat).relu()
-            for c in self.clamps if clamp else ():
+            for c in clamps if clamp else ():
                 pre[:, c.feature] = c.value
             vals, idx = select_topk(pre, sae.k)
             return sae.decode(vals, idx).to(x.dtype).reshape(x.shape)
-        if not self.clamps or not clamp:
+        if not clamps or not clamp:
             return x
         vals, idx = sae.encode(flat)
         delta = torch.zeros_like(flat)
-        for c in self.clamps:
+        for c in clamps:
             z_f = (vals * (idx == c.feature)).sum(-1)  # current value (0 when not in the top k)
             delta += (c.value - z_f)[:, None] * sae.W_dec[c.feature]
         return x + delta.to(x.dtype).reshape(x.shape)
@@ -257,13 +271,26 @@ def is_success(changed: bool, ppl_before: float, ppl_after: float, toward: bool 
 
 
 @torch.no_grad()
-def continuation_perplexity(model: nn.Module, inputs: dict, continuation: torch.Tensor) -> float:
+def prompt_state(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, object]:
+    """Run the prompt once through ``model`` as it is (no hook) for :func:`continuation_perplexity`.
+
+    Returns:
+        (logits at the last prompt position (vocab,), the prompt's KV cache).
+    """
+    out = model(**inputs, use_cache=True)
+    return out.logits[0, -1].float(), out.past_key_values
+
+
+@torch.no_grad()
+def continuation_perplexity(model: nn.Module, inputs: dict, continuation: torch.Tensor, state=None) -> float:
     """Perplexity of ``continuation`` given the prompt under ``model`` as it is (no hook), teacher-forced.
 
     Args:
         inputs: processor outputs of the prompt, batch 1 (input_ids (1, n), attention_mask,
             pixel_values, image_sizes as present).
         continuation: (m,) generated token ids, m >= 1.
+        state: :func:`prompt_state` of the same model and inputs, to score many continuations of one
+            prompt without re-running it (its cache is cropped back to the prompt afterwards).
 
     Returns:
         exp(mean over the m tokens of -log p(token | prompt, previous tokens)).
@@ -273,20 +300,37 @@ def continuation_perplexity(model: nn.Module, inputs: dict, continuation: torch.
     """
     if continuation.numel() == 0:
         raise ValueError("continuation_perplexity: empty continuation")
-    ids = inputs["input_ids"]
-    cont = continuation.reshape(1, -1).to(ids.device, ids.dtype)
-    full = dict(inputs, input_ids=torch.cat([ids, cont], 1))
-    if "attention_mask" in inputs:
-        full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
-    logits = model(**full, use_cache=False).logits[0, ids.shape[1] - 1: -1].float()
-    nll = torch.nn.functional.cross_entropy(logits, cont[0], reduction="mean")
+    last, cache = state if state is not None else prompt_state(model, inputs)
+    n = cache.get_seq_length()
+    cont = continuation.reshape(1, -1).to(inputs["input_ids"].device, inputs["input_ids"].dtype)
+    logits = [last[None]]
+    if cont.shape[1] > 1:
+        try:
+            out = model(input_ids=cont[:, :-1], attention_mask=torch.ones(1, n + cont.shape[1] - 1, dtype=torch.long, device=cont.device),
+                        past_key_values=cache, use_cache=True)
+        finally:
+            cache.crop(n - cache.get_seq_length())  # negative: drop what this call appended
+        logits.append(out.logits[0].float())
+    nll = torch.nn.functional.cross_entropy(torch.cat(logits), cont[0], reduction="mean")
     return float(nll.exp())
+
+
+def _until_eos(ids: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    """(n,) generated ids up to and including the first end-of-sequence token (batch rows are padded after it)."""
+    for i, t in enumerate(ids.tolist()):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
 
 
 def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int], prompts: list[dict],
                    values: list[float], scale: str, max_activation: dict[int, float], positions: str | None,
                    mode: str, max_new_tokens: int, max_ppl_ratio: float, words: dict[int, list[str]]) -> list[dict]:
     """Greedy text before and after clamping each feature to each value, for each prompt, judged.
+
+    Per prompt, one batched greedy ``generate``: row 0 unhooked (the "before" text), one row per
+    (feature, value) with its clamp (:class:`SteeringHook` per-row clamps), so the prompt is batched
+    rather than re-run per clamp and every row shares the baseline's numerics.
 
     Args:
         subject: the loaded model; module: its hooked layer.
@@ -308,6 +352,8 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
 
     rows = []
     decode = subject.tokenizer.decode
+    eos = subject.model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
     for p in prompts:
         image = None
         if p.get("image"):
@@ -315,21 +361,22 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             if image is None:
                 raise ValueError(f"steer.prompts: image {p['image']}: {status}")
         inputs = dict(prepare_inputs(subject, [(Sample("steer", p["prompt"], p.get("image")), image)]).to(subject.device))
-        ids_before = generate(subject.model, inputs, module, None, max_new_tokens)[0]
-        before = decode(ids_before, skip_special_tokens=True)
-        ppl_before = continuation_perplexity(subject.model, inputs, ids_before)
-        for f in features:
-            for v in values:
-                c = resolve_clamp_value(v, scale, max_activation.get(f))
-                hook = SteeringHook(sae, [Clamp(f, c)], mode=mode, positions=positions)
-                ids_after = generate(subject.model, inputs, module, hook, max_new_tokens)[0]
-                after = decode(ids_after, skip_special_tokens=True)
-                ppl_after = continuation_perplexity(subject.model, inputs, ids_after)
-                toward, hit = toward_feature(before, after, words.get(f, []))
-                changed = after != before
-                rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": scale, "value": float(v),
-                             "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
-                             "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
-                             "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
-                             "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio)})
+        # one batched generate: row 0 unsteered, then every (feature, value); the rows share their numerics
+        runs = [(f, v, resolve_clamp_value(v, scale, max_activation.get(f))) for f in features for v in values]
+        hook = SteeringHook(sae, [None] + [[Clamp(f, c)] for f, _, c in runs], mode=mode, positions=positions)
+        batch = {k: t.repeat(len(runs) + 1, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
+        out = [_until_eos(ids, eos) for ids in generate(subject.model, batch, module, hook, max_new_tokens)]
+        before = decode(out[0], skip_special_tokens=True)
+        state = prompt_state(subject.model, inputs)
+        ppl_before = continuation_perplexity(subject.model, inputs, out[0], state)
+        for (f, v, c), ids_after in zip(runs, out[1:]):
+            after = decode(ids_after, skip_special_tokens=True)
+            ppl_after = continuation_perplexity(subject.model, inputs, ids_after, state)
+            toward, hit = toward_feature(before, after, words.get(f, []))
+            changed = after != before
+            rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": scale, "value": float(v),
+                         "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
+                         "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
+                         "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
+                         "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio)})
     return rows

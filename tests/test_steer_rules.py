@@ -24,7 +24,7 @@ from mmsae.data import Sample
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
 from mmsae.steer import (Clamp, SteeringHook, content_words, continuation_perplexity, feature_words, generate, is_success,
-                         steering_sweep, toward_feature)
+                         prompt_state, steering_sweep, toward_feature)
 
 
 class _Toy(nn.Module):
@@ -78,6 +78,22 @@ def test_reference_mode_is_the_released_hook_on_every_forward():
     torch.testing.assert_close(gen.steer(calls[1], clamp=False), gen(None, None, (calls[1],))[0])
 
 
+@pytest.mark.parametrize("mode", ["error_term", "reference"])
+def test_per_row_clamps_equal_one_hook_per_row(mode):
+    torch.manual_seed(1)
+    sae = TopKSAE(16, 64, k=4, seed=3)
+    x = torch.randn(1, 5, 16).repeat(3, 1, 1)
+    rows = [None, [Clamp(7, 30.0)], [Clamp(2, 5.0), Clamp(9, 1.0)]]
+    got = SteeringHook(sae, rows, mode=mode, positions="all").steer(x)
+    assert torch.equal(got[0], x[0])  # None: the unsteered model, also in reference mode
+    for b in (1, 2):
+        torch.testing.assert_close(got[b], SteeringHook(sae, rows[b], mode=mode, positions="all").steer(x[b: b + 1])[0])
+    with pytest.raises(ValueError, match="batch of 2"):
+        SteeringHook(sae, rows, mode=mode, positions="all").steer(x[:2])
+    with pytest.raises(ValueError, match="outside the SAE"):
+        SteeringHook(sae, [None, [Clamp(64, 1.0)]], mode=mode, positions="all")
+
+
 def test_reference_generation_matches_the_released_hook(tiny_llava_dir):
     s = load_subject_model(tiny_llava_dir)
     module = resolve_hook_point(s.model, "model.language_model.layers.2")
@@ -106,8 +122,29 @@ def test_continuation_perplexity_equals_a_token_by_token_computation(tiny_llava_
             nll.append(-logp[cont[i]].item())
     want = float(torch.tensor(nll).mean().exp())
     assert continuation_perplexity(s.model, inputs, cont) == pytest.approx(want, rel=1e-4)
+    state = prompt_state(s.model, inputs)  # one prompt pass shared by many continuations
+    for _ in range(2):
+        assert continuation_perplexity(s.model, inputs, cont, state) == pytest.approx(want, rel=1e-4)
+    assert continuation_perplexity(s.model, inputs, cont[:1], state) == pytest.approx(float(torch.tensor(nll[0]).exp()), rel=1e-4)
     with pytest.raises(ValueError, match="empty"):
         continuation_perplexity(s.model, inputs, torch.tensor([], dtype=torch.long))
+
+
+def test_perplexity_with_an_image_reuses_the_prompt_pass(tiny_llava_dir, image_dir):
+    from mmsae.data.corpus import load_image
+
+    s = load_subject_model(tiny_llava_dir)
+    image = load_image(str(image_dir / "good.png"))[0]
+    inputs = dict(prepare_inputs(s, [(Sample("t", "Describe this image.", str(image_dir / "good.png")), image)]))
+    cont = torch.tensor([100, 2000, 35, 7])
+    with torch.no_grad():  # the whole sequence in one pass, no cache
+        full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], cont[None]], 1),
+                    attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 4, dtype=torch.long))
+        logits = s.model(**full, use_cache=False).logits[0, inputs["input_ids"].shape[1] - 1: -1]
+    want = float(torch.nn.functional.cross_entropy(logits, cont).exp())
+    state = prompt_state(s.model, inputs)
+    assert continuation_perplexity(s.model, inputs, cont, state) == pytest.approx(want, rel=1e-4)
+    assert continuation_perplexity(s.model, inputs, cont, state) == pytest.approx(want, rel=1e-4)
 
 
 def test_toward_the_feature_and_the_success_rule():
