@@ -93,7 +93,7 @@ class SteeringHook:
         ValueError: unknown positions or mode, or a feature outside the SAE.
     """
 
-    def __init__(self, sae: TopKSAE, clamps: list[Clamp], mode: str, positions: str | None):
+    def __init__(self, sae: TopKSAE, clamps: list[Clamp] | list[list[Clamp] | None], mode: str, positions: str | None):
         if mode not in ("error_term", "reference"):
             raise ValueError(f"steer.mode: {mode!r} is not one of error_term, reference")
         if positions is None:
