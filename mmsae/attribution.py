@@ -1,18 +1,34 @@
 """Attribute an answer to SAE features on image and text tokens (attribution patching).
 
-Metric m = logit(answer) - logit(baseline) at the last position. The SAE is spliced into the hooked
-layer with its error term held constant, x' = x_hat(z) + eps with eps = (x - x_hat(x)).detach(), so
-the forward pass is unchanged. One backward pass gives dm/dz for every active latent at every
-position; the attribution (zero baseline, Nanda 2023) is
+Metric m = logit(answer) - logit(baseline) at the last position.
+
+``ours`` (default; the method the paper cites: attribution patching, Nanda 2023, with the error
+term held as in Marks et al. 2024): the SAE is spliced into the hooked layer with its error term held
+constant, x' = x_hat(z) + eps with eps = (x - x_hat(x)).detach(), so the forward pass is unchanged.
+One backward pass gives dm/dz for every active latent at every position; the attribution (zero
+baseline) is
 
     A[t, f] = z[t, f] * dm/dz[t, f]          (positive supports the answer)
 
 and the error node's share is <eps_t, dm/dx'_t>. Only the k latents active at a position can have
-A != 0, so the leaves are the (seq, k) TopK values rather than a dense (seq, d_sae) tensor. The
-paper's released code instead loops over features with two forwards and a backward each.
+A != 0, so the leaves are the (seq, k) TopK values rather than a dense (seq, d_sae) tensor.
 
-:func:`ablation_effects` validates: the true effect of zero-ablating a feature at every position
-(keeping the error term) against its summed attribution.
+``reference`` (:func:`reference_attribution`): the paper's released code
+(EvolvingLMMs-Lab/multimodal-sae, ``sae_auto_interp/features/patching/attribution.py``,
+``Attribution.get_attribution``, with ``get_model_forward_cache_with_sae`` and
+``get_logit_diff`` from ``patching/utils.py``). The layer output is replaced by the SAE
+reconstruction alone (error term dropped); per feature f, a clean forward and a forward with f's
+post-ReLU pre-activation masked to 0 *before* TopK (so another latent may take its slot); the
+gradient is taken at the ablated point:
+
+    A_ref[t, f] = <x_hat_clean_t - x_hat_ablated_t, dm(ablated)/dx_hat_ablated_t>
+
+Two forwards and a backward per feature (the clean forward is the same for every feature, so it
+runs once here).
+
+:func:`ablation_effects` is the truth both are checked against: the effect m - m(f zeroed at every
+position, error term kept) of each of the top features (:func:`agreement`: Pearson r and sign
+agreement).
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import torch
 from torch import nn
 
 from mmsae.sae.model import TopKSAE
+from mmsae.steer import select_topk
 
 
 @dataclass
@@ -45,8 +62,16 @@ class AttributionResult:
     grad_norm: np.ndarray
 
 
-class _Splice:
-    """Forward hook: x -> x_hat(z) + eps, with z's TopK values as grad leaves; optional ablation."""
+class SAESplice:
+    """Forward hook that splices the SAE into a layer with its error term held constant.
+
+    The layer output x (batch, seq, d_model) becomes x_hat(z) + eps with eps = x - x_hat(x)
+    detached, so the forward is unchanged. With ``track`` the (batch*seq, k) TopK values are grad
+    leaves (``vals``) and the new output keeps its grad (``x_out``); with ``ablate`` = f, feature f's
+    value is set to 0 wherever it is in the top k (zero-ablation, error term kept).
+
+    Attributes set by each call: vals, idx (n, k); x_out (batch, seq, d_model); eps (n, d_model).
+    """
 
     def __init__(self, sae: TopKSAE, ablate: int | None = None, track: bool = True):
         self.sae, self.ablate, self.track = sae, ablate, track
@@ -69,7 +94,8 @@ class _Splice:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def _metric(model: nn.Module, inputs: dict, answer_id: int, baseline_id: int) -> torch.Tensor:
+def logit_diff(model: nn.Module, inputs: dict, answer_id: int, baseline_id: int) -> torch.Tensor:
+    """m = logit(answer) - logit(baseline) at the last position of batch element 0 (a 0-d float tensor)."""
     logits = model(**inputs, use_cache=False).logits[0, -1]
     return logits[answer_id].float() - logits[baseline_id].float()
 
@@ -82,11 +108,11 @@ def attribute(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, a
         inputs: processor outputs for one sample (batch 1).
         answer_id, baseline_id: token ids of the answer and the baseline.
     """
-    splice = _Splice(sae)
+    splice = SAESplice(sae)
     handle = module.register_forward_hook(splice)
     try:
         with torch.enable_grad():
-            m = _metric(model, inputs, answer_id, baseline_id)
+            m = logit_diff(model, inputs, answer_id, baseline_id)
             m.backward()
     finally:
         handle.remove()
@@ -114,10 +140,10 @@ def ablation_effects(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: 
     first value equals the unmodified model's metric.
     """
     def run(ablate):
-        splice = _Splice(sae, ablate=ablate, track=False)
+        splice = SAESplice(sae, ablate=ablate, track=False)
         handle = module.register_forward_hook(splice)
         try:
-            return _metric(model, inputs, answer_id, baseline_id).item()
+            return logit_diff(model, inputs, answer_id, baseline_id).item()
         finally:
             handle.remove()
 
@@ -125,20 +151,69 @@ def ablation_effects(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: 
     return base, {f: base - run(f) for f in features}
 
 
-def per_feature_loop_cost(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int,
-                          baseline_id: int, features: list[int]) -> None:
-    """The released code's approach for comparison: per feature, two forwards and one backward."""
+class ReconstructionSplice:
+    """Forward hook of the released code (``get_model_forward_cache_with_sae``): the layer output
+    becomes ``decode(select_topk(ReLU(pre_acts(x)) * mask))``, error term dropped; ``off`` = f masks
+    feature f to 0 before TopK. With ``track`` the new output is a grad leaf (``out``)."""
+
+    def __init__(self, sae: TopKSAE, off: int | None = None, track: bool = False):
+        self.sae, self.off, self.track, self.out = sae, off, track, None
+
+    def __call__(self, _module, _inputs, output):
+        x = output[0] if isinstance(output, tuple) else output
+        with torch.no_grad():
+            latents = self.sae.pre_acts(x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)).relu()
+            if self.off is not None:
+                latents[:, self.off] = 0.0
+            new = self.sae.decode(*select_topk(latents, self.sae.k)).to(x.dtype).reshape(x.shape)
+        if self.track:
+            new.requires_grad_(True)
+        self.out = new
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def reference_attribution(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int, baseline_id: int,
+                          features: list[int]) -> tuple[float, dict[int, np.ndarray]]:
+    """The released code's attribution (module docstring) of m to each of ``features``.
+
+    Returns:
+        (m with the reconstruction spliced in, {feature: (seq,) per-position attribution}) for batch
+        element 0; the positions where f is not in the top k get 0.
+    """
+    clean = ReconstructionSplice(sae)
+    handle = module.register_forward_hook(clean)
+    try:
+        with torch.no_grad():
+            m_clean = logit_diff(model, inputs, answer_id, baseline_id).item()
+    finally:
+        handle.remove()
+    out = {}
     for f in features:
-        for ablate in (None, f):
-            splice = _Splice(sae, ablate=ablate, track=ablate is None)
-            handle = module.register_forward_hook(splice)
-            try:
-                with torch.enable_grad():
-                    m = _metric(model, inputs, answer_id, baseline_id)
-                    if ablate is None:
-                        m.backward()
-            finally:
-                handle.remove()
+        abl = ReconstructionSplice(sae, off=f, track=True)
+        handle = module.register_forward_hook(abl)
+        try:
+            with torch.enable_grad():
+                logit_diff(model, inputs, answer_id, baseline_id).backward()
+        finally:
+            handle.remove()
+        a = ((clean.out.float() - abl.out.detach().float()) * abl.out.grad.float()).sum(-1)
+        out[f] = a[0].cpu().numpy()
+    return m_clean, out
+
+
+def agreement(attribution: list[float], effect: list[float]) -> dict:
+    """How well attributions predict true effects over a set of features.
+
+    Returns:
+        ``{"pearson_r": r or None (fewer than 3 features or a constant side), "sign_agreement":
+        fraction of features whose attribution and effect have the same sign (np.sign; None when
+        empty), "n_features": n}``.
+    """
+    x, y = np.asarray(attribution, float), np.asarray(effect, float)
+    n = len(x)
+    r = float(np.corrcoef(x, y)[0, 1]) if n > 2 and x.std() > 0 and y.std() > 0 else None
+    sign = float((np.sign(x) == np.sign(y)).mean()) if n else None
+    return {"pearson_r": r, "sign_agreement": sign, "n_features": n}
 
 
 def pool(result: AttributionResult, modality: np.ndarray, how: str = "sum") -> dict[str, dict[int, float]]:
@@ -166,24 +241,40 @@ def pool(result: AttributionResult, modality: np.ndarray, how: str = "sum") -> d
     return out
 
 
-def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int = 8, validate_top: int = 15,
-             how: str = "sum") -> tuple[list[dict], dict, dict]:
-    """Attribution for one configured case, with validation by zero-ablation.
+def _totals(features: np.ndarray, values: np.ndarray) -> dict[int, float]:
+    """Sum of the attribution of each feature over positions."""
+    out: dict[int, float] = {}
+    for f, v in zip(features.tolist(), values.tolist()):
+        out[f] = out.get(f, 0.0) + v
+    return out
+
+
+def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, validate_top: int, how: str,
+             method: str) -> tuple[list[dict], dict, dict]:
+    """Attribution for one configured case, with both methods validated against zero-ablation.
 
     Args:
         case: ``{"name", "prompt", "image" (path or None), "answer_prefix", "answer", "baseline"}``;
             answer and baseline must each be one token.
-        top_k: features kept per modality for maps and the report.
-        validate_top: the features with the largest |total attribution| that are ablated for real.
+        top_k: features kept per modality for maps and the report (``attribution.top_k``).
+        validate_top: the features with the largest |total attribution| under ``method`` that are
+            ablated for real (``attribution.validate_top``).
+        how: pooling over positions (``attribution.pool``).
+        method: ``ours`` or ``reference`` (module docstring; ``attribution.method``); reference runs
+            one forward and one backward per active feature.
 
     Returns:
-        (rows, summary, grids): rows of the nonzero A[t, f] (position, token, modality, view, patch
-        coordinates, feature, attribution); a JSON-able summary (metric, top features per modality,
-        per-token text attribution, validation correlation, timings); and the per-view grids of
-        the top image features ``{(feature, view): (side, side) array}``.
+        (rows, summary, grids): rows of the nonzero A[t, f] of ``method`` (position, token, modality,
+        view, patch coordinates, feature, attribution); a JSON-able summary (metric, top features per
+        modality, per-token text attribution, validation, timings); and the per-view grids of the top
+        image features ``{(feature, view): (side, side) array}``. ``summary["validation"]``:
+        ``features`` and their true ``ablation_effect``; ``ours`` and ``reference``, each
+        :func:`agreement` plus its ``attribution`` (totals over positions) of those features;
+        ``pearson`` and ``attribution`` repeat ``ours`` for readers of the older layout.
 
     Raises:
-        ValueError: the answer or baseline is not a single token, or the image cannot be read.
+        ValueError: an unknown method, the answer or baseline is not a single token, or the image
+            cannot be read.
     """
     import time
 
@@ -191,6 +282,8 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int = 
     from mmsae.data.corpus import Sample, load_image
     from mmsae.models import image_token_coordinates
 
+    if method not in ("ours", "reference"):
+        raise ValueError(f"attribution.method: {method!r} is not one of ours, reference")
     tok = subject.tokenizer
     ids = {}
     for key in ("answer", "baseline"):
@@ -209,19 +302,40 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int = 
     coords = image_token_coordinates(subject.model, inputs["image_sizes"].cpu())[0] if image is not None else None
     layout = token_layout(subject, input_ids, coords, case["name"])
 
+    model, answer, baseline = subject.model, ids["answer"], ids["baseline"]
     t0 = time.perf_counter()
-    res = attribute(subject.model, module, sae, inputs, ids["answer"], ids["baseline"])
+    ours = attribute(model, module, sae, inputs, answer, baseline)
     t_attr = time.perf_counter() - t0
+    ours_totals = _totals(ours.features, ours.values)
+    t_ref, m_recon, ref_values = 0.0, None, {}
+    if method == "reference":
+        t0 = time.perf_counter()
+        m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, sorted(ours_totals))
+        t_ref = time.perf_counter() - t0
+        pos = [np.nonzero(a)[0] for a in ref_values.values()] or [np.zeros(0, np.int64)]
+        res = AttributionResult(metric=ours.metric, positions=np.concatenate(pos).astype(np.int64),
+                                features=np.concatenate([np.full(len(p), f) for f, p in zip(ref_values, pos)] or [pos[0]]).astype(np.int64),
+                                values=np.concatenate([a[p] for a, p in zip(ref_values.values(), pos)] or [pos[0]]).astype(np.float32),
+                                error=ours.error, grad_norm=ours.grad_norm)  # the error node is ours' (the reference has none)
+    else:
+        res = ours
+    totals = _totals(res.features, res.values)
     pooled = pool(res, layout["modality"], how)
-    totals: dict[int, float] = {}
-    for f, v in zip(res.features.tolist(), res.values.tolist()):
-        totals[f] = totals.get(f, 0.0) + v
     check = sorted(totals, key=lambda f: -abs(totals[f]))[:validate_top]
     t0 = time.perf_counter()
-    m_spliced, effects = ablation_effects(subject.model, module, sae, inputs, ids["answer"], ids["baseline"], check)
+    m_spliced, effects = ablation_effects(model, module, sae, inputs, answer, baseline, check)
     t_abl = time.perf_counter() - t0
-    x, y = np.array([totals[f] for f in check]), np.array([effects[f] for f in check])
-    pearson = float(np.corrcoef(x, y)[0, 1]) if len(check) > 2 and x.std() > 0 and y.std() > 0 else None
+    if method == "ours":
+        t0 = time.perf_counter()
+        m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, check)
+        t_ref = time.perf_counter() - t0
+    y = [effects[f] for f in check]
+    x_ours = [ours_totals.get(f, 0.0) for f in check]
+    x_ref = [float(ref_values[f].sum()) for f in check]
+    validation = {"features": check, "ablation_effect": y,
+                  "ours": {**agreement(x_ours, y), "attribution": x_ours},
+                  "reference": {**agreement(x_ref, y), "attribution": x_ref}}
+    validation.update(pearson=validation["ours"]["pearson_r"], attribution=x_ours)
 
     tokens = tok.batch_decode([[i] for i in input_ids.tolist()])
     rows = [{"case": case["name"], "position": int(p), "token": tokens[p], "modality": str(layout["modality"][p]),
@@ -241,13 +355,15 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int = 
     np.add.at(per_token, res.positions, res.values)
     summary = {
         "case": case["name"], "prompt": case["prompt"], "image": case.get("image"), "answer": case["answer"],
-        "baseline": case["baseline"], "metric": res.metric, "metric_spliced": m_spliced,
+        "baseline": case["baseline"], "method": method, "metric": res.metric, "metric_spliced": m_spliced,
+        "metric_reconstruction": m_recon,
         "error_attribution": float(res.error.sum()), "feature_attribution": float(res.values.sum()),
         "pool": how, "top_image": [{"feature": f, "attribution": pooled["image"][f]} for f in top["image"]],
         "top_text": [{"feature": f, "attribution": pooled["text"][f]} for f in top["text"]],
         "text_tokens": [tokens[p] for p in text_pos], "text_attribution": per_token[text_pos].tolist(),
-        "validation": {"features": check, "attribution": x.tolist(), "ablation_effect": y.tolist(), "pearson": pearson},
-        "seconds": {"attribution": t_attr, "ablation_per_feature": t_abl / max(len(check), 1)},
+        "validation": validation,
+        "seconds": {"attribution": t_attr, "ablation_per_feature": t_abl / max(len(check), 1),
+                    "reference_per_feature": t_ref / max(len(ref_values), 1)},
         "n_active_features": len(totals),
     }
     return rows, summary, grids

@@ -71,9 +71,10 @@ ATTRIBUTION = "results/attribution"
 
 
 def steer_inputs(wildcards):
-    """The model; the explanations too when features are chosen by matching words against them."""
-    inputs = {"model": model_input(wildcards)}
-    if config["steer"]["match"] and config["explain"]["enabled"]:
+    """The model; the top text contexts and, when explanations run, the explanations: their words judge
+    whether steering moved toward a feature (and ``steer.match`` chooses features by them)."""
+    inputs = {"model": model_input(wildcards), "contexts": f"{MAPS}/contexts.parquet"}
+    if config["explain"]["enabled"]:
         inputs["explanations"] = f"{EXPLANATIONS}/explanations.parquet"
     return inputs
 

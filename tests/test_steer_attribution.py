@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmsae.activations import prepare_inputs
-from mmsae.attribution import _Splice, ablation_effects, attribute, pool, run_case
+from mmsae.attribution import ablation_effects, attribute, pool, run_case
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
@@ -41,12 +41,12 @@ def test_no_clamp_is_the_identity(demo):
     inputs = _inputs(s, "What is the capital of France?")
     with torch.no_grad():
         base = s.model(**inputs).logits
-        h = module.register_forward_hook(SteeringHook(sae, []))
+        h = module.register_forward_hook(SteeringHook(sae, [], mode="error_term", positions=None))
         hooked = s.model(**inputs).logits
         h.remove()
     assert torch.equal(base, hooked)
     plain = generate(s.model, inputs, module, None, 12)
-    assert torch.equal(plain, generate(s.model, inputs, module, SteeringHook(sae, []), 12))
+    assert torch.equal(plain, generate(s.model, inputs, module, SteeringHook(sae, [], mode="error_term", positions=None), 12))
     assert "Paris" in s.tokenizer.decode(plain[0])
 
 
@@ -55,13 +55,13 @@ def test_clamp_adds_the_decoder_direction(demo):
     x = torch.randn(1, 5, 576) * 3
     vals, idx = sae.encode(x[0])
     f = int(idx[0, 0])  # active at position 0
-    out = SteeringHook(sae, [Clamp(f, 50.0)])._steer(x)
+    out = SteeringHook(sae, [Clamp(f, 50.0)], mode="error_term", positions="all").steer(x)
     z_f = (vals * (idx == f)).sum(-1)
     torch.testing.assert_close(out[0], x[0] + (50.0 - z_f)[:, None] * sae.W_dec[f])
-    ref = SteeringHook(sae, [Clamp(f, 50.0)], mode="reference")._steer(x)
-    pre = sae.pre_acts(x[0])
+    ref = SteeringHook(sae, [Clamp(f, 50.0)], mode="reference", positions=None).steer(x)
+    pre = sae.pre_acts(x[0]).relu()
     pre[:, f] = 50.0
-    torch.testing.assert_close(ref[0], sae.decode(*sae._topk(pre)))  # no error term
+    torch.testing.assert_close(ref[0], sae.decode(*pre.topk(sae.k, dim=-1)))  # no error term
 
 
 def test_a_clamp_changes_generation_and_positions_are_respected(demo):
@@ -70,8 +70,8 @@ def test_a_clamp_changes_generation_and_positions_are_respected(demo):
     plain = generate(s.model, inputs, module, None, 10)
     f = 3
     big = resolve_clamp_value(200.0, "absolute", None)
-    assert not torch.equal(plain, generate(s.model, inputs, module, SteeringHook(sae, [Clamp(f, big)]), 10))
-    gen_only = generate(s.model, inputs, module, SteeringHook(sae, [Clamp(f, big)], positions="generated"), 10)
+    assert not torch.equal(plain, generate(s.model, inputs, module, SteeringHook(sae, [Clamp(f, big)], mode="error_term", positions="all"), 10))
+    gen_only = generate(s.model, inputs, module, SteeringHook(sae, [Clamp(f, big)], mode="error_term", positions="generated"), 10)
     assert gen_only[0, 0] == plain[0, 0]  # the first token comes from the (unsteered) prompt pass
     assert not torch.equal(gen_only, plain)
     assert resolve_clamp_value(5, "max_multiple", 2.0) == 10.0
@@ -123,10 +123,10 @@ def test_run_case_with_an_image_and_bad_answers(tiny_llava_dir, image_dir):
     module = resolve_hook_point(s.model, "model.language_model.layers.2")
     sae = TopKSAE(64, 128, k=8, seed=1)
     case = {"name": "c", "prompt": "Is it green?", "image": str(image_dir / "good.png"), "answer": "Yes", "baseline": "No"}
-    rows, summary, grids = run_case(s, module, sae, case, top_k=3, validate_top=5)
+    rows, summary, grids = run_case(s, module, sae, case, top_k=3, validate_top=5, how="sum", method="ours")
     assert rows and {r["modality"] for r in rows} == {"image", "text"}
     assert summary["top_image"] and all((f, v) for (f, v) in grids) and all(g.shape == (4, 4) for g in grids.values())
     assert summary["metric_spliced"] == pytest.approx(summary["metric"], abs=1e-4)
     assert len(summary["validation"]["features"]) == 5
     with pytest.raises(ValueError, match="not one"):
-        run_case(s, module, sae, {**case, "answer": " Yes indeed"})
+        run_case(s, module, sae, {**case, "answer": " Yes indeed"}, 3, 5, "sum", "ours")

@@ -1,4 +1,5 @@
-"""Entry point of rule attribute: feature attribution per case, heatmaps, validation by ablation."""
+"""Entry point of rule attribute: feature attribution per case (attribution.method), heatmaps, validation of both
+methods by zero-ablation."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pyarrow as pa
 from PIL import Image
 
 from mmsae.attribution import run_case
+from mmsae.steer import sae_hook_point
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.io import write_bytes, write_json, write_parquet
 from mmsae.maps import heatmap, png_bytes
@@ -18,13 +20,14 @@ sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.attribution
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
-module = resolve_hook_point(subject.model, p.hook_point)
+sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
+hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
+module = resolve_hook_point(subject.model, hook_point)
 out_dir = Path(sm.output.summary).parent
 all_rows, summaries = [], []
 for case in cfg["cases"]:
     case = {**case, "image": resolve_image_ref(case.get("image"))}
-    rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"])
+    rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"], cfg["method"])
     image = load_image(case["image"])[0] if case["image"] else None
     summary["maps"] = []
     for (f, view), grid in sorted(grids.items()):
@@ -37,9 +40,11 @@ for case in cfg["cases"]:
     all_rows += rows
     summaries.append(summary)
     v = summary["validation"]
-    log.info("case %s: m=%.3f, %d active features, attribution vs ablation r=%s, %.2fs (ablation %.2fs/feature)",
-             case["name"], summary["metric"], summary["n_active_features"], v["pearson"],
-             summary["seconds"]["attribution"], summary["seconds"]["ablation_per_feature"])
+    log.info("case %s (%s): m=%.3f, %d active features; vs zero-ablation of %d features: ours r=%s sign=%s, "
+             "reference r=%s sign=%s; %.2fs (ablation %.2fs/feature, reference %.2fs/feature)", case["name"], cfg["method"],
+             summary["metric"], summary["n_active_features"], v["ours"]["n_features"], v["ours"]["pearson_r"],
+             v["ours"]["sign_agreement"], v["reference"]["pearson_r"], v["reference"]["sign_agreement"],
+             summary["seconds"]["attribution"], summary["seconds"]["ablation_per_feature"], summary["seconds"]["reference_per_feature"])
 schema = pa.schema([("case", pa.string()), ("position", pa.int32()), ("token", pa.string()), ("modality", pa.string()),
                     ("view", pa.int16()), ("patch_row", pa.int16()), ("patch_col", pa.int16()), ("feature", pa.int32()),
                     ("attribution", pa.float32())])

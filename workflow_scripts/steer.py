@@ -1,4 +1,5 @@
-"""Entry point of rule steer: text before/after clamping features, over a sweep of values."""
+"""Entry point of rule steer: text before/after clamping features, over a sweep of values, judged
+(perplexity under the unsteered model, toward the feature, success)."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from mmsae.io import write_parquet
 from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae
-from mmsae.steer import features_matching, steering_sweep
+from mmsae.steer import feature_words, features_matching, sae_hook_point, steering_sweep
 from mmsae.features import TEXT_DOMINANT
 from mmsae.workflow import setup
 
@@ -19,10 +20,11 @@ sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, st = sm.params, sm.params.steer
 stats = pl.read_parquet(sm.input.stats)
+expl = pl.read_parquet(sm.input.explanations) if "explanations" in sm.input.keys() else None
+contexts = pl.read_parquet(sm.input.contexts)
 if st["features"]:
     features = list(st["features"])
 elif st["match"]:
-    expl = pl.read_parquet(sm.input.explanations) if "explanations" in sm.input.keys() else None
     features = features_matching(expl, st["match"])
     log.info("features whose explanation matches %s: %s", st["match"], features)
 else:
@@ -30,14 +32,21 @@ else:
     text_dom = set(stats.filter(TEXT_DOMINANT)["feature"])
     features = [f for f in selected if f in text_dom][: st["auto"]]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
+sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
+hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
 prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} for q in st["prompts"]]
-rows = steering_sweep(subject, resolve_hook_point(subject.model, p.hook_point), sae, features, prompts, st["values"],
+rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, st["values"],
                       st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],
-                      st["max_new_tokens"])
+                      st["max_new_tokens"], st["success_max_ppl_ratio"],
+                      {f: feature_words(f, contexts, expl) for f in features})
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
                     ("value", pa.float64()), ("clamp_value", pa.float64()), ("positions", pa.string()), ("mode", pa.string()),
-                    ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_())])
+                    ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_()),
+                    ("ppl_before", pa.float64()), ("ppl_after", pa.float64()), ("feature_words", pa.list_(pa.string())),
+                    ("toward_words", pa.list_(pa.string())), ("toward_feature", pa.bool_()), ("success", pa.bool_())])
 write_parquet(sm.output[0], pa.Table.from_pylist(rows, schema=schema))
-log.info("steered %d features x %d prompts x %d values; %d of %d generations changed",
-         len(features), len(prompts), len(st["values"]), sum(r["changed"] for r in rows), len(rows))
+log.info("steered %d features x %d prompts x %d values; of %d generations %d changed, %d toward the feature, "
+         "%d fluent (ppl ratio <= %g), %d successes", len(features), len(prompts), len(st["values"]), len(rows),
+         sum(r["changed"] for r in rows), sum(bool(r["toward_feature"]) for r in rows),
+         sum(r["ppl_after"] <= st["success_max_ppl_ratio"] * r["ppl_before"] for r in rows), st["success_max_ppl_ratio"],
+         sum(r["success"] for r in rows))
