@@ -18,6 +18,7 @@ rule report:
     params:
         model=model_path(),
         demo=is_demo_model(),
+        code=code("report.py"),
     log:
         "results/logs/report.log",
     threads: 1

@@ -8,9 +8,10 @@ rule train_sae:
         metrics=f"{SAE_DIR}/metrics.json",
         log_table=f"{SAE_DIR}/log.parquet",
     params:
-        sae={k: v for k, v in config["sae"].items() if k != "gpus"},
+        sae={k: v for k, v in config["sae"].items() if k not in ("name", "gpus", "checkpoint_every")},
         device=config["model"]["device"],
         checkpoint_dir=f"{SAE_DIR}/checkpoints",
+        code=code("train_sae.py"),
     log:
         "results/logs/train_sae.log",
     benchmark:
@@ -31,9 +32,10 @@ rule encode:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
-        manifest="results/codes/part-{part}/manifest.json",
+        directory("results/codes/part-{part}"),
     params:
         device=config["model"]["device"],
+        code=code("encode.py"),
     wildcard_constraints:
         part=r"\d+",
     log:
@@ -52,9 +54,11 @@ rule encode:
 rule merge_codes:
     """One manifest over the code parts."""
     input:
-        expand("results/codes/part-{part}/manifest.json", part=PARTS),
+        expand("results/codes/part-{part}", part=PARTS),
     output:
-        CODES,
+        manifest=CODES,
+    params:
+        code=code("merge_manifests.py"),
     log:
         "results/logs/merge_codes.log",
     threads: 1

@@ -13,7 +13,8 @@ rule steer:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        steer=config["steer"],
+        steer=keys("steer", "features", "match", "auto", "prompts", "values", "scale", "positions", "mode", "max_new_tokens"),
+        code=code("steer.py"),
     log:
         "results/logs/steer.log",
     benchmark:
@@ -41,7 +42,8 @@ rule attribute:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        attribution=config["attribution"],
+        attribution=keys("attribution", "pool", "top_k", "validate_top", "cases"),
+        code=code("attribute.py"),
     log:
         "results/logs/attribute.log",
     benchmark:

@@ -15,7 +15,7 @@ p = sm.params
 codes_manifest = json.loads(open(sm.input.codes).read())
 codes = scan_codes(shard_paths(sm.input.codes))
 stats = feature_stats(codes, codes_manifest["n_tokens"], codes_manifest["n_image_tokens"], codes_manifest["n_text_tokens"])
-samples = pl.read_parquet(sm.input.activations.rsplit("/", 1)[0] + "/samples.parquet")
+samples = pl.read_parquet(sm.input.samples)
 tops = top_samples(codes, base_view_counts(shard_paths(sm.input.activations), samples), n=p.top_n, rank_by=p.rank_by)
 chosen, info = select_features(stats, tops, **p.select)
 write_table(sm.output.stats, stats)
