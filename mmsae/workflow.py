@@ -3,9 +3,9 @@ tracebacks, run-time (non-result) settings, and the code hash each rule carries 
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -66,12 +66,37 @@ def endpoint_runtime(explain: dict, refiner: dict | None = None) -> dict:
     return out
 
 
+IMPORT_RE = re.compile(
+    r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)|import[ \t]+([^\n#;]+))", re.M)
+_IMPORTS: dict[tuple, list[tuple[int, str, list[str]]]] = {}
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(relative level, module, imported names) of every import statement in ``path``; read with a
+    regular expression (the Snakefile hashes at every load, and parsing the ASTs took seconds),
+    memoised by path, size and modification time."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _IMPORTS:
+        out = []
+        for m in IMPORT_RE.finditer(path.read_text()):
+            if m.group(3):  # import a.b, c as d
+                out += [(0, n.split(" as ")[0].strip(), []) for n in m.group(3).split(",")]
+            else:
+                mod = m.group(1)
+                level = len(mod) - len(mod.lstrip("."))
+                names = [n.split(" as ")[0].strip() for n in m.group(2).strip("()").replace("\\", "").split(",")]
+                out.append((level, mod.lstrip("."), [n for n in names if n]))
+        _IMPORTS[key] = out
+    return _IMPORTS[key]
+
+
 def module_files(script: str | Path, root: str | Path, package: str = "mmsae") -> list[Path]:
     """The files of ``package`` that ``script`` imports, directly or through other package modules.
 
     Imports are read from the source (``import p.x``, ``from p.x import y``, relative imports in the
-    package), never executed; every parent ``__init__.py`` of an imported module counts. ``root`` is
-    the folder that holds the package folder. Returns the sorted files.
+    package, also inside functions), never executed; every parent ``__init__.py`` of an imported
+    module counts. ``root`` is the folder that holds the package folder. Returns the sorted files.
     """
     root = Path(root)
     seen: set[Path] = set()
@@ -90,20 +115,16 @@ def module_files(script: str | Path, root: str | Path, package: str = "mmsae") -
         return out
 
     def visit(path: Path, modname: str | None):
-        tree = ast.parse(path.read_text(), filename=str(path))
         names = []
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level and modname:
-                    pkg = modname.split(".")
-                    pkg = pkg[: len(pkg) - node.level + (path.name == "__init__.py")]
-                    base = ".".join(pkg + ([node.module] if node.module else []))
-                else:
-                    base = node.module or ""
-                names.append(base)
-                names += [f"{base}.{a.name}" for a in node.names]  # a submodule imported by name
+        for level, module, imported in _imports(path):
+            if level and modname:
+                pkg = modname.split(".")
+                pkg = pkg[: len(pkg) - level + (path.name == "__init__.py")]
+                base = ".".join(pkg + ([module] if module else []))
+            else:
+                base = module
+            names.append(base)
+            names += [f"{base}.{n}" for n in imported]  # a submodule imported by name
         for name in names:
             for f in module_path(name):
                 if f not in seen:

@@ -17,8 +17,9 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 out = Path(sm.output[0])
+for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a job that was killed
+    shutil.rmtree(stale, ignore_errors=True)
 tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-shutil.rmtree(tmp, ignore_errors=True)
 sae, _ = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(sm.params.device))
 manifest = encode_shards(sae, shard_paths(sm.input.activations), tmp)
 shutil.rmtree(out, ignore_errors=True)
