@@ -34,7 +34,7 @@ rule evaluate:
         samples=SAMPLES,
     output:
         scores=f"{EVALUATION}/scores.parquet",
-        table=f"{EVALUATION}/table.md",
+        table=report(f"{EVALUATION}/table.md", caption="../report/table1.rst", category="Evaluation"),
         summary=f"{EVALUATION}/summary.json",
     params:
         evaluate=keys("evaluate", "detector", "segmenter", "clip", "clip_backend", "box_threshold", "text_threshold",

@@ -6,7 +6,7 @@ rule find_neurons:
         captions=f"{NEURONS}/captions.parquet",
         neurons=f"{NEURONS}/neurons.parquet",
         tokens=f"{NEURONS}/tokens.parquet",
-        properties=f"{NEURONS}/properties.json",
+        properties=report(f"{NEURONS}/properties.json", caption="../report/neurons.rst", category="Neurons"),
         cases=f"{NEURONS}/cases.pt",
     params:
         model=model_path(),

@@ -14,7 +14,7 @@ rule report:
         report(
             "results/report/index.html",
             caption="../report/index.rst",
-            category="Report",
+            category="Feature cards",
         ),
     params:
         model=model_path(),

@@ -5,8 +5,8 @@ rule train_sae:
     output:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
-        metrics=f"{SAE_DIR}/metrics.json",
-        log_table=f"{SAE_DIR}/log.parquet",
+        metrics=report(f"{SAE_DIR}/metrics.json", caption="../report/sae_metrics.rst", category="SAE"),
+        log_table=report(f"{SAE_DIR}/log.parquet", caption="../report/training_curve.rst", category="SAE"),
     params:
         sae={k: v for k, v in config["sae"].items() if k not in ("name", "gpus", "checkpoint_every")},
         device=config["model"]["device"],

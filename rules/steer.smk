@@ -7,7 +7,7 @@ rule steer:
         stats=f"{FEATURES}/stats.parquet",
         selected=f"{FEATURES}/selected.json",
     output:
-        f"{STEERING}/steering.parquet",
+        report(f"{STEERING}/steering.parquet", caption="../report/steering.rst", category="Steering"),
     params:
         model=model_path(),
         dtype=config["model"]["dtype"],
@@ -35,7 +35,7 @@ rule attribute:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
-        summary=f"{ATTRIBUTION}/summary.json",
+        summary=report(f"{ATTRIBUTION}/summary.json", caption="../report/attribution.rst", category="Attribution"),
         table=f"{ATTRIBUTION}/attribution.parquet",
     params:
         model=model_path(),
