@@ -64,6 +64,9 @@ def jobs(proc) -> dict:
 
 def workdir_with(tmp_path, cfg) -> Path:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    corpus = cfg.get("corpus", {})
+    if corpus.get("source") == "folder" and corpus.get("path") and not Path(corpus["path"]).is_absolute():
+        (tmp_path / corpus["path"]).mkdir(parents=True, exist_ok=True)  # the paper config's image folder
     return tmp_path
 
 
@@ -207,7 +210,7 @@ def test_every_entry_script_sets_up_its_log():
 @pytest.mark.parametrize("cfg,field", [
     ({"sae": {"k": 64, "d_sae": 32}}, "sae.k=64"),
     ({"model": {"hook_point": "model.language_model.layers.30"}}, "model.hook_point"),
-    ({"corpus": {"source": "folder", "path": "no/such/folder"}}, "corpus.path"),
+    ({"corpus": {"source": "folder", "path": "/no/such/folder"}}, "corpus.path"),
     ({"corpus": {"source": "table"}}, "corpus.path is required"),
 ])
 def test_config_errors_stop_at_load(tmp_path, cfg, field):
