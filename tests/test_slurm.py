@@ -32,6 +32,9 @@ from test_workflow import REPO, SNAKEMAKE, TINY
 pytestmark = pytest.mark.slow
 
 DAEMONS = ["munged", "slurmctld", "slurmd"]
+# The jobstep plugin drops SLURM_* variables (SLURM_CONF included) before its inner srun, so the
+# cluster's config has to be at the default path; the test writes it there only when there is none.
+ETC = Path("/etc/slurm")
 CLIENTS = ["sbatch", "squeue", "scontrol", "sinfo", "srun"]
 TARGET = "results/sae/default/metrics.json"
 SLICE_RESOURCES = ["build_demo_model", "extract", "merge_activations", "train_sae"]
@@ -43,6 +46,8 @@ def _missing() -> str | None:
         return f"SLURM not installed ({', '.join(absent)} missing): apt-get install slurm-wlm munge (.ci/run does it as root)"
     if os.geteuid() != 0:
         return "a local SLURM cluster needs root (slurmd launches job steps as the submitting user)"
+    if (ETC / "slurm.conf").exists() or (ETC / "gres.conf").exists():
+        return f"{ETC}/slurm.conf or gres.conf exists (a real cluster?); the test will not replace it"
     return None
 
 
@@ -56,7 +61,7 @@ class LocalSlurm:
     def __init__(self, d: Path):
         self.d = d
         self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
-        self.env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
+        self.env = {**os.environ, "SLURM_CONF": str(ETC / "slurm.conf")}
 
     def write_config(self):
         d = self.d
@@ -68,7 +73,8 @@ class LocalSlurm:
             if not (d / f"gpu{i}").exists():
                 os.mknod(d / f"gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))
         cpus = min(os.cpu_count() or 1, 4)
-        (d / "slurm.conf").write_text(f"""ClusterName=mmsae-test
+        ETC.mkdir(parents=True, exist_ok=True)
+        (ETC / "slurm.conf").write_text(f"""ClusterName=mmsae-test
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort=16817
 SlurmdPort=16818
@@ -98,15 +104,15 @@ NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:2 S
 PartitionName=cpu Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
 """)
-        (d / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File={d}/gpu[0-1]\n")
+        (ETC / "gres.conf").write_text(f"AutoDetect=off\nNodeName={self.host} Name=gpu File={d}/gpu[0-1]\n")
 
     def start(self):
         d = self.d
         self.write_config()
         subprocess.run([_exe("munged"), f"--key-file={d}/munge.key", f"--socket={d}/munge.sock", f"--pid-file={d}/munged.pid",
                         f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge.seed", "--force"], check=True, env=self.env)
-        subprocess.run([_exe("slurmctld"), "-f", str(d / "slurm.conf")], check=True, env=self.env)
-        subprocess.run([_exe("slurmd"), "-f", str(d / "slurm.conf")], check=True, env=self.env)
+        subprocess.run([_exe("slurmctld")], check=True, env=self.env)
+        subprocess.run([_exe("slurmd")], check=True, env=self.env)
         deadline = time.time() + 60
         while time.time() < deadline:
             state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=self.env).stdout.split()
@@ -137,6 +143,8 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
                 time.sleep(0.1)
             else:
                 os.kill(pid, signal.SIGKILL)
+        for name in ("slurm.conf", "gres.conf"):  # written by write_config, which refuses to replace them
+            (ETC / name).unlink(missing_ok=True)
 
     def jobs(self) -> list[dict]:
         """Every job slurmctld remembers, as {field: value} from `scontrol show job -o`."""
@@ -179,11 +187,11 @@ def test_slurm_run_equals_local_run(tmp_path, slurm, demo_model_dir):
         "--slurm-status-command", "squeue", "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "1",
         "--default-resources", *[f"{k}={v}" for k, v in small.items()], "slurm_partition=cpu", "gpu=0", "endpoint_slots=1",
         "--set-resources", *[f"{r}:{k}={v}" for r in SLICE_RESOURCES for k, v in small.items()],
-        "--set-threads", *[f"{r}=1" for r in SLICE_RESOURCES],
+        "train_sae:slurm_partition=gpu", "--set-threads", *[f"{r}=1" for r in SLICE_RESOURCES],
         env={**slurm.env, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))})
 
     jobs = {j.get("Comment", ""): j for j in slurm.jobs()}
-    assert {"rule_extract_wildcards_part=0", "rule_merge_activations", "rule_train_sae"} <= set(jobs), sorted(jobs)
+    assert {"rule_extract_wildcards_0", "rule_merge_activations", "rule_train_sae"} <= set(jobs), sorted(jobs)
     assert all(j["JobState"] == "COMPLETED" for j in jobs.values())
     train = jobs["rule_train_sae"]
     assert train["Partition"] == "gpu" and "gres:gpu:1" in train.get("TresPerJob", ""), train  # sae.gpus -> --gpus=1
