@@ -2,6 +2,8 @@
 # Run: snakemake --cores all   (config.yaml describes the run; config/schema.yaml documents every key)
 from snakemake.utils import min_version, validate
 
+from mmsae.config_check import config_errors
+
 min_version("9.0")
 
 
@@ -9,6 +11,9 @@ configfile: "config.yaml"
 
 
 validate(config, "config/schema.yaml")
+_errors = config_errors(config)
+if _errors:
+    raise ValueError("config.yaml: " + "; ".join(_errors))
 
 
 include: "rules/common.smk"

@@ -1,9 +1,13 @@
-"""Helpers shared by the ``workflow_scripts/`` entry points (logging, threads)."""
+"""Helpers shared by the ``workflow_scripts/`` entry points and the Snakefile: logging that keeps
+tracebacks, run-time (non-result) settings, and the code hash each rule carries in its params."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import sys
+from pathlib import Path
 
 
 _LEASE = None
@@ -11,12 +15,26 @@ _LEASE = None
 
 def setup(log_path: str | None, threads: int = 1, gpus: int = 0) -> logging.Logger:
     """Log to ``log_path`` and stderr at INFO, give torch ``threads`` CPU threads, and lease ``gpus``
-    devices for the rest of the process (see :mod:`mmsae.gpu`; a no-op without GPUs)."""
+    devices for the rest of the process (see :mod:`mmsae.gpu`; a no-op without GPUs).
+
+    An uncaught exception is written with its traceback to the log (the file Snakemake names when
+    the job fails) before the process exits non-zero.
+    """
     global _LEASE
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         handlers.append(logging.FileHandler(log_path, mode="w"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    log = logging.getLogger("mmsae")
+
+    def log_uncaught(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, value, tb)
+            return
+        log.critical("job failed", exc_info=(kind, value, tb))  # the handlers reach stderr and the log file
+        logging.shutdown()
+
+    sys.excepthook = log_uncaught
     try:
         import torch
 
@@ -28,4 +46,101 @@ def setup(log_path: str | None, threads: int = 1, gpus: int = 0) -> logging.Logg
 
         _LEASE = lease(int(gpus))
         _LEASE.__enter__()  # released when the process ends, however it ends
-    return logging.getLogger("mmsae")
+    return log
+
+
+RUNTIME_ENDPOINT_KEYS = ("api_key_env", "concurrency", "timeout_s", "retries")
+
+
+def endpoint_runtime(explain: dict, refiner: dict | None = None) -> dict:
+    """The endpoint settings that do not change an answer (throughput, patience, where the key is):
+    read by the scripts at run time instead of passed as ``params``, so editing them reruns nothing.
+
+    Args:
+        explain: the ``explain`` config section.
+        refiner: the ``evaluate.refiner`` section; its non-null ``api_key_env`` wins.
+    """
+    out = {k: explain[k] for k in RUNTIME_ENDPOINT_KEYS}
+    if refiner and refiner.get("api_key_env") is not None:
+        out["api_key_env"] = refiner["api_key_env"]
+    return out
+
+
+IMPORT_RE = re.compile(
+    r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]+)|import[ \t]+([^\n#;]+))", re.M)
+_IMPORTS: dict[tuple, list[tuple[int, str, list[str]]]] = {}
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(relative level, module, imported names) of every import statement in ``path``; read with a
+    regular expression (the Snakefile hashes at every load, and parsing the ASTs took seconds),
+    memoised by path, size and modification time."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _IMPORTS:
+        out = []
+        for m in IMPORT_RE.finditer(path.read_text()):
+            if m.group(3):  # import a.b, c as d
+                out += [(0, n.split(" as ")[0].strip(), []) for n in m.group(3).split(",")]
+            else:
+                mod = m.group(1)
+                level = len(mod) - len(mod.lstrip("."))
+                names = [n.split(" as ")[0].strip() for n in m.group(2).strip("()").replace("\\", "").split(",")]
+                out.append((level, mod.lstrip("."), [n for n in names if n]))
+        _IMPORTS[key] = out
+    return _IMPORTS[key]
+
+
+def module_files(script: str | Path, root: str | Path, package: str = "mmsae") -> list[Path]:
+    """The files of ``package`` that ``script`` imports, directly or through other package modules.
+
+    Imports are read from the source (``import p.x``, ``from p.x import y``, relative imports in the
+    package, also inside functions), never executed; every parent ``__init__.py`` of an imported
+    module counts. ``root`` is the folder that holds the package folder. Returns the sorted files.
+    """
+    root = Path(root)
+    seen: set[Path] = set()
+
+    def module_path(name: str) -> list[Path]:
+        parts = name.split(".")
+        if parts[0] != package:
+            return []
+        out = []
+        for i in range(1, len(parts) + 1):
+            base = root.joinpath(*parts[:i])
+            if (base / "__init__.py").is_file():
+                out.append(base / "__init__.py")
+            elif base.with_suffix(".py").is_file():
+                out.append(base.with_suffix(".py"))
+        return out
+
+    def visit(path: Path, modname: str | None):
+        names = []
+        for level, module, imported in _imports(path):
+            if level and modname:
+                pkg = modname.split(".")
+                pkg = pkg[: len(pkg) - level + (path.name == "__init__.py")]
+                base = ".".join(pkg + ([module] if module else []))
+            else:
+                base = module
+            names.append(base)
+            names += [f"{base}.{n}" for n in imported]  # a submodule imported by name
+        for name in names:
+            for f in module_path(name):
+                if f not in seen:
+                    seen.add(f)
+                    rel = f.relative_to(root).with_suffix("")
+                    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+                    visit(f, ".".join(parts))
+
+    visit(Path(script), None)
+    return sorted(seen)
+
+
+def code_hash(script: str | Path, root: str | Path, package: str = "mmsae") -> str:
+    """SHA-256 (16 hex digits) over the contents of the package modules ``script`` imports (see
+    :func:`module_files`), so that editing one reruns the rules whose scripts reach it."""
+    h = hashlib.sha256()
+    for f in module_files(script, root, package):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]

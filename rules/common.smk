@@ -1,12 +1,35 @@
-# Path helpers only: no logic beyond mapping config to file names.
+# Path helpers and params helpers: no logic beyond mapping config to file names and to what each
+# rule's outputs depend on.
+from mmsae.workflow import code_hash
 
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"
+SAMPLES = "results/activations/samples.parquet"
 PARTS = list(range(config["extract"]["parts"]))
 SAE_DIR = f"results/sae/{config['sae']['name']}"
 CODES = "results/codes/manifest.json"
 FEATURES = "results/features"
 MAPS = "results/features/maps"
+
+
+def keys(section, *names):
+    """The named keys of a config section: a rule's params carry exactly what its outputs depend on,
+    so a new key must be added here by name to the rules that read it."""
+    return {k: config[section][k] for k in names}
+
+
+def corpus_params(*names):
+    """Named corpus keys plus where the images come from: ``names`` for scikit-image photos,
+    ``path`` for a folder or table (the other one does not affect the samples)."""
+    c = config["corpus"]
+    out = {"source": c["source"], **{k: c[k] for k in names}}
+    out.update({"names": c["names"]} if c["source"] == "skimage" else {"path": c["path"]})
+    return out
+
+
+def code(script):
+    """Hash of the mmsae modules the rule's entry script imports (computed once, at load)."""
+    return code_hash(f"{workflow.basedir}/workflow_scripts/{script}", workflow.basedir)
 
 
 def is_demo_model():
@@ -46,11 +69,12 @@ def explainer_local_model():
 def explain_endpoint_params():
     """What the explanations depend on, secrets excluded: the key's variable name, never its value."""
     e = config["explain"]
-    keys = ("server", "base_url", "model", "api_key_env", "temperature", "max_tokens", "extra_body",
-            "concurrency", "timeout_s", "retries")
-    out = {k: e[k] for k in keys}
+    out = {k: e[k] for k in ("server", "temperature", "max_tokens", "extra_body")}
+    # concurrency, timeout_s, retries and api_key_env are read at run time (mmsae.workflow.endpoint_runtime)
     if e["server"] == "local":
         out["local_model"] = explainer_local_model()
+    else:
+        out.update(base_url=e["base_url"], model=e["model"])
     return out
 
 
@@ -91,17 +115,25 @@ def report_inputs(wildcards):
         inputs["evaluation"] = f"{EVALUATION}/summary.json"
     if config["neurons"]["enabled"]:
         inputs["neuron_properties"] = f"{NEURONS}/properties.json"
+        inputs["neuron_captions"] = f"{NEURONS}/captions.parquet"
+        inputs["neuron_table"] = f"{NEURONS}/neurons.parquet"
+        inputs["neuron_tokens"] = f"{NEURONS}/tokens.parquet"
         inputs["edits"] = f"{NEURONS}/edits/edits.parquet"
     return inputs
 
 
 def refiner_endpoint_params():
     """The explainer's endpoint, with the fields that ``evaluate.refiner`` sets overriding it."""
-    out = explain_endpoint_params()
-    r = {k: v for k, v in config["evaluate"]["refiner"].items() if v is not None}
+    e = config["explain"]
+    r = {k: v for k, v in config["evaluate"]["refiner"].items() if v is not None and k != "api_key_env"}
+    out = {k: e[k] for k in ("server", "temperature", "max_tokens", "extra_body")}
     out.update(r)
     if out["server"] == "local":
         out["local_model"] = r.get("local_model") or explainer_local_model()
+        out.pop("base_url", None), out.pop("model", None)
+    else:
+        out.setdefault("base_url", e["base_url"]), out.setdefault("model", e["model"])
+        out.pop("local_model", None)
     return out
 
 

@@ -9,6 +9,7 @@ rule refine_explanations:
         endpoint=refiner_endpoint_params(),
         prompt=refine_prompt_params(),
         include_untagged=config["evaluate"]["include_untagged"],
+        code=code("refine.py"),
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     log:
@@ -30,13 +31,16 @@ rule evaluate:
         top=f"{FEATURES}/top_samples.parquet",
         codes=CODES,
         activations=ACTIVATIONS,
+        samples=SAMPLES,
     output:
         scores=f"{EVALUATION}/scores.parquet",
-        table=f"{EVALUATION}/table.md",
+        table=report(f"{EVALUATION}/table.md", caption="../report/table1.rst", category="Evaluation"),
         summary=f"{EVALUATION}/summary.json",
     params:
-        evaluate={k: v for k, v in config["evaluate"].items() if k not in ("refiner", "include_untagged")},
+        evaluate=keys("evaluate", "detector", "segmenter", "clip", "clip_backend", "box_threshold", "text_threshold",
+                      "threshold", "n_random_images", "iou_trials", "clip_trials", "n_boot", "seed"),
         device=config["model"]["device"],
+        code=code("evaluate.py"),
     log:
         "results/logs/evaluate.log",
     benchmark:

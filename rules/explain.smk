@@ -9,6 +9,7 @@ rule explain_chunk:
         prompt=explain_prompt_params(),
         max_images=config["explain"]["max_images"],
         n_chunks=config["explain"]["chunks"],
+        code=code("explain.py"),
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     wildcard_constraints:
@@ -33,6 +34,8 @@ rule gather_explanations:
         expand(f"{EXPLANATIONS}/chunks/chunk-{{chunk}}.parquet", chunk=range(config["explain"]["chunks"])),
     output:
         f"{EXPLANATIONS}/explanations.parquet",
+    params:
+        code=code("gather_explanations.py"),
     log:
         "results/logs/gather_explanations.log",
     threads: 1

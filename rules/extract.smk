@@ -4,14 +4,16 @@ rule extract:
         model=model_input,
     output:
         manifest="results/activations/part-{part}/manifest.json",
+        samples="results/activations/part-{part}/samples.parquet",
     params:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        corpus=config["corpus"],
-        extract={k: v for k, v in config["extract"].items() if k != "parts"},
+        corpus=corpus_params("prompts", "text_prompts", "max_images"),
+        extract=keys("extract", "batch_size", "shard_tokens", "dtype"),
         parts=config["extract"]["parts"],
+        code=code("extract.py"),
     wildcard_constraints:
         part=r"\d+",
     log:
@@ -30,9 +32,13 @@ rule extract:
 rule merge_activations:
     """One manifest (and samples table) over the extraction parts."""
     input:
-        expand("results/activations/part-{part}/manifest.json", part=PARTS),
+        manifests=expand("results/activations/part-{part}/manifest.json", part=PARTS),
+        samples=expand("results/activations/part-{part}/samples.parquet", part=PARTS),
     output:
-        ACTIVATIONS,
+        manifest=ACTIVATIONS,
+        samples=SAMPLES,
+    params:
+        code=code("merge_manifests.py"),
     log:
         "results/logs/merge_activations.log",
     threads: 1

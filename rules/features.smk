@@ -3,6 +3,7 @@ rule select_top:
     input:
         codes=CODES,
         activations=ACTIVATIONS,
+        samples=SAMPLES,
     output:
         stats=f"{FEATURES}/stats.parquet",
         top=f"{FEATURES}/top_samples.parquet",
@@ -11,6 +12,7 @@ rule select_top:
         top_n=config["features"]["top_n"],
         rank_by=config["features"]["rank_by"],
         select=config["features"]["select"],
+        code=code("select_top.py"),
     log:
         "results/logs/select_top.log",
     benchmark:
@@ -29,6 +31,7 @@ rule render_maps:
     input:
         codes=CODES,
         activations=ACTIVATIONS,
+        samples=SAMPLES,
         top=f"{FEATURES}/top_samples.parquet",
         selected=f"{FEATURES}/selected.json",
     output:
@@ -36,6 +39,7 @@ rule render_maps:
         contexts=f"{MAPS}/contexts.parquet",
     params:
         threshold=config["features"]["map_threshold"],
+        code=code("render_maps.py"),
     log:
         "results/logs/render_maps.log",
     threads: 1

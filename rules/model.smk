@@ -3,7 +3,8 @@ rule build_demo_model:
     output:
         directory(DEMO_MODEL_DIR),
     params:
-        demo=config["demo_model"],
+        demo=keys("demo_model", "image_size", "patch_size", "vision_hidden_size", "vision_layers", "seed"),
+        code=code("build_demo_model.py"),
     log:
         "results/logs/build_demo_model.log",
     benchmark:

@@ -6,14 +6,16 @@ rule find_neurons:
         captions=f"{NEURONS}/captions.parquet",
         neurons=f"{NEURONS}/neurons.parquet",
         tokens=f"{NEURONS}/tokens.parquet",
-        properties=f"{NEURONS}/properties.json",
+        properties=report(f"{NEURONS}/properties.json", caption="../report/neurons.rst", category="Neurons"),
         cases=f"{NEURONS}/cases.pt",
     params:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
-        corpus=config["corpus"],
-        neurons=config["neurons"],
+        corpus=corpus_params(),
+        neurons=keys("neurons", "prompt", "prompt_prefix", "text_prompts", "max_images", "max_new_tokens", "coefficient",
+                     "top_k", "heatmap_neurons", "top_tokens", "causal_k", "noise_scale", "causal_cases", "seed"),
+        code=code("find_neurons.py"),
     log:
         "results/logs/find_neurons.log",
     benchmark:
@@ -38,7 +40,8 @@ rule edit_neurons:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
-        neurons=config["neurons"],
+        neurons=keys("neurons", "prompt_prefix", "max_new_tokens", "edit_k", "eta", "opt_steps", "edits", "locality_prompts"),
+        code=code("edit_neurons.py"),
     log:
         "results/logs/edit_neurons.log",
     benchmark:

@@ -2,6 +2,7 @@ rule report:
     """One self-contained HTML page: the run, the SAE and a card per selected feature."""
     input:
         unpack(report_inputs),
+        model=model_input,  # the demo's mmsae_provenance.json
         activations=ACTIVATIONS,
         metrics=f"{SAE_DIR}/metrics.json",
         log_table=f"{SAE_DIR}/log.parquet",
@@ -13,11 +14,12 @@ rule report:
         report(
             "results/report/index.html",
             caption="../report/index.rst",
-            category="Report",
+            category="Feature cards",
         ),
     params:
         model=model_path(),
         demo=is_demo_model(),
+        code=code("report.py"),
     log:
         "results/logs/report.log",
     threads: 1

@@ -2,16 +2,18 @@ rule train_sae:
     """Train a TopK SAE on the activation shards; save it in SAELens's layout."""
     input:
         activations=ACTIVATIONS,
+        samples=SAMPLES,  # the held-out split groups samples by image (read beside the manifest)
     output:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
-        metrics=f"{SAE_DIR}/metrics.json",
+        metrics=report(f"{SAE_DIR}/metrics.json", caption="../report/sae_metrics.rst", category="SAE"),
         heldout=f"{SAE_DIR}/heldout.json",
-        log_table=f"{SAE_DIR}/log.parquet",
+        log_table=report(f"{SAE_DIR}/log.parquet", caption="../report/training_curve.rst", category="SAE"),
     params:
-        sae={k: v for k, v in config["sae"].items() if k != "gpus"},
+        sae={k: v for k, v in config["sae"].items() if k not in ("name", "gpus", "checkpoint_every")},
         device=config["model"]["device"],
         checkpoint_dir=f"{SAE_DIR}/checkpoints",
+        code=code("train_sae.py"),
     log:
         "results/logs/train_sae.log",
     benchmark:
@@ -32,9 +34,10 @@ rule encode:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
-        manifest="results/codes/part-{part}/manifest.json",
+        directory("results/codes/part-{part}"),
     params:
         device=config["model"]["device"],
+        code=code("encode.py"),
     wildcard_constraints:
         part=r"\d+",
     log:
@@ -53,9 +56,11 @@ rule encode:
 rule merge_codes:
     """One manifest over the code parts."""
     input:
-        expand("results/codes/part-{part}/manifest.json", part=PARTS),
+        expand("results/codes/part-{part}", part=PARTS),
     output:
-        CODES,
+        manifest=CODES,
+    params:
+        code=code("merge_manifests.py"),
     log:
         "results/logs/merge_codes.log",
     threads: 1

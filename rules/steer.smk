@@ -7,13 +7,14 @@ rule steer:
         stats=f"{FEATURES}/stats.parquet",
         selected=f"{FEATURES}/selected.json",
     output:
-        f"{STEERING}/steering.parquet",
+        report(f"{STEERING}/steering.parquet", caption="../report/steering.rst", category="Steering"),
     params:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        steer=config["steer"],
+        steer=keys("steer", "features", "match", "auto", "prompts", "values", "scale", "positions", "mode", "max_new_tokens"),
+        code=code("steer.py"),
     log:
         "results/logs/steer.log",
     benchmark:
@@ -34,14 +35,15 @@ rule attribute:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
-        summary=f"{ATTRIBUTION}/summary.json",
+        summary=report(f"{ATTRIBUTION}/summary.json", caption="../report/attribution.rst", category="Attribution"),
         table=f"{ATTRIBUTION}/attribution.parquet",
     params:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        attribution=config["attribution"],
+        attribution=keys("attribution", "pool", "top_k", "validate_top", "cases"),
+        code=code("attribute.py"),
     log:
         "results/logs/attribute.log",
     benchmark:

@@ -64,6 +64,9 @@ def jobs(proc) -> dict:
 
 def workdir_with(tmp_path, cfg) -> Path:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    corpus = cfg.get("corpus", {})
+    if corpus.get("source") == "folder" and corpus.get("path") and not Path(corpus["path"]).is_absolute():
+        (tmp_path / corpus["path"]).mkdir(parents=True, exist_ok=True)  # the paper config's image folder
     return tmp_path
 
 
@@ -184,3 +187,90 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
     assert "red circles" in (wd / "results/report/index.html").read_text()
     leaks = [p for p in wd.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_failed_job_logs_its_traceback(tmp_path):
+    """An uncaught exception in an entry script reaches the rule's log file, not only stderr."""
+    (tmp_path / "fail.py").write_text("from mmsae.workflow import setup\n"
+                                      "log = setup(snakemake.log[0])\nlog.info('started')\n"
+                                      "def inner():\n    raise ValueError('corpus.path: boom')\ninner()\n")
+    (tmp_path / "Snakefile").write_text('rule fail:\n    output: "out.txt"\n    log: "logs/fail.log"\n'
+                                        '    script: "fail.py"\n')
+    proc = subprocess.run([*SNAKEMAKE, "-s", "Snakefile", "--cores", "1"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    log = (tmp_path / "logs/fail.log").read_text()
+    assert "started" in log and "Traceback" in log and "in inner" in log and "ValueError: corpus.path: boom" in log
+
+
+def test_every_entry_script_sets_up_its_log():
+    for script in sorted((REPO / "workflow_scripts").glob("*.py")):
+        assert "setup(sm.log[0]" in script.read_text(), f"{script.name} does not log to its rule's log file"
+
+
+@pytest.mark.parametrize("cfg,field", [
+    ({"sae": {"k": 64, "d_sae": 32}}, "sae.k=64"),
+    ({"model": {"hook_point": "model.language_model.layers.30"}}, "model.hook_point"),
+    ({"corpus": {"source": "folder", "path": "/no/such/folder"}}, "corpus.path"),
+    ({"corpus": {"source": "table"}}, "corpus.path is required"),
+])
+def test_config_errors_stop_at_load(tmp_path, cfg, field):
+    """Cross-field rules, paths and the hook point are checked before any job (not after extraction)."""
+    proc = smk(workdir_with(tmp_path, cfg), "-n", check=False)
+    assert proc.returncode != 0
+    assert field in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_hook_point_is_checked_against_a_local_models_config(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llava_next", "text_config": {"num_hidden_layers": 4}}))
+    proc = smk(workdir_with(tmp_path, {"model": {"source": str(model), "hook_point": "model.language_model.layers.4"}}),
+               "-n", check=False)
+    assert proc.returncode != 0 and "has 4 layers" in proc.stdout + proc.stderr
+    smk(workdir_with(tmp_path, {"model": {"source": str(model), "hook_point": "model.language_model.layers.3"}}), "-n")
+
+
+def test_failed_encode_leaves_no_mixed_code_shards(tmp_path):
+    """A part's codes are a directory output written whole: after a failure midway there is no folder
+    that mixes new and old shards, and the next run redoes the part."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mmsae.io import write_json, write_parquet
+    from mmsae.sae import TopKSAE, save_sae
+    from mmsae.shards import activation_schema
+
+    wd = workdir_with(tmp_path, {"extract": {"parts": 1}})
+    (wd / "results/models/demo").mkdir(parents=True)
+    part = wd / "results/activations/part-0"
+    part.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shards = []
+    for s in range(2):
+        n = 50
+        table = pa.table({"sample_id": [f"s{s}"] * n, "token_index": np.arange(n, dtype=np.int32),
+                          "token_id": np.zeros(n, np.int32),
+                          "modality": pa.array(["text"] * n).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+                          "view": np.zeros(n, np.int16), "patch_row": np.zeros(n, np.int16), "patch_col": np.zeros(n, np.int16),
+                          "activation": pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * 16).astype(np.float32)), 16)},
+                         schema=activation_schema(16))
+        write_parquet(part / f"shard-{s:05d}.parquet", table)
+        shards.append({"path": f"shard-{s:05d}.parquet", "n_tokens": n, "n_image_tokens": 0, "n_text_tokens": n})
+    write_json(part / "manifest.json", {"shards": shards, "n_shards": 2, "n_samples": 2, "n_tokens": 100,
+                                        "n_image_tokens": 0, "n_text_tokens": 100})
+    write_parquet(part / "samples.parquet", pa.table({"sample_id": ["s0", "s1"]}))
+    write_json(wd / "results/activations/manifest.json", {})
+    write_parquet(wd / "results/activations/samples.parquet", pa.table({"sample_id": ["s0", "s1"]}))
+    save_sae(TopKSAE(16, 64, k=4, seed=0), wd / "results/sae/default", model_name="m", hook_name="h")
+    for f in ["metrics.json", "log.parquet"]:
+        (wd / "results/sae/default" / f).write_text("{}")
+    codes = wd / "results/codes/part-0"
+    smk(wd, "--cores", "1", "results/codes/part-0")
+    before = sorted(p.name for p in codes.iterdir())
+    assert "manifest.json" in before and "codes-00001.parquet" in before
+    (part / "shard-00001.parquet").write_bytes(b"not parquet")  # the second shard fails, after the first is written
+    proc = smk(wd, "results/codes/part-0", "--cores", "1", "--forcerun", "encode", check=False)
+    assert proc.returncode != 0 and "not parquet" not in before
+    assert not codes.exists(), f"a failed encode left {sorted(p.name for p in codes.iterdir())}"
+    assert "encode" in jobs(smk(wd, "-n", "results/codes/part-0"))

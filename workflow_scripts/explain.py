@@ -9,11 +9,11 @@ from mmsae.explain import Explainer, build_requests, endpoint_session, explain_f
 from mmsae.explain.cache import ResponseCache
 from mmsae.io import write_parquet
 from mmsae.features import TEXT_DOMINANT
-from mmsae.workflow import setup
+from mmsae.workflow import endpoint_runtime, setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
-e = sm.params.endpoint
+e = {**sm.params.endpoint, **endpoint_runtime(sm.config["explain"])}  # runtime settings are not params
 chunk, n_chunks = int(sm.wildcards.chunk), sm.params.n_chunks
 features = json.loads(Path(sm.input.selected).read_text())["features"][chunk::n_chunks]
 maps_dir = Path(sm.input.maps).parent

@@ -5,5 +5,8 @@ from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads)
-merged = merge_manifests(list(sm.input), sm.output[0], samples=sm.rule == "merge_activations")
+if sm.rule == "merge_activations":  # the parts' samples.parquet are concatenated into output.samples
+    merged = merge_manifests(list(sm.input.manifests), sm.output.manifest, samples=True)
+else:  # each code part is a directory output holding its manifest.json
+    merged = merge_manifests([f"{d}/manifest.json" for d in sm.input], sm.output.manifest, samples=False)
 log.info("%d parts, %d shards, %d tokens", len(merged["parts"]), merged["n_shards"], merged["n_tokens"])

@@ -12,8 +12,7 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 manifest = json.loads(open(sm.input.activations).read())
-act_dir = sm.input.activations.rsplit("/", 1)[0]
-samples = pl.read_parquet(f"{act_dir}/samples.parquet")
+samples = pl.read_parquet(sm.input.samples)
 selected = json.loads(open(sm.input.selected).read())["features"]
 maps, contexts = render_feature_maps(
     scan_codes(shard_paths(sm.input.codes)), samples, pl.read_parquet(sm.input.top), selected,

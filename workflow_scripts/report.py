@@ -31,9 +31,9 @@ page = build_report(
     evaluation=json.loads(Path(i.evaluation).read_text()) if "evaluation" in i.keys() else None,
     neurons=None if "neuron_properties" not in i.keys() else {
         "props": json.loads(Path(i.neuron_properties).read_text()),
-        "captions": pl.read_parquet(Path(i.neuron_properties).parent / "captions.parquet"),
-        "neurons": pl.read_parquet(Path(i.neuron_properties).parent / "neurons.parquet"),
-        "tokens": pl.read_parquet(Path(i.neuron_properties).parent / "tokens.parquet"),
+        "captions": pl.read_parquet(i.neuron_captions),
+        "neurons": pl.read_parquet(i.neuron_table),
+        "tokens": pl.read_parquet(i.neuron_tokens),
         "edits": pl.read_parquet(i.edits),
         "neuron_dir": Path(i.neuron_properties).parent,
     },

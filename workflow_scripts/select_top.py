@@ -14,7 +14,7 @@ log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
 codes_manifest = json.loads(open(sm.input.codes).read())
 codes = scan_codes(shard_paths(sm.input.codes))
-samples = pl.read_parquet(sm.input.activations.rsplit("/", 1)[0] + "/samples.parquet")
+samples = pl.read_parquet(sm.input.samples)
 stats, tops = stats_and_top_samples(codes, codes_manifest["n_tokens"], codes_manifest["n_image_tokens"], codes_manifest["n_text_tokens"],
                                     base_view_counts(shard_paths(sm.input.activations), samples), n=p.top_n, rank_by=p.rank_by)
 chosen, info = select_features(stats, tops, **p.select)

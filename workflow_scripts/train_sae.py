@@ -12,7 +12,7 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 gpus = int(getattr(sm.resources, "gpu", 0))
 log = setup(sm.log[0], sm.threads, gpus)
-opts = {k: v for k, v in sm.params.sae.items() if k != "name"}
+opts = {**sm.params.sae, "checkpoint_every": sm.config["sae"]["checkpoint_every"]}  # how often to save is not a result
 out_dir = sm.output.cfg.rsplit("/", 1)[0]
 if gpus > 1:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "mmsae.sae.run",

@@ -1,0 +1,322 @@
+"""What a change reruns: every leaf key of config/schema.yaml, changed one at a time on a complete
+(touched) results tree, against the table below; and an edit of one package module.
+
+The table RERUNS is the documentation of what depends on what: one line per schema leaf, the rules
+whose jobs `snakemake -n` would rerun when that key alone changes (downstream jobs included; the
+aggregate rule ``all`` is left out). A leaf of the schema that is missing from the table fails the
+test with the list of missing keys, so whoever adds a key adds its line here.
+
+Runs in-process through Snakemake's API (one DAG per change, well under a second each).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.api import SnakemakeApi
+from snakemake.io import is_flagged
+from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings,
+                                      StorageSettings)
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "rules", "workflow_scripts", "mmsae", "config", "envs", "report", "pyproject.toml"]
+
+# Rule groups, each with everything downstream of it in the default config.yaml.
+REPORT = {"report"}
+EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate"} | REPORT
+REFINE = {"refine_explanations", "evaluate"} | REPORT
+SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
+MAPS = {"render_maps"} | EXPLAIN
+TRAIN = {"train_sae", "encode", "merge_codes", "attribute"} | SELECT
+EXTRACT = {"extract", "merge_activations"} | TRAIN
+FIND = {"find_neurons", "edit_neurons"} | REPORT
+EDIT = {"edit_neurons"} | REPORT
+MODEL = EXTRACT | FIND | {"steer", "attribute", "report"}
+DEMO = {"build_demo_model"} | MODEL | EXPLAIN  # the local explainer serves the demo model
+NONE: set[str] = set()
+
+RERUNS: dict[str, set[str]] = {
+    "model.source": (MODEL | EXPLAIN) - {"build_demo_model"},
+    "model.dtype": MODEL,
+    "model.device": MODEL | {"evaluate"},
+    "model.hook_point": EXTRACT | {"steer"},
+    "demo_model.image_size": DEMO,
+    "demo_model.patch_size": DEMO,
+    "demo_model.vision_hidden_size": DEMO,
+    "demo_model.vision_layers": DEMO,
+    "demo_model.seed": DEMO,
+    "corpus.source": EXTRACT | FIND,
+    "corpus.names": EXTRACT | FIND,
+    "corpus.path": NONE,  # unused with corpus.source skimage
+    "corpus.prompts": EXTRACT,
+    "corpus.text_prompts": EXTRACT,
+    "corpus.max_images": EXTRACT,
+    "extract.batch_size": EXTRACT,
+    "extract.parts": EXTRACT,
+    "extract.shard_tokens": EXTRACT,
+    "extract.dtype": EXTRACT,
+    "sae.name": TRAIN,
+    "sae.gpus": NONE,
+    "sae.d_sae": TRAIN,
+    "sae.k": TRAIN,
+    "sae.steps": TRAIN,
+    "sae.batch_size": TRAIN,
+    "sae.lr": TRAIN,
+    "sae.warmup_steps": TRAIN,
+    "sae.decay_start": TRAIN,
+    "sae.aux_coef": TRAIN,
+    "sae.k_aux": TRAIN,
+    "sae.dead_tokens": TRAIN,
+    "sae.grad_clip": TRAIN,
+    "sae.b_dec_init": TRAIN,
+    "sae.b_dec_init_tokens": TRAIN,
+    "sae.heldout_fraction": TRAIN,
+    "sae.heldout_max_tokens": TRAIN,
+    "sae.buffer_tokens": TRAIN,
+    "sae.exclude_special_tokens": TRAIN,
+    "sae.seed": TRAIN,
+    "sae.checkpoint_every": NONE,
+    "features.top_n": SELECT,
+    "features.rank_by": SELECT,
+    "features.map_threshold": MAPS,
+    "features.select.mode": SELECT,
+    "features.select.n": SELECT,
+    "features.select.ids": SELECT,
+    "features.select.min_samples": SELECT,
+    "features.select.max_frequency": SELECT,
+    "features.select.per_modality": SELECT,
+    "explain.enabled": REPORT,
+    "explain.server": EXPLAIN,
+    "explain.local_model": EXPLAIN,
+    "explain.base_url": NONE,  # unused with explain.server local
+    "explain.model": NONE,  # unused with explain.server local
+    "explain.api_key_env": NONE,
+    "explain.temperature": EXPLAIN,
+    "explain.max_tokens": EXPLAIN,
+    "explain.extra_body": EXPLAIN,
+    "explain.concurrency": NONE,
+    "explain.timeout_s": NONE,
+    "explain.retries": NONE,
+    "explain.chunks": EXPLAIN,
+    "explain.max_images": EXPLAIN,
+    "steer.enabled": REPORT,
+    "steer.features": {"steer"} | REPORT,
+    "steer.match": {"steer"} | REPORT,
+    "steer.auto": {"steer"} | REPORT,
+    "steer.prompts": {"steer"} | REPORT,
+    "steer.values": {"steer"} | REPORT,
+    "steer.scale": {"steer"} | REPORT,
+    "steer.positions": {"steer"} | REPORT,
+    "steer.mode": {"steer"} | REPORT,
+    "steer.max_new_tokens": {"steer"} | REPORT,
+    "attribution.enabled": REPORT,
+    "attribution.pool": {"attribute"} | REPORT,
+    "attribution.top_k": {"attribute"} | REPORT,
+    "attribution.validate_top": {"attribute"} | REPORT,
+    "attribution.cases": {"attribute"} | REPORT,
+    "neurons.enabled": REPORT,
+    "neurons.prompt": FIND,
+    "neurons.prompt_prefix": FIND,
+    "neurons.text_prompts": FIND,
+    "neurons.max_images": FIND,
+    "neurons.max_new_tokens": FIND,
+    "neurons.coefficient": FIND,
+    "neurons.top_k": FIND,
+    "neurons.heatmap_neurons": FIND,
+    "neurons.top_tokens": FIND,
+    "neurons.causal_k": FIND,
+    "neurons.noise_scale": FIND,
+    "neurons.causal_cases": FIND,
+    "neurons.seed": FIND,
+    "neurons.edit_k": EDIT,
+    "neurons.eta": EDIT,
+    "neurons.opt_steps": EDIT,
+    "neurons.edits": EDIT,
+    "neurons.locality_prompts": EDIT,
+    "evaluate.enabled": REPORT,
+    "evaluate.include_untagged": REFINE,
+    "evaluate.refiner.server": NONE,  # null = the explainer's (local); set to local: the same endpoint
+    "evaluate.refiner.local_model": REFINE,
+    "evaluate.refiner.base_url": NONE,  # unused with a local refiner
+    "evaluate.refiner.model": NONE,
+    "evaluate.refiner.api_key_env": NONE,
+    "evaluate.refiner.max_tokens": REFINE,
+    "evaluate.detector": {"evaluate"} | REPORT,
+    "evaluate.segmenter": {"evaluate"} | REPORT,
+    "evaluate.clip": {"evaluate"} | REPORT,
+    "evaluate.clip_backend": {"evaluate"} | REPORT,
+    "evaluate.box_threshold": {"evaluate"} | REPORT,
+    "evaluate.text_threshold": {"evaluate"} | REPORT,
+    "evaluate.threshold": {"evaluate"} | REPORT,
+    "evaluate.n_random_images": {"evaluate"} | REPORT,
+    "evaluate.iou_trials": {"evaluate"} | REPORT,
+    "evaluate.clip_trials": {"evaluate"} | REPORT,
+    "evaluate.n_boot": {"evaluate"} | REPORT,
+    "evaluate.seed": {"evaluate"} | REPORT,
+}
+
+# Changes that the generic rule (see `changed`) cannot make valid on its own: {leaf: {key: value}}.
+CHANGES: dict[str, dict] = {
+    "model.source": {"model.source": "llava-hf/llava-v1.6-mistral-7b-hf"},
+    "model.device": {"model.device": "cpu"},
+    "model.hook_point": {"model.hook_point": "model.language_model.layers.14"},
+    "corpus.source": {"corpus.source": "folder", "corpus.path": "images"},
+    "sae.name": {"sae.name": "other"},
+    "explain.server": {"explain.server": "remote", "explain.base_url": "http://127.0.0.1:9/v1", "explain.model": "m"},
+    "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},
+    "evaluate.refiner.api_key_env": {"evaluate.refiner.api_key_env": "OTHER_KEY"},
+    "features.select.mode": {"features.select.mode": "list", "features.select.ids": [1, 2]},
+    "steer.prompts": {"steer.prompts": [{"prompt": "Hi."}]},
+    "attribution.cases": {"attribution.cases": [{"name": "x", "prompt": "Hi", "answer": " a", "baseline": " b"}]},
+    "neurons.edits": {"neurons.edits": [{"name": "x", "source": "cat", "target": "cow"}]},
+}
+
+
+def schema_leaves(schema: dict, prefix: str = "") -> dict[str, dict]:
+    """{dotted key: its schema} for every leaf: a property that is not an object with properties."""
+    out = {}
+    for name, sub in schema.get("properties", {}).items():
+        key = f"{prefix}{name}"
+        if sub.get("type") == "object" and "properties" in sub:
+            out.update(schema_leaves(sub, key + "."))
+        else:
+            out[key] = sub
+    return out
+
+
+def get(cfg: dict, key: str, default=None):
+    for part in key.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+    return cfg if cfg != {} else default
+
+
+def put(cfg: dict, key: str, value):
+    *parents, last = key.split(".")
+    for p in parents:
+        cfg = cfg.setdefault(p, {})
+    cfg[last] = value
+
+
+def changed(key: str, sch: dict, value):
+    """A different value that the schema accepts (the generic rule for one leaf)."""
+    types = sch.get("type") if isinstance(sch.get("type"), list) else [sch.get("type")]
+    if "enum" in sch:
+        return next(v for v in sch["enum"] if v != value and v is not None)
+    if value is None:
+        return "x" if "string" in types else 2 if "integer" in types else 0.5 if "number" in types else None
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int) and "integer" in types:
+        return value + 1 if value + 1 <= sch.get("maximum", value + 1) else value - 1
+    if isinstance(value, (int, float)):
+        return value / 2 if value else 0.5
+    if isinstance(value, str):
+        return value + "-x"
+    if isinstance(value, list):
+        kind = sch.get("items", {}).get("type")
+        return value + ({"string": ["extra"], "integer": [1], "number": [1.5]}[kind])
+    if isinstance(value, dict):
+        return {**value, "x": 1}
+    raise AssertionError(f"no generic change for {key}={value!r}; add it to CHANGES")
+
+
+def dry_run(workdir: Path, snakefile: Path, executor: str = "dryrun", forceall: bool = False) -> tuple[set[str], dict]:
+    """The rules whose jobs would run, and {output: is directory} over the whole DAG."""
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(),
+                          storage_settings=StorageSettings(), snakefile=snakefile, workdir=workdir)
+        dag = wf.dag(DAGSettings(forceall=forceall))
+        updated: list[str] = []
+        dag.execute_workflow(executor=executor, updated_files=updated)
+        jobs = wf._workflow.dag.jobs
+        producer = {str(f): j.rule.name for j in jobs for f in j.output}
+        outputs = {str(f): is_flagged(f, "directory") for j in jobs for f in j.output}
+    return {producer[f] for f in updated}, outputs
+
+
+def fake_complete_tree(wd: Path, snakefile: Path):
+    """Create every output of the DAG and record the jobs' metadata as Snakemake's --touch does."""
+    _, outputs = dry_run(wd, snakefile)
+    for path, is_dir in outputs.items():
+        p = wd / path
+        if is_dir:
+            p.mkdir(parents=True, exist_ok=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+    dry_run(wd, snakefile, executor="touch", forceall=True)  # every job, so that every job has metadata
+    rerun, _ = dry_run(wd, snakefile)
+    assert rerun == set(), f"a touched tree should be complete, but these rules would run: {sorted(rerun)}"
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory):
+    """A copy of the workflow (so module edits stay local) and a touched results tree for config.yaml."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        (shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy2(src, root / name))
+    wd = tmp_path_factory.mktemp("run")
+    (wd / "images").mkdir()
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    (wd / "config.yaml").write_text(yaml.safe_dump(base))
+    fake_complete_tree(wd, root / "Snakefile")
+    return root, wd, base
+
+
+def test_every_schema_leaf_is_in_the_table():
+    leaves = schema_leaves(yaml.safe_load((REPO / "config/schema.yaml").read_text()))
+    missing = sorted(set(leaves) - set(RERUNS))
+    stale = sorted(set(RERUNS) - set(leaves))
+    assert not missing and not stale, (
+        f"tests/test_rerun_scope.py RERUNS: add one line per new schema leaf {missing}; remove {stale}")
+
+
+def test_each_leaf_reruns_exactly_its_rules(complete):
+    root, wd, base = complete
+    leaves = schema_leaves(yaml.safe_load((REPO / "config/schema.yaml").read_text()))
+    # the base config with the schema's defaults filled in, so that every leaf has its value
+    wrong = []
+    try:
+        for key, sch in leaves.items():
+            if key not in RERUNS:
+                continue
+            cfg = copy.deepcopy(base)
+            change = CHANGES[key] if key in CHANGES else {key: changed(key, sch, get(base, key, sch.get("default")))}
+            for k, v in change.items():
+                put(cfg, k, v)
+            (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+            rerun, _ = dry_run(wd, root / "Snakefile")
+            rerun.discard("all")
+            if rerun != RERUNS[key]:
+                wrong.append(f"{key}: reruns {sorted(rerun)}; the table says {sorted(RERUNS[key])}"
+                             f" (extra {sorted(rerun - RERUNS[key])}, missing {sorted(RERUNS[key] - rerun)})")
+    finally:
+        (wd / "config.yaml").write_text(yaml.safe_dump(base))
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("module,rules", [
+    ("mmsae/sae/trainer.py", TRAIN),
+    ("mmsae/explain/prompts.py", EXPLAIN | {"gather_explanations"}),
+    ("mmsae/report/sections.py", REPORT),
+    ("mmsae/neurons/edit.py", FIND),
+])
+def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rules):
+    root, wd, _ = complete
+    path = root / module
+    text = path.read_text()
+    try:
+        path.write_text(text + "\n# edited\n")
+        rerun, _ = dry_run(wd, root / "Snakefile")
+    finally:
+        path.write_text(text)
+    rerun.discard("all")
+    assert rerun == rules
+    rerun, _ = dry_run(wd, root / "Snakefile")
+    assert rerun <= {"all"}  # restoring the module restores the state
