@@ -13,11 +13,10 @@ import time
 
 import torch
 
-from mmsae.activations import prepare_inputs
 from mmsae.attribution import attribute, per_feature_loop_cost
 from mmsae.data import Sample
 from mmsae.data.corpus import load_image, resolve_image_ref
-from mmsae.models import load_subject_model, resolve_hook_point
+from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import load_sae
 
 CASES = [

@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from mmsae.activations import ExtractConfig, extract, prepare_inputs
+from mmsae.activations import ExtractConfig, extract
 from mmsae.data import build_corpus
 from mmsae.data.corpus import load_image
-from mmsae.models import ActivationCapture, load_subject_model, resolve_hook_point
+from mmsae.models import ActivationCapture, load_subject_model, prepare_inputs, resolve_hook_point
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmsae.data.corpus import Sample, load_image
+from mmsae.models import image_token_coordinates, prepare_inputs, token_layout
 from mmsae.sae.model import TopKSAE
 
 
@@ -187,9 +189,6 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int = 
     """
     import time
 
-    from mmsae.activations import prepare_inputs, token_layout
-    from mmsae.data.corpus import Sample, load_image
-    from mmsae.models import image_token_coordinates
 
     tok = subject.tokenizer
     ids = {}

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmsae.data.corpus import Sample, load_image
+from mmsae.models import prepare_inputs
 from mmsae.sae.model import TopKSAE
 
 
@@ -144,9 +146,6 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         One row per (feature, prompt, value): feature, prompt, image, scale, value, clamp_value,
         positions, mode, text_before, text_after, changed.
     """
-    from mmsae.activations import prepare_inputs
-    from mmsae.data.corpus import Sample, load_image
-
     rows = []
     decode = subject.tokenizer.decode
     for p in prompts:

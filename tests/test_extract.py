@@ -7,9 +7,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mmsae.activations import ExtractConfig, activation_schema, extract, iter_activations, read_shard_meta, shard_paths
+from mmsae.activations import ExtractConfig, extract
 from mmsae.data import Sample, build_corpus
 from mmsae.models import load_subject_model
+from mmsae.shards import activation_schema, iter_activations, read_shard_meta, shard_paths
 
 HOOK = "model.language_model.layers.2"
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmsae.activations import activation_schema
+from mmsae.shards import activation_schema
 from mmsae.io import write_parquet
 from mmsae.sae import TopKSAE, fvu, load_sae, save_sae
 from mmsae.sae.data import ActivationStream
