@@ -33,6 +33,7 @@ rule merge_activations:
         expand("results/activations/part-{part}/manifest.json", part=PARTS),
     output:
         ACTIVATIONS,
+        "results/activations/samples.parquet",
     log:
         "results/logs/merge_activations.log",
     threads: 1

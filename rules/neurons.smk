@@ -2,6 +2,7 @@ rule find_neurons:
     """Caption images, find their nouns, score all FFN neurons gradient-free, map and test the top ones."""
     input:
         model=model_input,
+        samples="results/activations/samples.parquet",
     output:
         captions=f"{NEURONS}/captions.parquet",
         neurons=f"{NEURONS}/neurons.parquet",
@@ -12,7 +13,6 @@ rule find_neurons:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
-        corpus=config["corpus"],
         neurons=config["neurons"],
     log:
         "results/logs/find_neurons.log",
