@@ -36,8 +36,9 @@ from mmsae.data.corpus import Sample, load_image
 from mmsae.io import write_json, write_parquet
 from mmsae.models import (
     ActivationCapture, SubjectModel, image_token_coordinates, layer_index, prepare_inputs, resolve_hook_point, token_layout,
+    token_roles,
 )
-from mmsae.shards import activation_schema, read_shard_meta
+from mmsae.shards import read_shard_meta, shard_schema
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class _ShardWriter:
         sample_ids = pa.DictionaryArray.from_arrays(np.repeat(np.arange(len(rows), dtype=np.int32), lengths),
                                                     pa.array([r["sample_id"] for r in rows], pa.string())).cast(pa.string())
         modality = np.concatenate([r["modality"] for r in rows]) == "image"
+        assistant = np.concatenate([r["role"] for r in rows]) == "assistant"
         null_patch = arrays["view"] < 0
         table = pa.table(
             {
@@ -149,6 +151,7 @@ class _ShardWriter:
                 "patch_row": pa.array(arrays["patch_row"], pa.int16(), mask=null_patch),
                 "patch_col": pa.array(arrays["patch_col"], pa.int16(), mask=null_patch),
                 "activation": pa.FixedSizeListArray.from_arrays(pa.array(acts, value_type), d),
+                "role": pa.DictionaryArray.from_arrays(pa.array(assistant.astype(np.int8)), pa.array(["user", "assistant"])),
             },
             schema=self.schema,
         )
@@ -285,7 +288,7 @@ def extract(
         "config_hash": config_hash,
         "grid_side": _grid_side(model),
     }
-    writer = _ShardWriter(out_dir, activation_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
+    writer = _ShardWriter(out_dir, shard_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
     skipped: list[dict] = []
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
 
@@ -308,7 +311,8 @@ def extract(
                     id_array = tok_ids.numpy().astype(np.int32)
                     writer.add(
                         {"sample_id": s.sample_id, "token_index": np.arange(n, dtype=np.int32), "token_id": id_array,
-                         **layout, "activation": acts[b, :n].astype(np_dtype, copy=False)},
+                         **layout, "activation": acts[b, :n].astype(np_dtype, copy=False),
+                         "role": token_roles(subject, s, tok_ids)},
                         {"sample_id": s.sample_id, "prompt": s.prompt, "image_path": s.image_path, "image_key": s.image_key,
                          "image_status": status or None,
                          "image_height": img.size[1] if img is not None else None,

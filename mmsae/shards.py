@@ -35,6 +35,16 @@ def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
     )
 
 
+def shard_schema(d_model: int, dtype: str) -> pa.Schema:
+    """Schema of the shards extraction writes: :func:`activation_schema` plus ``role``.
+
+    ``role`` (dictionary string) is ``assistant`` for the tokens of an assistant turn's text (training
+    conversations, see :func:`mmsae.models.token_roles`) and ``user`` for every other token. Readers
+    must not require it: shards written by other tools (or older versions) may lack it.
+    """
+    return activation_schema(d_model, dtype).append(pa.field("role", pa.dictionary(pa.int8(), pa.string())))
+
+
 def read_shard_meta(path: str | os.PathLike) -> dict:
     """The ``mmsae`` metadata of an activation shard (model, hook point, d_model, config hash...)."""
     meta = pq.read_schema(path).metadata or {}

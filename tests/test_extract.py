@@ -10,7 +10,7 @@ import pytest
 from mmsae.activations import ExtractConfig, extract
 from mmsae.data import Sample, build_corpus
 from mmsae.models import load_subject_model
-from mmsae.shards import activation_schema, iter_activations, read_shard_meta, shard_paths
+from mmsae.shards import iter_activations, read_shard_meta, shard_paths, shard_schema
 
 HOOK = "model.language_model.layers.2"
 
@@ -35,7 +35,7 @@ def test_schema_round_trip_and_manifest(subject, image_dir, tmp_path):
     m = extract(subject, samples, tmp_path, ExtractConfig(hook_point=HOOK, shard_tokens=200), "h1", progress=False)
     shard = shard_paths(tmp_path / "manifest.json")[0]
     schema = pq.read_schema(shard)
-    assert schema.remove_metadata().equals(activation_schema(64))
+    assert schema.remove_metadata().equals(shard_schema(64, "float32"))
     meta = read_shard_meta(shard)
     assert meta["hook_point"] == HOOK and meta["d_model"] == 64 and meta["layer"] == 2 and meta["config_hash"] == "h1"
     t = _read_sorted(tmp_path / "manifest.json")
@@ -166,3 +166,24 @@ def test_token_strings_stored_once_as_a_vocabulary(subject, tmp_path):
     assert vocab.num_rows == len(set(row["input_ids"])) < len(row["input_ids"])
     assert row["tokens"] == subject.tokenizer.batch_decode([[i] for i in row["input_ids"]])
     assert "tokens" not in pq.read_schema(tmp_path / "samples-00000.parquet").names
+
+
+def test_training_answers_are_marked_assistant(subject, image_dir, tmp_path):
+    conv = Sample("c", "What is it?", str(image_dir / "good.png"), "good.png",
+                  (("assistant", "Random noise, mostly."), ("user", "Sure?"), ("assistant", "Yes, quite sure.")))
+    plain = Sample("p", "Name a colour.", None, None, (("assistant", "Blue"),))
+    bare = Sample("q", "Name a colour.")
+    m = extract(subject, [conv, plain, bare], tmp_path, ExtractConfig(hook_point=HOOK), "h", progress=False)
+    t = _read_sorted(tmp_path / "manifest.json")
+    enc = subject.tokenizer
+    for sid, answers in (("c", ["Random noise, mostly.", "Yes, quite sure."]), ("p", ["Blue"]), ("q", [])):
+        rows = t.filter(pc.equal(t["sample_id"], sid))
+        role = rows.column("role").cast("string").to_pylist()
+        ids = rows.column("token_id").to_pylist()
+        assert [i for i, r in zip(ids, role) if r == "assistant"] == [x for a in answers for x in enc.encode(a, add_special_tokens=False)]
+        assert set(role) <= {"user", "assistant"}
+    # the answer is part of the sequence, after the image tokens, and the prompt is not marked
+    c = t.filter(pc.equal(t["sample_id"], "c"))
+    first_answer = c.column("role").cast("string").to_pylist().index("assistant")
+    assert c.column("modality").cast("string").to_pylist()[:first_answer].count("image") > 0
+    assert m["n_samples"] == 3

@@ -3,6 +3,6 @@
 
 from mmsae.gpu import resolve_device  # noqa: F401
 from mmsae.models.hooks import ActivationCapture, StopForward, layer_index, resolve_hook_point  # noqa: F401
-from mmsae.models.inputs import VIEW_TEXT, build_messages, prepare_inputs, token_layout  # noqa: F401
+from mmsae.models.inputs import VIEW_TEXT, build_messages, prepare_inputs, token_layout, token_roles  # noqa: F401
 from mmsae.models.layout import image_token_coordinates  # noqa: F401
 from mmsae.models.load import DTYPES, SubjectModel, load_subject_model  # noqa: F401
