@@ -16,11 +16,10 @@ import time
 
 import torch
 
-from mmsae.activations import prepare_inputs
 from mmsae.attribution import SAESplice, attribute, logit_diff, reference_attribution
 from mmsae.data import Sample
 from mmsae.data.corpus import load_image, resolve_image_ref
-from mmsae.models import load_subject_model, resolve_hook_point
+from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import load_sae
 
 def per_feature_loop_cost(model, module, sae, inputs: dict, answer_id: int, baseline_id: int, features: list[int]) -> None:

@@ -1,10 +1,17 @@
 """Paper step 1: run the subject model over the corpus and store one layer's residual stream.
 
-Writes Parquet shards ``shard-NNNNN.parquet`` (schema in ``shared/DESIGN.md``; one row per token,
-``activation`` a ``fixed_size_list<float>[d_model]``), a ``samples-NNNNN.parquet`` beside each
-(token ids and strings per sample, for reports), and a ``manifest.json`` once every sample is done.
-Shards hold whole samples and are written atomically, so a killed run resumes by skipping the
-samples already in shards made with the same config hash.
+Writes, per shard index N, a unit of two Parquet files: ``shard-N.parquet`` (schema in
+``shared/DESIGN.md``; one row per token, ``activation`` a ``fixed_size_list<float>[d_model]``) and
+then ``samples-N.parquet`` (one row per sample of that shard: prompt, image, status, token ids).
+The samples file is written last, so a unit is complete only when both files exist and carry the
+run's config hash. Once every sample is done, ``manifest.json``, ``vocab.parquet`` (each token id
+seen, decoded once) and ``samples.parquet`` (all samples, with their token strings for readers) are
+written from the complete units only. A killed run resumes by skipping the samples of complete
+units with the same config hash; everything else in the folder that extraction writes (units of
+another config, half units, hidden temporary files) is removed first.
+
+Off the forward path: images are decoded one batch ahead in a thread, and shards are encoded and
+written in another (one shard in flight at most, so memory stays bounded).
 """
 
 from __future__ import annotations
@@ -12,59 +19,88 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from mmsae.data.corpus import Sample, load_image
 from mmsae.io import write_json, write_parquet
-from mmsae.shards import activation_schema, iter_activations, read_shard_meta, shard_paths  # noqa: F401
-from mmsae.models import ActivationCapture, SubjectModel, image_token_coordinates, layer_index, resolve_hook_point
+from mmsae.models import (
+    ActivationCapture, SubjectModel, image_token_coordinates, layer_index, prepare_inputs, resolve_hook_point, token_layout,
+    token_roles,
+)
+from mmsae.shards import read_shard_meta, shard_schema
 
 log = logging.getLogger(__name__)
 
-VIEW_TEXT, VIEW_NEWLINE = -1, -2
 ROW_GROUP_ROWS = 2048
+UNIT = re.compile(r"^(shard|samples)-(\d+)\.parquet$")
+# Hidden temporary files of io.atomic_path for what extraction writes (left behind by a kill).
+TEMP = re.compile(r"^\.(shard-\d+|samples-\d+|samples|manifest|vocab)\.")
+SUMMARY = ("manifest.json", "samples.parquet", "vocab.parquet")
 
 
 @dataclass
 class ExtractConfig:
     """What extraction depends on (all of it goes into the shards' config hash).
 
+    Defaults are those of ``config/schema.yaml`` (section ``extract``).
+
     Attributes:
         hook_point: module path whose output is captured, e.g. ``model.language_model.layers.15``.
         batch_size: samples per forward pass (right-padded; padding tokens are dropped).
         shard_tokens: a shard is closed once it holds at least this many tokens.
         dtype: storage type of activations, ``float32`` or ``float16``.
+        max_image_pixels: images with more pixels (width x height) are skipped as decompression
+            bombs; None = Pillow's default limit.
         stop_at_hook: end each forward at the hooked layer (saves the layers above it).
     """
 
     hook_point: str
-    batch_size: int = 4
+    batch_size: int = 1
     shard_tokens: int = 16384
     dtype: str = "float32"
+    max_image_pixels: int | None = None
     stop_at_hook: bool = True
 
 
-def build_messages(sample: Sample) -> list[dict]:
-    """The chat messages for one sample: the image (if any) then the prompt, as one user turn."""
-    content = ([{"type": "image"}] if sample.image_path else []) + [{"type": "text", "text": sample.prompt}]
-    return [{"role": "user", "content": content}]
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("prompt", pa.string()),
+        ("image_path", pa.string()),
+        ("image_key", pa.string()),
+        ("image_status", pa.string()),
+        ("image_height", pa.int32()),
+        ("image_width", pa.int32()),
+        ("n_tokens", pa.int32()),
+        ("input_ids", pa.list_(pa.int32())),
+    ]
+)
 
 
 class _ShardWriter:
+    """Collects whole samples; each full shard is encoded and written (shard, then samples) in a thread."""
+
     def __init__(self, out_dir: Path, schema: pa.Schema, meta: dict, shard_tokens: int, start_index: int):
         self.out_dir, self.meta, self.shard_tokens = out_dir, meta, shard_tokens
         self.schema = schema.with_metadata({"mmsae": json.dumps(meta)})
+        self.samples_schema = SAMPLES_SCHEMA.with_metadata({"mmsae": json.dumps(meta)})
         self.index = start_index
         self.rows: list[dict] = []
         self.samples: list[dict] = []
         self.n = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: Future | None = None
 
     def add(self, cols: dict, sample_row: dict) -> None:
         self.rows.append(cols)
@@ -76,47 +112,53 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.rows:
             return
+        self.wait()
+        self._pending = self._pool.submit(self._write, self.index, self.rows, self.samples, self.n)
+        self.index += 1
+        self.rows, self.samples, self.n = [], [], 0
+
+    def wait(self) -> None:
+        """Block until the shard in flight is on disk (re-raising its error)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _write(self, index: int, rows: list[dict], samples: list[dict], n: int) -> None:
         d = self.meta["d_model"]
-        acts = np.concatenate([r["activation"] for r in self.rows]).reshape(-1)
+        acts = np.concatenate([r["activation"] for r in rows]).reshape(-1)
         value_type = self.schema.field("activation").type.value_type
-        arrays = {k: np.concatenate([r[k] for r in self.rows]) for k in self.rows[0] if k not in ("activation", "sample_id", "modality")}
-        sample_ids = [s for r in self.rows for s in [r["sample_id"]] * len(r["token_index"])]
-        modality = np.concatenate([r["modality"] for r in self.rows])
+        arrays = {k: np.concatenate([r[k] for r in rows]) for k in ("token_index", "token_id", "view", "patch_row", "patch_col")}
+        lengths = [len(r["token_index"]) for r in rows]
+        sample_ids = pa.DictionaryArray.from_arrays(np.repeat(np.arange(len(rows), dtype=np.int32), lengths),
+                                                    pa.array([r["sample_id"] for r in rows], pa.string())).cast(pa.string())
+        modality = np.concatenate([r["modality"] for r in rows]) == "image"
+        assistant = np.concatenate([r["role"] for r in rows]) == "assistant"
         null_patch = arrays["view"] < 0
         table = pa.table(
             {
-                "sample_id": pa.array(sample_ids, pa.string()),
+                "sample_id": sample_ids,
                 "token_index": pa.array(arrays["token_index"], pa.int32()),
                 "token_id": pa.array(arrays["token_id"], pa.int32()),
-                "modality": pa.array(modality, pa.string()).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
+                "modality": pa.DictionaryArray.from_arrays(pa.array(modality.astype(np.int8)), pa.array(["text", "image"])),
                 "view": pa.array(arrays["view"], pa.int16()),
                 "patch_row": pa.array(arrays["patch_row"], pa.int16(), mask=null_patch),
                 "patch_col": pa.array(arrays["patch_col"], pa.int16(), mask=null_patch),
                 "activation": pa.FixedSizeListArray.from_arrays(pa.array(acts, value_type), d),
+                "role": pa.DictionaryArray.from_arrays(pa.array(assistant.astype(np.int8)), pa.array(["user", "assistant"])),
             },
             schema=self.schema,
         )
-        name = f"{self.index:05d}"
-        write_parquet(self.out_dir / f"samples-{name}.parquet", pa.Table.from_pylist(self.samples, schema=SAMPLES_SCHEMA))
+        name = f"{index:05d}"
         write_parquet(self.out_dir / f"shard-{name}.parquet", table, row_group_size=ROW_GROUP_ROWS)
-        log.info("wrote shard %s: %d tokens, %d samples", name, self.n, len(self.samples))
-        self.index += 1
-        self.rows, self.samples, self.n = [], [], 0
-
-
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("prompt", pa.string()),
-        ("image_path", pa.string()),
-        ("image_status", pa.string()),
-        ("image_height", pa.int32()),
-        ("image_width", pa.int32()),
-        ("n_tokens", pa.int32()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("tokens", pa.list_(pa.string())),
-    ]
-)
+        write_parquet(self.out_dir / f"samples-{name}.parquet", pa.Table.from_pylist(samples, schema=self.samples_schema))
+        log.info("wrote shard %s: %d tokens, %d samples", name, n, len(samples))
 
 
 def _grid_side(model) -> int | None:
@@ -124,66 +166,82 @@ def _grid_side(model) -> int | None:
     return vcfg.image_size // vcfg.patch_size if vcfg is not None else None
 
 
-def _existing_shards(out_dir: Path, chash: str) -> tuple[set[str], int]:
-    """Sample ids already stored under the same config hash; removes shards of other configs."""
-    done: set[str] = set()
-    last = -1
+def complete_units(out_dir: Path, chash: str | None = None) -> list[tuple[Path, Path]]:
+    """``(shard, samples)`` pairs in ``out_dir`` that are complete (and made with ``chash``, if given)."""
+    units = []
     for shard in sorted(out_dir.glob("shard-*.parquet")):
-        idx = int(shard.stem.split("-")[1])
-        samples = out_dir / f"samples-{shard.stem.split('-')[1]}.parquet"
-        if read_shard_meta(shard).get("config_hash") != chash or not samples.exists():
-            log.info("removing %s (made with another config)", shard)
-            shard.unlink()
-            samples.unlink(missing_ok=True)
+        samples = out_dir / shard.name.replace("shard-", "samples-")
+        if not samples.exists():
             continue
-        done.update(pq.read_table(samples, columns=["sample_id"]).column(0).to_pylist())
-        last = max(last, idx)
+        if chash is not None and (read_shard_meta(shard).get("config_hash") != chash or read_shard_meta(samples).get("config_hash") != chash):
+            continue
+        units.append((shard, samples))
+    return units
+
+
+def clean_outdated(out_dir: Path, chash: str) -> tuple[set[str], int]:
+    """Keep only complete units made with ``chash``; remove every other file extraction writes.
+
+    Removed: units of another config hash, a shard without its samples file (or the reverse),
+    hidden temporary files left by a kill, and the summary files (rewritten at the end).
+
+    Returns:
+        (sample ids already extracted, next free shard index).
+    """
+    keep = complete_units(out_dir, chash)
+    kept = {p.name for unit in keep for p in unit}
+    done: set[str] = set()
+    for shard, samples in keep:
+        ids = pq.read_table(samples, columns=["sample_id"]).column(0).to_pylist()
+        in_shard = pc.unique(pq.read_table(shard, columns=["sample_id"]).column(0)).to_pylist()
+        if set(ids) != set(in_shard):  # cannot happen with files written here; be safe
+            log.warning("removing %s: its samples file disagrees with it", shard.name)
+            kept -= {shard.name, samples.name}
+            continue
+        done.update(ids)
+    last = -1
+    for path in sorted(out_dir.iterdir()):
+        name = path.name
+        if name in kept:
+            last = max(last, int(UNIT.match(name).group(2)))
+        elif UNIT.match(name) or TEMP.match(name) or name in SUMMARY:
+            log.info("removing %s (another config, an unfinished unit, or a summary to rewrite)", name)
+            path.unlink()
     return done, last + 1
 
 
-def prepare_inputs(subject: SubjectModel, batch: list[tuple[Sample, object]], suffix: str = ""):
-    """Processor outputs (right-padded) for ``(sample, PIL image or None)`` pairs of one kind.
+def _batches(todo: list[Sample], cfg: ExtractConfig, skipped: list[dict]) -> Iterator[list[tuple[Sample, object, str]]]:
+    """Batches of ``(sample, PIL image or None, status)``, image samples first; images are decoded here,
+    one batch at a time, and unusable ones are appended to ``skipped`` with their reason."""
+    for with_image in (True, False):
+        batch = []
+        for s in todo:
+            if (s.image_path is not None) != with_image:
+                continue
+            img, status = (None, "")
+            if with_image:
+                img, status = load_image(s.image_path, cfg.max_image_pixels)
+                if img is None:
+                    skipped.append({"sample_id": s.sample_id, "image": s.image_path, "reason": status})
+                    log.warning("skipping %s (%s): %s", s.sample_id, s.image_path, status)
+                    continue
+            batch.append((s, img, status))
+            if len(batch) == cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
-    ``suffix`` is appended after the chat template's generation prompt (e.g. an answer prefix).
-    """
-    proc = subject.processor
-    texts = [proc.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False) + suffix
-             for s, _ in batch]
-    images = [img for _, img in batch if img is not None]
-    tok = subject.tokenizer
-    tok.padding_side = "right"
-    if images:
-        return proc(images=images, text=texts, return_tensors="pt", padding=True)
-    if hasattr(proc, "image_processor"):
-        return proc(text=texts, return_tensors="pt", padding=True)
-    return tok(texts, return_tensors="pt", padding=True)
 
-
-def token_layout(subject: SubjectModel, input_ids: torch.Tensor, coords: torch.Tensor | None, name: str = "sample") -> dict:
-    """Per-token modality and image coordinates for one sequence.
-
-    Args:
-        input_ids: (n,) the sample's token ids (padding removed).
-        coords: (n_image_tokens, 3) from :func:`mmsae.models.image_token_coordinates`, or None.
-
-    Returns:
-        ``{"modality": str array, "view", "patch_row", "patch_col": int16 arrays}`` with view -1
-        and coordinates -1 for text tokens.
-
-    Raises:
-        ValueError: the number of image tokens differs from the model's layout.
-    """
-    n = len(input_ids)
-    view = np.full(n, VIEW_TEXT, np.int16)
-    prow = np.full(n, -1, np.int16)
-    pcol = np.full(n, -1, np.int16)
-    if coords is not None:
-        pos = (input_ids == subject.image_token_id).nonzero().flatten().numpy()
-        c = coords.numpy()
-        if len(pos) != len(c):
-            raise ValueError(f"{name}: {len(pos)} image tokens in the prompt but {len(c)} in the model's layout")
-        view[pos], prow[pos], pcol[pos] = c[:, 0], c[:, 1], c[:, 2]
-    return {"modality": np.where(view == VIEW_TEXT, "text", "image"), "view": view, "patch_row": prow, "patch_col": pcol}
+def _prefetched(it: Iterator, pool: ThreadPoolExecutor) -> Iterator:
+    """Iterate ``it`` with its next item computed in ``pool`` while the caller works on the current one."""
+    nxt = pool.submit(next, it, None)
+    while True:
+        item = nxt.result()
+        if item is None:
+            return
+        nxt = pool.submit(next, it, None)
+        yield item
 
 
 def extract(
@@ -199,8 +257,8 @@ def extract(
     Args:
         subject: the loaded model (see :func:`mmsae.models.load_subject_model`).
         samples: the corpus.
-        out_dir: directory for shards; existing shards with the same ``config_hash`` are kept and
-            their samples skipped (resume), others are deleted.
+        out_dir: directory for shards; complete units with the same ``config_hash`` are kept and
+            their samples skipped (resume), every other file extraction writes is deleted.
         cfg: extraction settings.
         config_hash: identifies everything the activations depend on.
 
@@ -215,7 +273,7 @@ def extract(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = subject.model
     module = resolve_hook_point(model, cfg.hook_point)
-    done, next_index = _existing_shards(out_dir, config_hash)
+    done, next_index = clean_outdated(out_dir, config_hash)
     todo = [s for s in samples if s.sample_id not in done]
     log.info("%d samples, %d already extracted, %d to do", len(samples), len(samples) - len(todo), len(todo))
 
@@ -230,97 +288,98 @@ def extract(
         "config_hash": config_hash,
         "grid_side": _grid_side(model),
     }
-    writer = _ShardWriter(out_dir, activation_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
+    writer = _ShardWriter(out_dir, shard_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
     skipped: list[dict] = []
-    converted = 0
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
 
-    # Group image and text-only samples into separate batches (processors batch one kind at a time).
-    ready: list[tuple[Sample, object]] = []
-    loaded: list[tuple[Sample, object, str]] = []
-    for s in todo:
-        if s.image_path is None:
-            loaded.append((s, None, ""))
-            continue
-        img, status = load_image(s.image_path)
-        if img is None:
-            skipped.append({"sample_id": s.sample_id, "image": s.image_path, "reason": status})
-            log.warning("skipping %s (%s): %s", s.sample_id, s.image_path, status)
-            continue
-        converted += status.startswith("converted")
-        loaded.append((s, img, status))
-    batches = []
-    for kind in (True, False):
-        group = [x for x in loaded if (x[1] is not None) == kind]
-        batches += [group[i : i + cfg.batch_size] for i in range(0, len(group), cfg.batch_size)]
-
-    bar = tqdm(total=len(loaded), desc="extract", unit="sample", disable=not progress)
-    with ActivationCapture(module, stop=cfg.stop_at_hook) as cap, torch.inference_mode():
-        for batch in batches:
-            inputs = prepare_inputs(subject, [(s, img) for s, img, _ in batch]).to(subject.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            acts = cap.run(model, **inputs).float().cpu().numpy()
-            ids = inputs["input_ids"].cpu()
-            lengths = inputs["attention_mask"].sum(1).tolist()
-            coords = image_token_coordinates(model, inputs["image_sizes"].cpu()) if "image_sizes" in inputs else []
-            for b, (s, img, status) in enumerate(batch):
-                n = int(lengths[b])
-                tok_ids = ids[b, :n]
-                layout = token_layout(subject, tok_ids, coords[b] if img is not None else None, s.sample_id)
-                writer.add(
-                    {
-                        "sample_id": s.sample_id,
-                        "token_index": np.arange(n, dtype=np.int32),
-                        "token_id": tok_ids.numpy().astype(np.int32),
-                        **layout,
-                        "activation": acts[b, :n].astype(np_dtype),
-                    },
-                    {
-                        "sample_id": s.sample_id,
-                        "prompt": s.prompt,
-                        "image_path": s.image_path,
-                        "image_status": status or None,
-                        "image_height": img.size[1] if img is not None else None,
-                        "image_width": img.size[0] if img is not None else None,
-                        "n_tokens": n,
-                        "input_ids": tok_ids.tolist(),
-                        "tokens": subject.tokenizer.batch_decode([[i] for i in tok_ids.tolist()]),
-                    },
-                )
-            bar.update(len(batch))
-    writer.flush()
-    bar.close()
+    bar = tqdm(total=len(todo), desc="extract", unit="sample", disable=not progress)
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader")
+    try:
+        with ActivationCapture(module, stop=cfg.stop_at_hook) as cap, torch.inference_mode():
+            for batch in _prefetched(_batches(todo, cfg, skipped), loader):
+                inputs = prepare_inputs(subject, [(s, img) for s, img, _ in batch]).to(subject.device)
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+                acts = cap.run(model, **inputs).to(torch.float16 if cfg.dtype == "float16" else torch.float32).cpu().numpy()
+                ids = inputs["input_ids"].cpu()
+                lengths = inputs["attention_mask"].sum(1).tolist()
+                coords = image_token_coordinates(model, inputs["image_sizes"].cpu()) if "image_sizes" in inputs else []
+                for b, (s, img, status) in enumerate(batch):
+                    n = int(lengths[b])
+                    tok_ids = ids[b, :n]
+                    layout = token_layout(subject, tok_ids, coords[b] if img is not None else None, s.sample_id)
+                    id_array = tok_ids.numpy().astype(np.int32)
+                    writer.add(
+                        {"sample_id": s.sample_id, "token_index": np.arange(n, dtype=np.int32), "token_id": id_array,
+                         **layout, "activation": acts[b, :n].astype(np_dtype, copy=False),
+                         "role": token_roles(subject, s, tok_ids)},
+                        {"sample_id": s.sample_id, "prompt": s.prompt, "image_path": s.image_path, "image_key": s.image_key,
+                         "image_status": status or None,
+                         "image_height": img.size[1] if img is not None else None,
+                         "image_width": img.size[0] if img is not None else None,
+                         "n_tokens": n, "input_ids": id_array},
+                    )
+                bar.update(len(batch))
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    writer.close()
     # Special tokens other than the image placeholder (e.g. <|im_start|>, an attention sink whose norm
     # can be 100x the median) may be left out of SAE training; they are always stored.
     special = [i for i in subject.tokenizer.all_special_ids if i != subject.image_token_id]
-    return write_manifest(out_dir, meta, skipped, converted, special)
+    return write_manifest(out_dir, meta, skipped, special, subject.tokenizer.batch_decode)
 
 
-def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], converted: int, special_ids: list[int]) -> dict:
-    """Summarise every shard in ``out_dir`` into ``manifest.json`` (written atomically)."""
+def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: list[int], decode) -> dict:
+    """Summarise the complete units in ``out_dir`` into ``manifest.json``, ``vocab.parquet`` and ``samples.parquet``.
+
+    Every count comes from the stored tables (so a resumed run counts what an uninterrupted one
+    would). ``vocab.parquet`` maps each token id seen to its string, decoded once; ``samples.parquet``
+    gets a ``tokens`` column (list of strings per sample) built from it for readers.
+
+    Args:
+        decode: ``tokenizer.batch_decode``, called once on every distinct token id.
+    """
+    units = complete_units(out_dir, meta["config_hash"])
     shards = []
     totals = {"image": 0, "text": 0}
-    for shard in sorted(out_dir.glob("shard-*.parquet")):
-        mod = pq.read_table(shard, columns=["modality"]).column(0).to_pylist()
-        counts = {m: mod.count(m) for m in totals}
+    for shard, _ in units:
+        mod = pq.read_table(shard, columns=["modality"]).column(0)
+        counts = pc.value_counts(mod.combine_chunks().cast(pa.string()))
+        counts = {c["values"].as_py(): c["counts"].as_py() for c in counts}
+        counts = {m: counts.get(m, 0) for m in totals}
         totals = {m: totals[m] + counts[m] for m in totals}
         shards.append({"path": shard.name, "n_tokens": len(mod), **{f"n_{m}_tokens": c for m, c in counts.items()}})
-    samples = pq.read_table([str(p) for p in sorted(out_dir.glob("samples-*.parquet"))]) if shards else None
+    samples = pa.concat_tables([pq.read_table(s).replace_schema_metadata() for _, s in units]) if units else \
+        SAMPLES_SCHEMA.empty_table()
+    status = samples.column("image_status").to_pylist()
     manifest = {
         **meta,
         "shards": shards,
         "n_shards": len(shards),
-        "n_samples": samples.num_rows if samples is not None else 0,
+        "n_samples": samples.num_rows,
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
-        "n_images_converted": converted,
+        "n_images_converted": sum(1 for s in status if s and s.startswith("converted")),
         "n_images_skipped": len(skipped),
         "skipped": skipped,
         "special_token_ids": sorted(set(special_ids)),
     }
-    if samples is not None:
-        write_parquet(out_dir / "samples.parquet", samples)
+    ids = pc.unique(pc.list_flatten(samples.column("input_ids"))).to_numpy(zero_copy_only=False).astype(np.int64)
+    ids.sort()
+    vocab = pa.table({"token_id": pa.array(ids, pa.int32()), "token": pa.array(decode([[int(i)] for i in ids]), pa.string())})
+    write_parquet(out_dir / "vocab.parquet", vocab)
+    write_parquet(out_dir / "samples.parquet", with_token_strings(samples, vocab))
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def with_token_strings(samples: pa.Table, vocab: pa.Table) -> pa.Table:
+    """``samples`` with a ``tokens`` column (list<string>, one per input id) looked up in ``vocab``."""
+    flat = pc.list_flatten(samples.column("input_ids"))
+    pos = pc.index_in(flat, value_set=vocab.column("token_id"))
+    strings = pc.take(vocab.column("token"), pos)
+    offsets = samples.column("input_ids").combine_chunks().offsets
+    tokens = pa.ListArray.from_arrays(offsets, strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings)
+    return samples.append_column("tokens", tokens)

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmsae.data.corpus import Sample, load_image
+from mmsae.models import image_token_coordinates, prepare_inputs, token_layout
 from mmsae.sae.model import TopKSAE
 from mmsae.steer import select_topk
 
@@ -278,9 +280,6 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     """
     import time
 
-    from mmsae.activations import prepare_inputs, token_layout
-    from mmsae.data.corpus import Sample, load_image
-    from mmsae.models import image_token_coordinates
 
     if method not in ("ours", "reference"):
         raise ValueError(f"attribution.method: {method!r} is not one of ours, reference")

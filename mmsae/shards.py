@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmsae.io import write_json, write_parquet
+
 
 def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
     """Arrow schema of an activation shard (``dtype`` is the storage type of ``activation``)."""
@@ -33,14 +35,20 @@ def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
     )
 
 
-def _shard_meta(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"mmsae", b"{}"))
+def shard_schema(d_model: int, dtype: str) -> pa.Schema:
+    """Schema of the shards extraction writes: :func:`activation_schema` plus ``role``.
+
+    ``role`` (dictionary string) is ``assistant`` for the tokens of an assistant turn's text (training
+    conversations, see :func:`mmsae.models.token_roles`) and ``user`` for every other token. Readers
+    must not require it: shards written by other tools (or older versions) may lack it.
+    """
+    return activation_schema(d_model, dtype).append(pa.field("role", pa.dictionary(pa.int8(), pa.string())))
 
 
 def read_shard_meta(path: str | os.PathLike) -> dict:
     """The ``mmsae`` metadata of an activation shard (model, hook point, d_model, config hash...)."""
-    return _shard_meta(Path(path))
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"mmsae", b"{}"))
 
 
 def shard_paths(manifest_path: str | os.PathLike) -> list[Path]:
@@ -82,8 +90,6 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
     Raises:
         ValueError: the parts disagree on a field that is not summed.
     """
-    from mmsae.io import write_json, write_parquet
-
     out = Path(out)
     summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_shards"}
     merged: dict = {"shards": [], "skipped": [], "parts": []}

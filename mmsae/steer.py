@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmsae.data.corpus import Sample, load_image
+from mmsae.models import prepare_inputs
 from mmsae.sae.model import TopKSAE
 
 
@@ -347,9 +349,6 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         unsteered / steered continuation under the unsteered model), feature_words,
         toward_words (those that newly appear), toward_feature (None: no words known), success.
     """
-    from mmsae.activations import prepare_inputs
-    from mmsae.data.corpus import Sample, load_image
-
     rows = []
     decode = subject.tokenizer.decode
     eos = subject.model.generation_config.eos_token_id

@@ -2,6 +2,7 @@ rule find_neurons:
     """Caption images, find their nouns, score all FFN neurons gradient-free, map and test the top ones."""
     input:
         model=model_input,
+        samples=SAMPLES,
     output:
         captions=f"{NEURONS}/captions.parquet",
         neurons=f"{NEURONS}/neurons.parquet",
@@ -12,7 +13,6 @@ rule find_neurons:
         model=model_path(),
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
-        corpus=corpus_params(),
         neurons=keys("neurons", "prompt", "prompt_prefix", "text_prompts", "max_images", "max_new_tokens", "coefficient",
                      "top_k", "heatmap_neurons", "top_tokens", "causal_k", "noise_scale", "causal_cases", "seed"),
         code=code("find_neurons.py"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mmsae.activations import activation_schema
+from mmsae.shards import activation_schema
 from mmsae.io import write_parquet
 from mmsae.sae import TopKSAE, fvu, load_sae, save_sae
 from mmsae.sae.data import ActivationStream

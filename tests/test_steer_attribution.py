@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmsae.activations import prepare_inputs
 from mmsae.attribution import ablation_effects, attribute, pool, run_case
 from mmsae.data import Sample
-from mmsae.models import load_subject_model, resolve_hook_point
+from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import TopKSAE
 from mmsae.steer import Clamp, SteeringHook, generate, resolve_clamp_value
 

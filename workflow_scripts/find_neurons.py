@@ -5,7 +5,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from mmsae.data import build_corpus
+from mmsae.data import usable_samples
 from mmsae.data.corpus import load_image
 from mmsae.io import atomic_path, write_bytes, write_json, write_parquet
 from mmsae.maps import heatmap, masked, png_bytes, top_percent_mask
@@ -16,8 +16,9 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.neurons
-corpus = {**p.corpus, "prompts": [cfg["prompt"]], "text_prompts": cfg["text_prompts"], "max_images": cfg["max_images"]}
-samples = [{"name": s.sample_id, "prompt": s.prompt, "image": s.image_path} for s in build_corpus(corpus)]
+# the images extraction used (never a fresh scan: it would meet the files extraction skipped)
+usable = usable_samples(sm.input.samples, [cfg["prompt"]], cfg["text_prompts"], cfg["max_images"])
+samples = [{"name": s.sample_id, "prompt": s.prompt, "image": s.image_path} for s in usable]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 res = find_all(subject, samples, cfg)
 out = Path(sm.output.properties).parent

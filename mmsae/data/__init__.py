@@ -1,3 +1,5 @@
 """Image/text corpora -> samples (see :mod:`mmsae.data.corpus`)."""
 
-from mmsae.data.corpus import Sample, build_corpus, load_image, skimage_photo_paths  # noqa: F401
+from mmsae.data.corpus import (  # noqa: F401
+    Sample, build_corpus, load_image, resolve_image_ref, skimage_photo_paths, usable_samples,
+)

@@ -4,24 +4,32 @@ Three image sources, chosen by ``corpus.source`` in config:
 
 * ``skimage``: colour photographs that scikit-image ships inside its wheel (no download);
 * ``folder``: every image file under a directory (recursively);
-* ``table``: a Parquet or CSV table with columns ``image`` (path, relative to the table, or empty
-  for a text-only sample) and ``prompt``.
+* ``table``: a Parquet/CSV table with columns ``image``, ``prompt`` and optionally ``response``, or
+  LLaVA-format conversations in JSON (see :mod:`mmsae.data.tables`).
 
 Each image is paired with every prompt of ``corpus.prompts`` (``folder``/``skimage``); the
 ``corpus.text_prompts`` are added as text-only samples. Images are loaded by :func:`load_image`,
 which converts odd modes and rejects what cannot be used, with a reason.
+
+Sample ids are unique and stable: ``img-<key>-p<j>`` with ``key`` the photo's name (``skimage``) or
+the file's path relative to the folder, extension included (``folder``: ``cat.png`` and
+``cat.jpg`` are two samples); ``row-<i>`` for table rows; ``txt-<i>`` for text prompts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import skimage
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from mmsae.data.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +58,17 @@ class Sample:
         sample_id: unique, stable id (used as the key in every table).
         prompt: the user's text.
         image_path: path of the image file, or None for a text-only sample.
+        image_key: the image's stable name within the corpus (skimage name, path relative to the
+            folder with its extension, or the table row id); None for a text-only sample.
+        turns: ``(role, text)`` turns after the first user prompt (role ``assistant`` or ``user``),
+            e.g. the training answer of a LLaVA conversation; empty for a bare prompt.
     """
 
     sample_id: str
     prompt: str
     image_path: str | None = None
+    image_key: str | None = None
+    turns: tuple[tuple[str, str], ...] = ()
 
 
 def skimage_photo_paths(names: list[str] | None = None) -> dict[str, Path]:
@@ -64,8 +78,6 @@ def skimage_photo_paths(names: list[str] | None = None) -> dict[str, Path]:
         ValueError: an unknown name (the message lists the known ones).
         FileNotFoundError: the file is not inside the installed wheel.
     """
-    import skimage
-
     root = Path(skimage.__file__).parent / "data"
     names = list(SKIMAGE_PHOTOS) if not names else names
     out = {}
@@ -79,25 +91,21 @@ def skimage_photo_paths(names: list[str] | None = None) -> dict[str, Path]:
     return out
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
-def _image_table(path: Path) -> list[tuple[str | None, str]]:
-    import polars as pl
-
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus.path: table {path} does not exist")
-    df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
-    for col in ("image", "prompt"):
-        if col not in df.columns:
-            raise ValueError(f"corpus table {path}: missing column {col!r} (has {df.columns})")
-    rows = []
-    for image, prompt in df.select("image", "prompt").iter_rows():
-        if image:
-            image = str(image) if os.path.isabs(str(image)) else str(path.parent / str(image))
-        rows.append((image or None, str(prompt)))
-    return rows
+def _folder_images(root: Path) -> dict[str, str]:
+    """Image files under ``root`` by their path relative to it (extension included); other files are logged."""
+    images, other = {}, []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images[rel] = str(p)
+        else:
+            other.append(rel)
+    if other:
+        log.warning("corpus.path %s: %d files without an image suffix %s are not in the corpus: %s",
+                    root, len(other), sorted(IMAGE_SUFFIXES), other[:20])
+    return images
 
 
 def build_corpus(corpus: dict, base_dir: str | os.PathLike = ".") -> list[Sample]:
@@ -122,28 +130,28 @@ def build_corpus(corpus: dict, base_dir: str | os.PathLike = ".") -> list[Sample
             root = Path(base_dir, corpus["path"])
             if not root.is_dir():
                 raise FileNotFoundError(f"corpus.path: folder {root} does not exist")
-            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            images = {_slug(str(p.relative_to(root).with_suffix(""))): str(p) for p in files}
+            images = _folder_images(root)
         if images and not prompts:
             raise ValueError("corpus.prompts: at least one prompt is needed to pair with the images")
-        for name, path in list(images.items())[:max_images]:
+        for key, path in list(images.items())[:max_images]:
             for j, prompt in enumerate(prompts):
-                samples.append(Sample(f"img-{name}-p{j}", prompt, path))
+                samples.append(Sample(f"img-{key}-p{j}", prompt, path, key))
     elif source == "table":
-        rows = _image_table(Path(base_dir, corpus["path"]))
         n_img = 0
-        for i, (image, prompt) in enumerate(rows):
-            if image and max_images is not None and n_img >= max_images:
+        for i, row in enumerate(read_table(Path(base_dir, corpus["path"]))):
+            if row.image and max_images is not None and n_img >= max_images:
                 continue
-            n_img += bool(image)
-            samples.append(Sample(f"row-{i:06d}", prompt, image))
+            n_img += bool(row.image)
+            sid = f"row-{i:06d}"
+            samples.append(Sample(sid, row.prompt, row.image, sid if row.image else None, row.turns))
     else:
         raise ValueError(f"corpus.source: {source!r} is not one of skimage, folder, table")
     for i, prompt in enumerate(corpus.get("text_prompts") or []):
         samples.append(Sample(f"txt-{i:04d}", prompt, None))
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
-        raise ValueError("corpus: sample ids are not unique (two images with the same name?)")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"corpus: sample ids are not unique: {dup[:10]}")
     return samples
 
 
@@ -163,25 +171,43 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[Image.Image | None, str]:
     """Open an image as 8-bit RGB, converting odd modes (CMYK, 16-bit, palette, alpha, grey).
 
+    Args:
+        path: the image file.
+        max_pixels: larger images (width x height) are skipped as decompression bombs before their
+            pixels are decoded (``corpus.max_image_pixels``); None = Pillow's ``Image.MAX_IMAGE_PIXELS``.
+
     Returns:
-        ``(image, "ok")`` or ``(image, "converted from MODE")``; ``(None, reason)`` when the file
-        is missing, unreadable, truncated or degenerate (a side under 8 px, an aspect ratio over
-        20, or a single colour). Never raises for bad image data.
+        ``(image, "ok")``, or ``(image, "converted from MODE")`` and/or ``"... first of N frames"``
+        for an animated file (only its first frame is used); ``(None, reason)`` when the file is
+        missing, unreadable, truncated, too large or degenerate (a side under 8 px, an aspect
+        ratio over 20, or a single colour). Never raises for bad image data.
     """
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit  # Pillow refuses more than 2x this in open()
     try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            rgb = _to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are checked below
+            with Image.open(path) as img:
+                w, h = img.size
+                if limit is not None and w * h > limit:
+                    return None, f"decompression bomb: {w}x{h} pixels, over max_image_pixels={limit}"
+                frames = getattr(img, "n_frames", 1)
+                img.load()
+                mode = img.mode
+                rgb = _to_rgb(img)
     except FileNotFoundError:
         return None, "missing file"
+    except Image.DecompressionBombError as exc:
+        return None, f"decompression bomb: {exc}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else f"unreadable ({type(exc).__name__}: {exc})"
         return None, reason
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     w, h = rgb.size
     if min(w, h) < MIN_SIDE:
         return None, f"degenerate size {w}x{h}"
@@ -189,16 +215,67 @@ def load_image(path: str | os.PathLike) -> tuple[Image.Image | None, str]:
         return None, f"degenerate aspect ratio {w}x{h}"
     if all(lo == hi for lo, hi in rgb.getextrema()):
         return None, "degenerate: a single colour"
-    return rgb, "ok" if mode == "RGB" else f"converted from {mode}"
+    status = "ok" if mode == "RGB" else f"converted from {mode}"
+    if frames > 1:
+        status = f"{'converted:' if mode == 'RGB' else status + ','} first of {frames} frames"
+    return rgb, status
 
 
-def resolve_image_ref(ref: str | None, base_dir: str | os.PathLike = ".") -> str | None:
-    """A config's image reference -> a file path: a scikit-image photo name or a path (or None)."""
+def resolve_image_ref(ref: str | None, base_dir: str | os.PathLike = ".", corpus: dict | None = None) -> str | None:
+    """A config's image reference -> a file path (or None for no image).
+
+    ``ref`` is a scikit-image photo name (``chelsea``), a path (relative to ``base_dir``), or, with
+    a ``folder`` ``corpus``, a file of the corpus named by its path relative to the folder or by its
+    stem when exactly one file has that stem (``cat`` for ``cat.png``).
+
+    Raises:
+        ValueError: the stem names several corpus files (the message lists them).
+        FileNotFoundError: nothing matches.
+    """
     if not ref:
         return None
     if ref in SKIMAGE_PHOTOS:
         return str(skimage_photo_paths([ref])[ref])
     path = Path(base_dir, ref)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {ref!r}: neither a scikit-image photo name nor a file")
-    return str(path)
+    if path.is_file():
+        return str(path)
+    if corpus and corpus.get("source") == "folder" and Path(base_dir, corpus["path"]).is_dir():
+        files = _folder_images(Path(base_dir, corpus["path"]))
+        if ref in files:
+            return files[ref]
+        hits = sorted(k for k in files if Path(k).with_suffix("").as_posix() == ref or Path(k).stem == ref)
+        if len(hits) == 1:
+            return files[hits[0]]
+        if hits:
+            raise ValueError(f"image {ref!r} is ambiguous in corpus.path {corpus['path']}: {hits}; name one with its extension")
+    raise FileNotFoundError(f"image {ref!r}: neither a scikit-image photo name, a file, nor an image of the corpus")
+
+
+def usable_samples(samples_table: str | os.PathLike, prompts: list[str], text_prompts: list[str],
+                   max_images: int | None) -> list[Sample]:
+    """Samples over the images that extraction used, read from its samples table (never a fresh scan).
+
+    Images that extraction skipped (unreadable, degenerate, too large) are not in the table, so a
+    later stage never meets them. Each distinct image (in table order, at most ``max_images``) is
+    paired with every prompt as ``img-<key>-p<j>``; ``text_prompts`` are added as ``txt-<i>``.
+
+    Args:
+        samples_table: the extraction's ``samples.parquet`` (columns sample_id, image_path,
+            image_key; tables written before image_key existed fall back to image_path).
+
+    Raises:
+        ValueError: prompts is empty while the table has images.
+    """
+    cols = pq.read_schema(samples_table).names
+    t = pq.read_table(samples_table, columns=[c for c in ("image_key", "image_path") if c in cols])
+    paths = t.column("image_path").to_pylist()
+    keys = t.column("image_key").to_pylist() if "image_key" in cols else paths
+    images = {}
+    for key, path in zip(keys, paths):
+        if path is not None:
+            images.setdefault(key or path, path)
+    if images and not prompts:
+        raise ValueError("usable_samples: at least one prompt is needed to pair with the images")
+    samples = [Sample(f"img-{k}-p{j}", prompt, p, k) for k, p in list(images.items())[:max_images]
+               for j, prompt in enumerate(prompts)]
+    return samples + [Sample(f"txt-{i:04d}", prompt, None) for i, prompt in enumerate(text_prompts)]

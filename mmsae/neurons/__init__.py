@@ -8,6 +8,8 @@ import re
 import numpy as np
 import torch
 
+from mmsae.data.corpus import load_image
+from mmsae.models import image_token_coordinates, token_layout
 from mmsae.neurons.edit import (
     Delta, apply_delta, closed_form_edit, mean_pairwise_overlap, noise_delta, optimised_edit, random_neurons, revert,
 )
@@ -21,8 +23,6 @@ def _has_word(text: str, word: str) -> bool:
 
 
 def _load(sample):
-    from mmsae.data.corpus import load_image
-
     if not sample["image"]:
         return None
     image, status = load_image(sample["image"])
@@ -43,9 +43,6 @@ def find_all(subject, samples: list[dict], cfg: dict) -> dict:
         ``{"captions": [...], "neurons": [...rows], "tokens": [...rows], "grids": {(case, layer, i): grid},
         "properties": {...}}``.
     """
-    from mmsae.activations import token_layout
-    from mmsae.models import image_token_coordinates
-
     model, tok = subject.model, subject.tokenizer
     mlps = mlp_modules(model)
     captions, rows, grids, cases = [], [], {}, []

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmsae.data.corpus import Sample
+from mmsae.models import prepare_inputs
+
 _NOT_NOUN = {"AUX", "PRON", "DET", "ADP", "CCONJ", "SCONJ", "NUM", "PART"}
 
 
@@ -160,9 +163,6 @@ def score_neurons(coeffs: torch.Tensor, columns: torch.Tensor, position: int, co
 def caption(subject, image, prompt: str, prefix: str, max_new_tokens: int = 20, name: str = "image"):
     """Greedy caption of ``image``: returns (processor inputs incl. the caption, full ids, index of the
     first generated token, caption text = prefix + generated)."""
-    from mmsae.activations import prepare_inputs
-    from mmsae.data.corpus import Sample
-
     inputs = dict(prepare_inputs(subject, [(Sample(name, prompt, "x" if image is not None else None), image)], suffix=prefix))
     out = subject.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     start = inputs["input_ids"].shape[1]
