@@ -22,7 +22,8 @@ def test_noun_lexicon():
 @pytest.mark.parametrize("coefficient", ["down_proj_input", "act_fn"])
 def test_scores_equal_brute_force(tiny_llava_dir, coefficient):
     s = load_subject_model(tiny_llava_dir)
-    full, ids, start, _ = caption(s, None, "Describe a cat.", "A cat and a dog", 6)
+    captioned = caption(s, None, "Describe a cat.", "A cat and a dog", 6)
+    full, ids, start = captioned.inputs, captioned.ids, captioned.start
     targets = noun_targets(s.tokenizer, ids, start - 4)  # the prefix's nouns too
     assert targets and all(ids[t.position + 1] == t.token_id for t in targets)
     mlps = mlp_modules(s.model)
