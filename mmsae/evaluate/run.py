@@ -22,7 +22,7 @@ SCORE_SCHEMA = {"feature": pl.Int32, "category": pl.String, "phrase": pl.String,
 
 def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, str], codes: pl.LazyFrame, side: int,
                    segmenter=None, clip=None, threshold: float = 0.0, n_random: int = 5, iou_trials: int = 10,
-                   clip_trials: int = 30, seed: int = 0, pool: list[str] | None = None) -> pl.DataFrame:
+                   clip_trials: int = 30, seed: int = 0, pool: list[str] | None = None, *, region: str) -> pl.DataFrame:
     """One row per (feature, image, source, trial) with IoU and CLIP score (null when unavailable).
 
     Args:
@@ -33,6 +33,8 @@ def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, 
             per distinct image so that an image is not drawn twice under two prompts).
         segmenter: a :class:`~mmsae.evaluate.backends.GroundedSegmenter` or None (IoU unavailable).
         clip: a :class:`~mmsae.evaluate.backends.ClipScorer` or None (CLIP score unavailable).
+        threshold, region: how a feature's activated region is drawn (``evaluate.threshold``,
+            ``evaluate.region``; see :func:`~mmsae.evaluate.metrics.activated_region`).
     """
     if segmenter is None and clip is None:
         return pl.DataFrame(schema=SCORE_SCHEMA)
@@ -59,7 +61,7 @@ def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, 
             key = (phrase, sid)
             if key not in cache_mask:
                 cache_mask[key] = segmenter.mask(image, phrase)
-            value_iou = iou(cache_mask[key], activated_region(grids[(f, sid)], image.size, threshold))
+            value_iou = iou(cache_mask[key], activated_region(grids[(f, sid)], image.size, threshold, region))
         if clip is not None and want_clip and image is not None:
             if sid not in cache_emb:
                 cache_emb[sid] = clip.embed_images([image])
