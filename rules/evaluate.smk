@@ -7,6 +7,7 @@ rule refine_explanations:
         f"{EVALUATION}/refined.parquet",
     params:
         endpoint=refiner_endpoint_params(),
+        categorizer=categorizer_endpoint_params(),
         prompt=refine_prompt_params(),
         include_untagged=config["evaluate"]["include_untagged"],
         cache=f"{EXPLANATIONS}/cache.sqlite",
@@ -15,7 +16,7 @@ rule refine_explanations:
         "results/logs/refine_explanations.log",
     threads: 1
     resources:
-        gpu=1 if refiner_endpoint_params()["server"] == "local" else 0,
+        gpu=1 if "local" in (refiner_endpoint_params()["server"], categorizer_endpoint_params()["server"]) else 0,
         endpoint_slots=1,
     conda:
         "../envs/explain.yaml"
@@ -35,7 +36,7 @@ rule evaluate:
         table=f"{EVALUATION}/table.md",
         summary=f"{EVALUATION}/summary.json",
     params:
-        evaluate={k: v for k, v in config["evaluate"].items() if k not in ("refiner", "include_untagged")},
+        evaluate={k: v for k, v in config["evaluate"].items() if k not in ("refiner", "categorizer", "include_untagged")},
         device=config["model"]["device"],
     log:
         "results/logs/evaluate.log",

@@ -109,9 +109,20 @@ def test_parse_category():
 def test_refinement_through_a_real_server(tmp_path):
     with FakeEndpoint(reply="texture", script=[500]) as ep:
         ex = Explainer(EndpointConfig(base_url=ep.base_url, model="r", backoff_s=0.01), ResponseCache(tmp_path / "c.sqlite"))
-        rows = refine_all(ex, [(1, "The regions show striped fabric"), (2, "zebra stripes")])
+        rows = refine_all(ex, ex, [(1, "The regions show striped fabric"), (2, "zebra stripes")])
         assert [(r["phrase"], r["category"]) for r in rows] == [("texture", "texture")] * 2
         assert ep.requests == 1 + 2 + 1  # one 500 retried, two phrases, one category (same phrase: cached)
+
+
+def test_categories_come_from_the_categorizer_endpoint(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    with FakeEndpoint(reply="red fur") as small, FakeEndpoint(reply="It is a material.") as large:
+        refiner = Explainer(EndpointConfig(base_url=small.base_url, model="small"), cache)
+        categorizer = Explainer(EndpointConfig(base_url=large.base_url, model="large", max_tokens=16), cache)
+        rows = refine_all(refiner, categorizer, [(1, "fur of red foxes"), (2, "Unable to produce descriptions")])
+        assert [(r["phrase"], r["category"], r["raw_category"]) for r in rows] == [("red fur", "material", "It is a material.")] * 2
+        assert small.requests == 2 and large.requests == 1  # phrases by the refiner, the category by the categorizer
+        assert large.bodies[0]["model"] == "large" and "red fur" in large.bodies[0]["messages"][0]["content"]
 
 
 @pytest.fixture(scope="module")
