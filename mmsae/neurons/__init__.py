@@ -9,13 +9,13 @@ from mmsae.neurons.edit import (
 from mmsae.neurons.find import (
     Caption, CoefficientCapture, caption, mlp_modules, neuron_top_tokens, noun_targets, projection_columns, score_neurons,
 )
-from mmsae.neurons.properties import causal_effect, properties
+from mmsae.neurons.properties import causal_sweep, choose_scale, properties, semantic_hit, semantic_sensitivity
 from mmsae.neurons.run import edit_all, find_all
 from mmsae.neurons.samples import has_word, load_sample_image
 
 __all__ = [
-    "Caption", "CoefficientCapture", "Delta", "apply_delta", "caption", "causal_effect", "closed_form_edit", "edit_all",
-    "find_all", "has_word", "load_sample_image", "mean_pairwise_overlap", "mlp_modules", "neuron_top_tokens",
-    "noise_delta", "noun_targets", "optimised_edit", "projection_columns", "properties", "random_neurons", "revert",
-    "score_neurons",
+    "Caption", "CoefficientCapture", "Delta", "apply_delta", "caption", "causal_sweep", "choose_scale",
+    "closed_form_edit", "edit_all", "find_all", "has_word", "load_sample_image", "mean_pairwise_overlap",
+    "mlp_modules", "neuron_top_tokens", "noise_delta", "noun_targets", "optimised_edit", "projection_columns",
+    "properties", "random_neurons", "revert", "score_neurons", "semantic_hit", "semantic_sensitivity",
 ]

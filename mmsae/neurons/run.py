@@ -24,7 +24,7 @@ def find_all(subject, samples: list[dict], cfg: dict) -> dict:
     Args:
         samples: ``{"name", "prompt", "image" (path or None)}`` each.
         cfg: ``prompt_prefix``, ``max_new_tokens``, ``coefficient``, ``top_k``, ``heatmap_neurons``,
-            ``top_tokens``, ``causal_k``, ``noise_scale``, ``causal_cases``, ``seed``.
+            ``top_tokens``, ``causal_k``, ``noise_scales``, ``fluency_tolerance``, ``causal_cases``, ``seed``.
 
     Returns:
         ``{"captions": [...], "neurons": [...rows], "tokens": [...rows], "grids": {(case, layer, i): grid},
@@ -56,7 +56,7 @@ def find_all(subject, samples: list[dict], cfg: dict) -> dict:
             top = score_neurons(coeffs, columns, t.position, j, cfg["top_k"])
             case = f"{s['name']}:{t.noun}:{t.position}"
             cases.append({"case": case, "sample": s, "noun": t.noun, "token_id": t.token_id, "position": t.position,
-                          "top": top, "full": full})
+                          "top": top, "full": full, "start": captioned.start})
             for rank, (layer, i, score, a) in enumerate(top):
                 rows.append({"case": case, "sample": s["name"], "noun": t.noun, "token": tok.decode([t.token_id]),
                              "position": t.position, "rank": rank, "layer": layer, "neuron": i, "score": score, "activation": a})
