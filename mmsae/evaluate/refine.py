@@ -2,7 +2,7 @@
 OpenAI-compatible client and cache as the explanations.
 
 The phrase comes from the refiner (paper: Llama-3.1-8B-Instruct, few-shot; EvolvingLMMs-Lab/multimodal-sae
-``sae_auto_interp/launch/score/segment.py`` line 143), the category from the categorizer, which the
+``sae_auto_interp/launch/score/segment.py`` line 138), the category from the categorizer, which the
 released code runs on a larger model (``tools/label_explanation.py`` lines 25-31:
 Llama-3.1-70B-Instruct, ``max_tokens`` 16); ``evaluate.categorizer`` names its endpoint and is, by
 default, the refiner's.
