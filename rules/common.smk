@@ -137,9 +137,24 @@ def refiner_endpoint_params():
     return out
 
 
+def categorizer_endpoint_params():
+    """The refiner's endpoint, with the fields that ``evaluate.categorizer`` sets overriding it (the key's
+    variable name is read at run time, as the refiner's)."""
+    out = refiner_endpoint_params()
+    c = {k: v for k, v in config["evaluate"]["categorizer"].items() if v is not None and k != "api_key_env"}
+    out.update(c)
+    if out["server"] == "local":
+        out["local_model"] = c.get("local_model") or out.get("local_model") or explainer_local_model()
+        out.pop("base_url", None), out.pop("model", None)
+    else:
+        out.setdefault("base_url", config["explain"]["base_url"]), out.setdefault("model", config["explain"]["model"])
+        out.pop("local_model", None)
+    return out
+
+
 def refine_inputs(wildcards):
-    e = refiner_endpoint_params()
-    return {"model": DEMO_MODEL_DIR} if e["server"] == "local" and e["local_model"] == DEMO_MODEL_DIR else {}
+    uses = [refiner_endpoint_params(), categorizer_endpoint_params()]
+    return {"model": DEMO_MODEL_DIR} if any(e["server"] == "local" and e["local_model"] == DEMO_MODEL_DIR for e in uses) else {}
 
 
 def refine_prompt_params():

@@ -7,6 +7,7 @@ rule refine_explanations:
         f"{EVALUATION}/refined.parquet",
     params:
         endpoint=refiner_endpoint_params(),
+        categorizer=categorizer_endpoint_params(),
         prompt=refine_prompt_params(),
         include_untagged=config["evaluate"]["include_untagged"],
         code=code("refine.py"),
@@ -16,7 +17,7 @@ rule refine_explanations:
         "results/logs/refine_explanations.log",
     threads: 1
     resources:
-        gpu=1 if refiner_endpoint_params()["server"] == "local" else 0,
+        gpu=1 if "local" in (refiner_endpoint_params()["server"], categorizer_endpoint_params()["server"]) else 0,
         endpoint_slots=1,
     conda:
         "../envs/explain.yaml"
@@ -38,7 +39,7 @@ rule evaluate:
         summary=f"{EVALUATION}/summary.json",
     params:
         evaluate=keys("evaluate", "detector", "segmenter", "clip", "clip_backend", "box_threshold", "text_threshold",
-                      "threshold", "n_random_images", "iou_trials", "clip_trials", "n_boot", "seed"),
+                      "threshold", "region", "sam_masks", "n_random_images", "iou_trials", "clip_trials", "n_boot", "seed"),
         device=config["model"]["device"],
         code=code("evaluate.py"),
     log:

@@ -42,13 +42,55 @@ def test_clip_score_is_torchmetrics_formula():
     assert clip_score(img[:1], -img[:1])[0] == 0.0
 
 
-def test_binarised_activation_region_on_a_hand_made_grid():
-    grid = np.array([[3.0, 0.0], [0.0, 0.0]], np.float32)
-    region = activated_region(grid, (8, 8))
-    expect = np.zeros((8, 8), bool)
-    expect[:4, :4] = True
-    assert (region == expect).sum() >= 60 and region[0, 0] and not region[7, 7]  # soft only at the border
-    assert not activated_region(grid, (8, 8), threshold=5.0).any()
+def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a bilinear (triangle filter, support one source pixel) upsampling,
+    written out from the definition: output pixel x samples the input at (x + 0.5) n_in / n_out."""
+    centers = (np.arange(n_out) + 0.5) * n_in / n_out
+    w = np.clip(1 - np.abs(np.arange(n_in)[None, :] + 0.5 - centers[:, None]), 0, None)
+    return w / w.sum(1, keepdims=True)
+
+
+def _region_by_hand(grid, size, rule):
+    """The activated region computed without PIL: 'majority' = upsampled 0/1 mask >= 0.5; 'reference'
+    = the released code's 8-bit encoding (inactive 224, active 0), each bilinear pass rounded to 8
+    bits, pixels below 224 kept."""
+    b = (grid > 0).astype(np.float64)
+    wx, wy = _bilinear_weights(grid.shape[1], size[0]), _bilinear_weights(grid.shape[0], size[1])
+    if rule == "majority":
+        return wy @ b @ wx.T >= 0.5
+    rows = np.floor((224 * (1 - b)) @ wx.T + 0.5)
+    return np.floor(wy @ rows + 0.5) < 224
+
+
+def _hand_grids():
+    one = np.zeros((24, 24), np.float32)
+    one[10, 10] = 2.0
+    corner = np.zeros((24, 24), np.float32)
+    corner[0, 0] = 0.5
+    blocks = np.zeros((8, 8), np.float32)
+    blocks[2:4, 2:4], blocks[6, 7], blocks[5, 0] = 1.0, 3.0, 0.1
+    ell = np.zeros((8, 8), np.float32)
+    ell[1, 1:6], ell[1:7, 5] = 1.0, 1.0
+    return [(one, (336, 336)), (corner, (336, 336)), (blocks, (56, 56)), (ell, (56, 88))]
+
+
+def test_activated_region_both_rules_match_an_independent_computation():
+    for grid, size in _hand_grids():
+        for rule in ("reference", "majority"):
+            got = activated_region(grid, size, 0.0, rule)
+            assert got.shape == (size[1], size[0])
+            np.testing.assert_array_equal(got, _region_by_hand(grid, size, rule), err_msg=f"{rule} {size}")
+    # one active patch of a 24 x 24 grid at 336 px: the released rule reaches 2 patches' width around
+    # it (a 28 x 28 square; its 4 corner pixels round back to 224), ours keeps the 120 px >= 0.5
+    one, size = _hand_grids()[0]
+    assert activated_region(one, size, 0.0, "reference").sum() == 28 * 28 - 4
+    assert activated_region(one, size, 0.0, "majority").sum() == 120
+    assert not activated_region(one, size, 5.0, "reference").any()
+    with pytest.raises(ValueError, match="evaluate.region"):
+        activated_region(one, size, 0.0, "half")
+
+
+def test_bootstrap_ci():
     lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0)
     assert 1.0 <= lo < 2.5 < hi <= 4.0 and bootstrap_ci([1.0]) == (None, None)
 
@@ -67,9 +109,20 @@ def test_parse_category():
 def test_refinement_through_a_real_server(tmp_path):
     with FakeEndpoint(reply="texture", script=[500]) as ep:
         ex = Explainer(EndpointConfig(base_url=ep.base_url, model="r", backoff_s=0.01), ResponseCache(tmp_path / "c.sqlite"))
-        rows = refine_all(ex, [(1, "The regions show striped fabric"), (2, "zebra stripes")])
+        rows = refine_all(ex, ex, [(1, "The regions show striped fabric"), (2, "zebra stripes")])
         assert [(r["phrase"], r["category"]) for r in rows] == [("texture", "texture")] * 2
         assert ep.requests == 1 + 2 + 1  # one 500 retried, two phrases, one category (same phrase: cached)
+
+
+def test_categories_come_from_the_categorizer_endpoint(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    with FakeEndpoint(reply="red fur") as small, FakeEndpoint(reply="It is a material.") as large:
+        refiner = Explainer(EndpointConfig(base_url=small.base_url, model="small"), cache)
+        categorizer = Explainer(EndpointConfig(base_url=large.base_url, model="large", max_tokens=16), cache)
+        rows = refine_all(refiner, categorizer, [(1, "fur of red foxes"), (2, "Unable to produce descriptions")])
+        assert [(r["phrase"], r["category"], r["raw_category"]) for r in rows] == [("red fur", "material", "It is a material.")] * 2
+        assert small.requests == 2 and large.requests == 1  # phrases by the refiner, the category by the categorizer
+        assert large.bodies[0]["model"] == "large" and "red fur" in large.bodies[0]["messages"][0]["content"]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +167,7 @@ def tiny_models(tmp_path_factory):
                        "image_size": 32, "patch_size": 8}, projection_dim=16))
     cproc = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                           tokenizer=ctok)
-    return GroundedSegmenter(gd, gproc, sam, sproc, box_threshold=0.0, text_threshold=0.0), ClipScorer(clip, cproc)
+    return GroundedSegmenter(gd, gproc, sam, sproc, box_threshold=0.0, text_threshold=0.0, sam_masks="union"), ClipScorer(clip, cproc)
 
 
 def test_tiny_grounded_sam_and_clip_run_the_real_paths(tiny_models):
@@ -127,9 +180,31 @@ def test_tiny_grounded_sam_and_clip_run_the_real_paths(tiny_models):
     seg.box_threshold = 1.01  # nothing passes: no detection, IoU 0
     assert seg.mask(image, "a cat") is None
     seg.box_threshold = 0.0
+    with pytest.raises(ValueError, match="evaluate.sam_masks"):
+        GroundedSegmenter(seg.det, seg.det_proc, seg.sam, seg.sam_proc, sam_masks="best")
     e_img, e_txt = clip.embed_images([image, image]), clip.embed_texts(["a red cat"])
     assert e_img.shape == (2, 16) and e_txt.shape == (1, 16)
     assert 0.0 <= clip_score(e_img, e_txt)[0] <= 100.0
+
+
+def test_sam_mask_is_the_union_of_the_three_candidates_by_default(tiny_models):
+    seg, _ = tiny_models
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    boxes = seg.boxes(image, "a cat")
+    # by hand: SAM's three candidates per box (its default multimask output), binarised, all united
+    inputs = seg.sam_proc(images=image, input_boxes=[[b.tolist() for b in boxes]], return_tensors="pt")
+    with torch.no_grad():
+        out = seg.sam(**inputs, multimask_output=True)
+    cands = seg.sam_proc.post_process_masks(out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
+    assert cands.shape[:2] == (len(boxes), 3)
+    union = np.zeros((50, 70), bool)
+    for b in range(len(boxes)):
+        for c in range(3):
+            union |= cands[b, c].numpy()
+    np.testing.assert_array_equal(seg.mask(image, "a cat"), union)
+    single = GroundedSegmenter(seg.det, seg.det_proc, seg.sam, seg.sam_proc, box_threshold=0.0, text_threshold=0.0,
+                               sam_masks="single").mask(image, "a cat")
+    assert single.shape == union.shape and not np.array_equal(single, union)  # the option is a different mask
 
 
 def _corpus(tmp_path, n_images=6):
@@ -153,7 +228,7 @@ def _corpus(tmp_path, n_images=6):
 def test_scores_baseline_and_table(tmp_path, tiny_models):
     seg, clip = tiny_models
     images, tops, refined, codes = _corpus(tmp_path)
-    kw = dict(side=4, segmenter=seg, clip=clip, n_random=2, iou_trials=2, clip_trials=3)
+    kw = dict(side=4, segmenter=seg, clip=clip, n_random=2, iou_trials=2, clip_trials=3, region="reference")
     a = score_features(refined, tops, images, codes, seed=5, **kw)
     b = score_features(refined, tops, images, codes, seed=5, **kw)
     c = score_features(refined, tops, images, codes, seed=6, **kw)
@@ -168,7 +243,7 @@ def test_scores_baseline_and_table(tmp_path, tiny_models):
     assert total["category"] == "total" and total["n_features"] == 2
     per_feature = exp.group_by("feature").agg(pl.col("clip_score").mean())["clip_score"]
     assert total["clip_score_explained"] == pytest.approx(per_feature.mean())
-    none = score_features(refined, tops, images, codes, side=4)
+    none = score_features(refined, tops, images, codes, side=4, region="reference")
     assert none.height == 0
     _, md = summary_table(none, ["object"], {"iou": "no detector", "clip_score": "no CLIP"})
     assert "unavailable" in md and "no detector" in md

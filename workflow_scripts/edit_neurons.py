@@ -7,7 +7,7 @@ import torch
 
 from mmsae.io import write_parquet
 from mmsae.models import load_subject_model
-from mmsae.neurons import _load, edit_all
+from mmsae.neurons import edit_all, load_sample_image
 from mmsae.neurons.find import caption
 from mmsae.workflow import setup
 
@@ -20,7 +20,8 @@ inputs = {}  # rebuild each sample's inputs (prompt + caption) once; its noun ca
 for c in cases:
     name = c["sample"]["name"]
     if name not in inputs:
-        inputs[name] = caption(subject, _load(c["sample"]), c["sample"]["prompt"], cfg["prompt_prefix"], cfg["max_new_tokens"])[0]
+        inputs[name] = caption(subject, load_sample_image(c["sample"]), c["sample"]["prompt"], cfg["prompt_prefix"],
+                               cfg["max_new_tokens"]).inputs
     c["full"] = inputs[name]
 out_dir = Path(sm.output[0]).parent
 results = edit_all(subject, cases, cfg["edits"], cfg["locality_prompts"], cfg, out_dir)

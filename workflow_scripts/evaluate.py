@@ -27,7 +27,8 @@ images = dict(zip(samples["sample_id"], samples["image_path"]))
 pool = samples.unique("image_path", keep="first", maintain_order=True)["sample_id"].to_list()
 unavailable = {}
 segmenter, why = try_load(lambda: GroundedSegmenter.from_pretrained(ev["detector"], ev["segmenter"], box_threshold=ev["box_threshold"],
-                                                                    text_threshold=ev["text_threshold"], device=device),
+                                                                    text_threshold=ev["text_threshold"], device=device,
+                                                                    sam_masks=ev["sam_masks"]),
                           f"{ev['detector']} + {ev['segmenter']}")
 if why:
     unavailable["iou"] = why
@@ -37,7 +38,7 @@ if why:
 refined = pl.read_parquet(sm.input.refined)
 scores = score_features(refined, pl.read_parquet(sm.input.top), images, scan_codes(shard_paths(sm.input.codes)),
                         manifest.get("grid_side") or 1, segmenter, clip, ev["threshold"], ev["n_random_images"],
-                        ev["iou_trials"], ev["clip_trials"], ev["seed"], pool)
+                        ev["iou_trials"], ev["clip_trials"], ev["seed"], pool, region=ev["region"])
 rows, md = summary_table(scores, list(CATEGORIES), unavailable, ev["n_boot"], ev["seed"])
 write_table(sm.output.scores, scores)
 with atomic_path(sm.output.table, ".md") as tmp:

@@ -1,9 +1,9 @@
-"""Entry point of rule refine_explanations: a short phrase and a concept category per explanation."""
+"""Entry point of rule refine_explanations: a short phrase (refiner) and a concept category (categorizer) per explanation."""
 
 import polars as pl
 import pyarrow as pa
 
-from mmsae.evaluate.refine import REFINE_VERSION, refine_all
+from mmsae.evaluate.refine import REFINE_VERSION, label_categories, refine_all, refine_phrases
 from mmsae.explain import Explainer, endpoint_session
 from mmsae.explain.cache import ResponseCache
 from mmsae.io import write_parquet
@@ -15,9 +15,21 @@ ok = ["ok", "untagged"] if sm.params.include_untagged else ["ok"]
 expl = pl.read_parquet(sm.input.explanations).filter(pl.col("status").is_in(ok))
 pairs = list(zip(expl["feature"].to_list(), expl["explanation"].to_list()))
 rows = []
-if pairs:
-    with endpoint_session({**sm.params.endpoint, **endpoint_runtime(sm.config["explain"], sm.config["evaluate"]["refiner"])}, server_log=sm.log[0] + ".server") as cfg:
-        rows = refine_all(Explainer(cfg, ResponseCache(sm.params.cache), slots_dir=sm.params.slots), pairs)
+cache = ResponseCache(sm.params.cache)
+runtime = endpoint_runtime(sm.config["explain"], sm.config["evaluate"]["refiner"])
+refiner_endpoint = {**sm.params.endpoint, **runtime}
+categorizer_key = sm.config["evaluate"]["categorizer"].get("api_key_env")  # null: the refiner's
+categorizer_endpoint = {**sm.params.categorizer, **runtime, **({"api_key_env": categorizer_key} if categorizer_key else {})}
+if pairs and sm.params.categorizer == sm.params.endpoint:  # one endpoint (the default): one session
+    with endpoint_session(refiner_endpoint, server_log=sm.log[0] + ".server") as cfg:
+        refiner = Explainer(cfg, cache, slots_dir=sm.params.slots)
+        rows = refine_all(refiner, refiner, pairs)
+elif pairs:  # the categorizer is another endpoint (paper: a 70B model): one session after the other
+    with endpoint_session(refiner_endpoint, server_log=sm.log[0] + ".server") as cfg:
+        rows = refine_phrases(Explainer(cfg, cache, slots_dir=sm.params.slots), pairs)
+    if any(r["phrase"] for r in rows):
+        with endpoint_session(categorizer_endpoint, server_log=sm.log[0] + ".categorizer-server") as cfg:
+            label_categories(Explainer(cfg, cache, slots_dir=sm.params.slots), rows)
 schema = pa.schema([("feature", pa.int32()), ("phrase", pa.string()), ("category", pa.string()),
                     ("refine_status", pa.string()), ("category_status", pa.string()), ("raw_phrase", pa.string()),
                     ("raw_category", pa.string()), ("error", pa.string()), ("prompt_version", pa.string())])

@@ -27,20 +27,37 @@ def try_load(loader, what: str):
         return None, reason
 
 
+SAM_MASKS = ("union", "single")
+
+
 class GroundedSegmenter:
     """Phrase -> mask: zero-shot detection, boxes above ``box_threshold`` prompt SAM, masks united.
+
+    Per box, ``sam_masks="union"`` (default in ``evaluate.sam_masks``; the released code) asks SAM for
+    its three candidate masks and keeps their union: EvolvingLMMs-Lab/multimodal-sae
+    ``sae_auto_interp/agents/scorers/segment/segment_scorer.py`` lines 256-263 call SAM with the
+    default ``multimask_output=True`` and ``segment/utils.py`` ``refine_masks`` (lines 91-97) keeps
+    pixels where the mean over the three is > 0; segment_scorer.py lines 183-185 then unite the boxes.
+    ``sam_masks="single"`` asks for SAM's single-mask output (``multimask_output=False``) instead.
 
     Args:
         detector, detector_processor: an ``AutoModelForZeroShotObjectDetection`` and its processor.
         sam, sam_processor: a ``SamModel`` and ``SamProcessor``.
         box_threshold, text_threshold: detection thresholds (paper: 0.3).
+        sam_masks: ``"union"`` or ``"single"``.
+
+    Raises:
+        ValueError: ``sam_masks`` is not one of :data:`SAM_MASKS`.
     """
 
     def __init__(self, detector, detector_processor, sam, sam_processor, box_threshold: float = 0.3,
-                 text_threshold: float = 0.25, device: str = "cpu"):
+                 text_threshold: float = 0.25, device: str = "cpu", *, sam_masks: str):
+        if sam_masks not in SAM_MASKS:
+            raise ValueError(f"evaluate.sam_masks: {sam_masks!r} is not one of {', '.join(SAM_MASKS)}")
         self.det, self.det_proc = detector.eval().to(device), detector_processor
         self.sam, self.sam_proc = sam.eval().to(device), sam_processor
         self.box_threshold, self.text_threshold, self.device = box_threshold, text_threshold, device
+        self.sam_masks = sam_masks
 
     @classmethod
     def from_pretrained(cls, detector: str, sam: str, **kw) -> "GroundedSegmenter":
@@ -69,14 +86,15 @@ class GroundedSegmenter:
 
     @torch.no_grad()
     def mask(self, image: Image.Image, phrase: str) -> np.ndarray | None:
-        """Bool (height, width) union of SAM masks for the detected boxes; None when nothing is detected."""
+        """Bool (height, width) union over the detected boxes of SAM's masks (per box: the union of the
+        three candidates, or the single mask; see the class docstring); None when nothing is detected."""
         boxes = self.boxes(image, phrase)
         if len(boxes) == 0:
             return None
         inputs = self.sam_proc(images=image, input_boxes=[[b.tolist() for b in boxes]], return_tensors="pt").to(self.device)
-        out = self.sam(**inputs, multimask_output=False)
+        out = self.sam(**inputs, multimask_output=self.sam_masks == "union")
         masks = self.sam_proc.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"].cpu(),
-                                                 inputs["reshaped_input_sizes"].cpu())[0]
+                                                 inputs["reshaped_input_sizes"].cpu())[0]  # (boxes, candidates, h, w)
         return masks.reshape(-1, image.size[1], image.size[0]).any(0).numpy()
 
 

@@ -1,8 +1,16 @@
 """Metrics of the paper's Table 1 (arXiv 2411.14982 §4.2; ``shared/METHODS.md`` §4).
 
-* Activated region: the feature's base-view patch activations, binarised (active where above
-  ``threshold``; the paper's code uses > 0), upsampled bilinearly to the image and kept where the
-  upsampled mask is >= 0.5.
+* Activated region (:func:`activated_region`): the feature's base-view patch activations, binarised
+  (a patch is active above ``threshold``), upsampled bilinearly to the image, and then
+
+  - ``region="reference"`` (default; the released code): every pixel the upsampled active patches
+    reach at all. EvolvingLMMs-Lab/multimodal-sae ``sae_auto_interp/features/features.py`` lines
+    130-136 (``upsample_mask``) encodes inactive patches as 224 and active ones as 0 in an 8-bit image
+    and resizes it with PIL's BILINEAR filter; ``sae_auto_interp/agents/scorers/segment/segment_scorer.py``
+    lines 177-181 keep the pixels below 224. We do exactly that, so one active patch of a 24 x 24
+    grid at 336 px covers 780 px (a 28 x 28 square less its 4 corners).
+  - ``region="majority"`` (our earlier rule): pixels where the upsampled 0/1 mask is >= 0.5, about
+    the patch itself (120 px for the same patch: the bilinear ramp's half-way points).
 * IoU between a predicted mask and the activated region; an empty prediction scores 0.
 * CLIP score = 100 * max(cos(image, text), 0), as torchmetrics' ``CLIPScore`` defines it.
 * Bootstrap confidence intervals of a mean.
@@ -11,13 +19,35 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from mmsae.maps import activation_mask
 
 
-def activated_region(grid: np.ndarray, size: tuple[int, int], threshold: float = 0.0) -> np.ndarray:
-    """Bool (height, width) mask: patches with activation > ``threshold``, upsampled to ``size`` = (width, height)."""
-    return activation_mask(grid, size, threshold) >= 0.5
+REGIONS = ("reference", "majority")
+_INACTIVE = 224  # the released code's 8-bit value of an inactive patch (features.py line 131)
+
+
+def activated_region(grid: np.ndarray, size: tuple[int, int], threshold: float, region: str) -> np.ndarray:
+    """Bool (height, width) activated region of a feature on an image (see the module docstring).
+
+    Args:
+        grid: (side, side) activations of the base-view patches.
+        size: the image's (width, height) in pixels.
+        threshold: a patch is active when its activation is > threshold (``evaluate.threshold``).
+        region: ``"reference"`` (released code: any pixel the upsampled activity reaches) or
+            ``"majority"`` (upsampled 0/1 mask >= 0.5) (``evaluate.region``).
+
+    Raises:
+        ValueError: ``region`` is not one of :data:`REGIONS`.
+    """
+    if region == "reference":
+        encoded = np.where(grid > threshold, 0, _INACTIVE).astype(np.uint8)
+        up = np.asarray(Image.fromarray(encoded, mode="L").resize(size, Image.Resampling.BILINEAR))
+        return up < _INACTIVE
+    if region == "majority":
+        return activation_mask(grid, size, threshold) >= 0.5
+    raise ValueError(f"evaluate.region: {region!r} is not one of {', '.join(REGIONS)}")
 
 
 def iou(pred: np.ndarray | None, target: np.ndarray) -> float:

@@ -1,5 +1,11 @@
 """Refine explanations to a short phrase and label their concept category, through the same
-OpenAI-compatible client and cache as the explanations (paper: Llama-3.1-8B-Instruct, few-shot).
+OpenAI-compatible client and cache as the explanations.
+
+The phrase comes from the refiner (paper: Llama-3.1-8B-Instruct, few-shot; EvolvingLMMs-Lab/multimodal-sae
+``sae_auto_interp/launch/score/segment.py`` line 138), the category from the categorizer, which the
+released code runs on a larger model (``tools/label_explanation.py`` lines 25-31:
+Llama-3.1-70B-Instruct, ``max_tokens`` 16); ``evaluate.categorizer`` names its endpoint and is, by
+default, the refiner's.
 
 Prompts are versioned (:data:`REFINE_VERSION`); answers are validated, and an unusable one is kept
 with its status (``invalid``), never dropped.
@@ -47,22 +53,35 @@ def parse_category(text: str | None) -> tuple[str | None, str]:
     return None, "invalid"
 
 
-def refine_all(explainer, explanations: list[tuple[int, str]]) -> list[dict]:
-    """For (feature, explanation) pairs: ``{feature, phrase, category, refine_status, category_status,
-    raw_phrase, raw_category, error}``; category is asked only for features with a phrase."""
-    phrase_answers = asyncio.run(explainer.complete_all(
+def refine_phrases(refiner, explanations: list[tuple[int, str]]) -> list[dict]:
+    """For (feature, explanation) pairs: ``{feature, phrase, refine_status, raw_phrase, error,
+    category: None, category_status: None, raw_category: None}`` from the refiner (an
+    :class:`~mmsae.explain.Explainer`)."""
+    answers = asyncio.run(refiner.complete_all(
         [[{"role": "user", "content": REFINE_PROMPT.format(explanation=e)}] for _, e in explanations]))
     rows = []
-    for (f, _), ans in zip(explanations, phrase_answers):
+    for (f, _), ans in zip(explanations, answers):
         phrase, status = parse_phrase(ans["content"]) if ans["error"] is None else (None, "failed")
         rows.append({"feature": f, "phrase": phrase, "refine_status": status, "raw_phrase": ans["content"],
                      "error": ans["error"], "category": None, "category_status": None, "raw_category": None})
+    return rows
+
+
+def label_categories(categorizer, rows: list[dict]) -> list[dict]:
+    """Fill ``category``, ``category_status``, ``raw_category`` (and ``error``) in place for the rows
+    with a phrase, asking the categorizer (an :class:`~mmsae.explain.Explainer`); returns ``rows``."""
     todo = [r for r in rows if r["phrase"]]
     if todo:
-        cat_answers = asyncio.run(explainer.complete_all(
+        answers = asyncio.run(categorizer.complete_all(
             [[{"role": "user", "content": CATEGORY_PROMPT.format(phrase=r["phrase"])}] for r in todo]))
-        for r, ans in zip(todo, cat_answers):
+        for r, ans in zip(todo, answers):
             r["category"], r["category_status"] = parse_category(ans["content"]) if ans["error"] is None else (None, "failed")
             r["raw_category"] = ans["content"]
             r["error"] = r["error"] or ans["error"]
     return rows
+
+
+def refine_all(refiner, categorizer, explanations: list[tuple[int, str]]) -> list[dict]:
+    """:func:`refine_phrases` by the refiner, then :func:`label_categories` by the categorizer (the
+    same object when they share an endpoint); the category is asked only for features with a phrase."""
+    return label_categories(categorizer, refine_phrases(refiner, explanations))

@@ -37,9 +37,9 @@ class Delta:
         from mmsae.io import atomic_path
 
         tensors = {}
-        for l, (idx, d) in self.cols.items():
-            tensors[f"layer{l}.neurons"] = idx.to(torch.int64).contiguous()
-            tensors[f"layer{l}.delta"] = d.detach().float().contiguous()
+        for layer, (idx, d) in self.cols.items():
+            tensors[f"layer{layer}.neurons"] = idx.to(torch.int64).contiguous()
+            tensors[f"layer{layer}.delta"] = d.detach().float().contiguous()
         with atomic_path(path, ".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
@@ -47,16 +47,16 @@ class Delta:
     def load(cls, path: str | os.PathLike) -> "Delta":
         t = load_file(str(path))
         layers = sorted({int(k.split(".")[0][5:]) for k in t})
-        return cls({l: (t[f"layer{l}.neurons"], t[f"layer{l}.delta"]) for l in layers})
+        return cls({layer: (t[f"layer{layer}.neurons"], t[f"layer{layer}.delta"]) for layer in layers})
 
 
 @torch.no_grad()
 def apply_delta(model, delta: Delta, scale: float = 1.0) -> dict:
     """Add ``scale`` x delta to the columns in place; returns the original columns for :func:`revert`."""
     mlps, saved = mlp_modules(model), {}
-    for l, (idx, d) in delta.cols.items():
-        w = mlps[l].down_proj.weight
-        saved[l] = (idx, w[:, idx].clone())
+    for layer, (idx, d) in delta.cols.items():
+        w = mlps[layer].down_proj.weight
+        saved[layer] = (idx, w[:, idx].clone())
         w[:, idx] += scale * d.to(w.dtype, copy=False).to(w.device)
     return saved
 
@@ -65,24 +65,24 @@ def apply_delta(model, delta: Delta, scale: float = 1.0) -> dict:
 def revert(model, saved: dict) -> None:
     """Restore columns saved by :func:`apply_delta` exactly."""
     mlps = mlp_modules(model)
-    for l, (idx, cols) in saved.items():
-        mlps[l].down_proj.weight[:, idx] = cols
+    for layer, (idx, cols) in saved.items():
+        mlps[layer].down_proj.weight[:, idx] = cols
 
 
 def _group(neurons: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
     by: dict[int, list[int]] = {}
-    for l, i in neurons:
-        by.setdefault(l, []).append(i)
-    return {l: torch.tensor(sorted(set(v))) for l, v in by.items()}
+    for layer, i in neurons:
+        by.setdefault(layer, []).append(i)
+    return {layer: torch.tensor(sorted(set(v))) for layer, v in by.items()}
 
 
 def noise_delta(model, neurons: list[tuple[int, int]], scale: float, seed: int) -> Delta:
     """Gaussian noise on the given neurons' columns, std = ``scale`` x the layer's W_out std."""
     gen = torch.Generator().manual_seed(seed)
     mlps, cols = mlp_modules(model), {}
-    for l, idx in _group(neurons).items():
-        w = mlps[l].down_proj.weight
-        cols[l] = (idx, torch.randn(w.shape[0], len(idx), generator=gen) * scale * w.float().std().item())
+    for layer, idx in _group(neurons).items():
+        w = mlps[layer].down_proj.weight
+        cols[layer] = (idx, torch.randn(w.shape[0], len(idx), generator=gen) * scale * w.float().std().item())
     return Delta(cols)
 
 
@@ -101,13 +101,13 @@ def closed_form_delta(model, neurons: list[tuple[int, int, float]], source_id: i
     direction = w_u[target_id] - w_u[source_id]
     direction = direction / direction.pow(2).sum()
     by: dict[int, list[tuple[int, float]]] = {}
-    for l, i, a in neurons:
-        by.setdefault(l, []).append((i, a))
+    for layer, i, a in neurons:
+        by.setdefault(layer, []).append((i, a))
     cols = {}
-    for l, items in by.items():
+    for layer, items in by.items():
         idx = torch.tensor([i for i, _ in items])
         signs = torch.tensor([1.0 if a >= 0 else -1.0 for _, a in items])
-        cols[l] = (idx, eta * direction[:, None] * signs[None, :])
+        cols[layer] = (idx, eta * direction[:, None] * signs[None, :])
     return Delta(cols)
 
 
@@ -141,20 +141,20 @@ def optimised_edit(model, inputs: dict, position: int, neurons: list[tuple[int, 
     """Column deltas trained on: NLL of the target at ``position`` + kl_weight x KL(original || edited)
     over the other positions + l2_weight x ||delta||^2. The model's weights are not changed."""
     mlps = mlp_modules(model)
-    groups = _group([(l, i) for l, i, _ in neurons])
+    groups = _group([(layer, i) for layer, i, _ in neurons])
     d_model = mlps[0].down_proj.weight.shape[0]
-    params = {l: torch.zeros(d_model, len(idx), requires_grad=True) for l, idx in groups.items()}
+    params = {layer: torch.zeros(d_model, len(idx), requires_grad=True) for layer, idx in groups.items()}
     with torch.no_grad():
         ref = F.log_softmax(model(**inputs, use_cache=False).logits[0].float(), -1)
     keep = torch.ones(ref.shape[0], dtype=torch.bool)
     keep[position] = False
 
-    def hook(l):
+    def hook(layer):
         def fn(mod, inp, out):
-            return out + inp[0][..., groups[l]] @ params[l].T.to(out.dtype)
+            return out + inp[0][..., groups[layer]] @ params[layer].T.to(out.dtype)
         return fn
 
-    handles = [mlps[l].down_proj.register_forward_hook(hook(l)) for l in groups]
+    handles = [mlps[layer].down_proj.register_forward_hook(hook(layer)) for layer in groups]
     opt = torch.optim.Adam(params.values(), lr=lr)
     try:
         for _ in range(steps):
@@ -169,7 +169,7 @@ def optimised_edit(model, inputs: dict, position: int, neurons: list[tuple[int, 
     finally:
         for h in handles:
             h.remove()
-    return Delta({l: (groups[l], params[l].detach().clone()) for l in groups})
+    return Delta({layer: (groups[layer], params[layer].detach().clone()) for layer in groups})
 
 
 def jaccard(a: set, b: set) -> float:

@@ -159,10 +159,27 @@ def score_neurons(coeffs: torch.Tensor, columns: torch.Tensor, position: int, co
     return [(int(i) // d_ff, int(i) % d_ff, float(v), float(a.flatten()[i])) for v, i in zip(top.values, top.indices)]
 
 
+@dataclass
+class Caption:
+    """A greedy caption and the inputs that reproduce it (batch 1).
+
+    Attributes:
+        inputs: processor inputs whose ``input_ids`` (1, seq) are the prompt followed by the caption's
+            generated tokens (``attention_mask`` all ones), ready for a teacher-forced forward pass.
+        ids: the same ids as a list of length seq.
+        start: index in ``ids`` of the first generated token.
+        text: prefix + generated text (special tokens skipped, generation cut at the first EOS).
+    """
+
+    inputs: dict
+    ids: list[int]
+    start: int
+    text: str
+
+
 @torch.no_grad()
-def caption(subject, image, prompt: str, prefix: str, max_new_tokens: int = 20, name: str = "image"):
-    """Greedy caption of ``image``: returns (processor inputs incl. the caption, full ids, index of the
-    first generated token, caption text = prefix + generated)."""
+def caption(subject, image, prompt: str, prefix: str, max_new_tokens: int, name: str = "image") -> Caption:
+    """Greedy caption of ``image`` (None: text only) answering ``prompt``, the answer prefilled with ``prefix``."""
     inputs = dict(prepare_inputs(subject, [(Sample(name, prompt, "x" if image is not None else None), image)], suffix=prefix))
     out = subject.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     start = inputs["input_ids"].shape[1]
@@ -172,4 +189,4 @@ def caption(subject, image, prompt: str, prefix: str, max_new_tokens: int = 20, 
         gen = gen[: int((gen == eos).nonzero()[0])]
     ids = torch.cat([inputs["input_ids"][0], gen])
     full = {**inputs, "input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
-    return full, ids.tolist(), start, prefix + subject.tokenizer.decode(gen, skip_special_tokens=True)
+    return Caption(full, ids.tolist(), start, prefix + subject.tokenizer.decode(gen, skip_special_tokens=True))
