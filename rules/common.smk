@@ -5,6 +5,7 @@ from mmsae.workflow import code_hash
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"
 SAMPLES = "results/activations/samples.parquet"
+IMAGES = "results/corpus/images.parquet"
 PARTS = list(range(config["extract"]["parts"]))
 SAE_DIR = f"results/sae/{config['sae']['name']}"
 CODES = "results/codes/manifest.json"

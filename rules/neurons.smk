@@ -1,8 +1,26 @@
+rule list_images:
+    """Every corpus image, used, converted or skipped with the reason: the listing that stages needing
+    images but not activations (find_neurons) share; it depends on where the images are, not on prompts."""
+    output:
+        IMAGES,
+    params:
+        corpus=corpus_params("max_images"),
+        max_image_pixels=config["extract"]["max_image_pixels"],
+        code=code("list_images.py"),
+    log:
+        "results/logs/list_images.log",
+    threads: 1
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../workflow_scripts/list_images.py"
+
+
 rule find_neurons:
     """Caption images, find their nouns, score all FFN neurons gradient-free, map and test the top ones."""
     input:
         model=model_input,
-        samples=SAMPLES,
+        images=IMAGES,  # the usable images (the corpus listing, not a fresh scan; prompts do not matter)
     output:
         captions=f"{NEURONS}/captions.parquet",
         neurons=f"{NEURONS}/neurons.parquet",
@@ -14,7 +32,7 @@ rule find_neurons:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         neurons=keys("neurons", "prompt", "prompt_prefix", "text_prompts", "max_images", "max_new_tokens", "coefficient",
-                     "top_k", "heatmap_neurons", "top_tokens", "causal_k", "noise_scale", "causal_cases", "seed"),
+                     "top_k", "heatmap_neurons", "top_tokens", "causal_k", "noise_scales", "fluency_tolerance", "causal_cases", "seed"),
         code=code("find_neurons.py"),
     log:
         "results/logs/find_neurons.log",

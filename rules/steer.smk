@@ -13,7 +13,7 @@ rule steer:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        steer=keys("steer", "features", "match", "auto", "prompts", "values", "scale", "positions", "mode", "max_new_tokens"),
+        steer=keys("steer", "features", "match", "auto", "prompts", "values", "scale", "positions", "mode", "max_new_tokens", "success_max_ppl_ratio"),
         code=code("steer.py"),
     log:
         "results/logs/steer.log",
@@ -42,7 +42,7 @@ rule attribute:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        attribution=keys("attribution", "pool", "top_k", "validate_top", "cases"),
+        attribution=keys("attribution", "method", "pool", "top_k", "validate_top", "cases"),
         code=code("attribute.py"),
     log:
         "results/logs/attribute.log",

@@ -101,3 +101,28 @@ def test_table_corpus_with_responses_and_llava_conversations(image_dir, tmp_path
     (tmp_path / "bad.json").write_text(json.dumps([{"conversations": [{"from": "robot", "value": "x"}]}]))
     with pytest.raises(ValueError, match=r"record 0: conversations\[0\].from='robot'"):
         build_corpus({"source": "table", "path": str(tmp_path / "bad.json")})
+
+
+def test_corpus_listing_agrees_with_extraction_and_ignores_prompts(image_dir):
+    """find_neurons' shared listing: every image listed with a status; the skipped ones (those
+    extraction skips, by the same loader) never reach usable_samples; prompts do not change it."""
+    import pyarrow.parquet as pq
+
+    from mmsae.data import list_images, load_image, usable_samples
+    from mmsae.io import write_parquet
+
+    corpus = {"source": "folder", "path": str(image_dir), "prompts": ["a"], "text_prompts": ["t"], "max_images": None}
+    table = list_images(corpus, None)
+    rows = {r["image_key"]: r for r in table.to_pylist()}
+    assert set(rows) == {p.name for p in image_dir.iterdir()}  # every file is listed
+    for key, r in rows.items():
+        image, status = load_image(image_dir / key)
+        assert (r["status"] == "skipped") == (image is None)
+        assert (r["status"] == "converted") == (image is not None and status != "ok")
+        assert r["status"] == "used" or r["reason"]  # a reason for every non-plain image
+    assert list_images({**corpus, "prompts": ["other"], "text_prompts": []}, None).equals(table)
+    path = image_dir.parent / "listing.parquet"
+    write_parquet(path, table)
+    usable = usable_samples(path, ["p"], [], None)
+    assert {s.image_key for s in usable} == {k for k, r in rows.items() if r["status"] != "skipped"}
+    assert pq.read_table(path).num_rows == len(rows)

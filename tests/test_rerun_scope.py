@@ -27,13 +27,14 @@ WORKFLOW_FILES = ["Snakefile", "rules", "workflow_scripts", "mmsae", "config", "
 
 # Rule groups, each with everything downstream of it in the default config.yaml.
 REPORT = {"report"}
-EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate"} | REPORT
+EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate", "steer"} | REPORT  # steer judges by explanation words
 REFINE = {"refine_explanations", "evaluate"} | REPORT
 SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
 MAPS = {"render_maps"} | EXPLAIN
 TRAIN = {"train_sae", "encode", "merge_codes", "attribute"} | SELECT
 EXTRACT = {"extract", "merge_activations"} | TRAIN
 FIND = {"find_neurons", "edit_neurons"} | REPORT
+LIST = {"list_images"} | FIND
 EDIT = {"edit_neurons"} | REPORT
 MODEL = EXTRACT | FIND | {"steer", "attribute", "report"}
 DEMO = {"build_demo_model"} | MODEL | EXPLAIN  # the local explainer serves the demo model
@@ -49,16 +50,17 @@ RERUNS: dict[str, set[str]] = {
     "demo_model.vision_hidden_size": DEMO,
     "demo_model.vision_layers": DEMO,
     "demo_model.seed": DEMO,
-    "corpus.source": EXTRACT | FIND,
-    "corpus.names": EXTRACT | FIND,
+    "corpus.source": EXTRACT | LIST,
+    "corpus.names": EXTRACT | LIST,
     "corpus.path": NONE,  # unused with corpus.source skimage
     "corpus.prompts": EXTRACT,
     "corpus.text_prompts": EXTRACT,
-    "corpus.max_images": EXTRACT,
+    "corpus.max_images": EXTRACT | LIST,
     "extract.batch_size": EXTRACT,
     "extract.parts": EXTRACT,
     "extract.shard_tokens": EXTRACT,
     "extract.dtype": EXTRACT,
+    "extract.max_image_pixels": EXTRACT | LIST,
     "sae.name": TRAIN,
     "sae.gpus": NONE,
     "sae.d_sae": TRAIN,
@@ -79,6 +81,9 @@ RERUNS: dict[str, set[str]] = {
     "sae.buffer_tokens": TRAIN,
     "sae.exclude_special_tokens": TRAIN,
     "sae.seed": TRAIN,
+    "sae.lr_schedule": TRAIN,
+    "sae.normalize_activations": TRAIN,
+    "sae.exclude_norm_above": TRAIN,
     "sae.checkpoint_every": NONE,
     "features.top_n": SELECT,
     "features.rank_by": SELECT,
@@ -89,7 +94,7 @@ RERUNS: dict[str, set[str]] = {
     "features.select.min_samples": SELECT,
     "features.select.max_frequency": SELECT,
     "features.select.per_modality": SELECT,
-    "explain.enabled": REPORT,
+    "explain.enabled": {"steer"} | REPORT,  # steer reads explanation words when there are explanations
     "explain.server": EXPLAIN,
     "explain.local_model": EXPLAIN,
     "explain.base_url": NONE,  # unused with explain.server local
@@ -113,11 +118,13 @@ RERUNS: dict[str, set[str]] = {
     "steer.positions": {"steer"} | REPORT,
     "steer.mode": {"steer"} | REPORT,
     "steer.max_new_tokens": {"steer"} | REPORT,
+    "steer.success_max_ppl_ratio": {"steer"} | REPORT,
     "attribution.enabled": REPORT,
     "attribution.pool": {"attribute"} | REPORT,
     "attribution.top_k": {"attribute"} | REPORT,
     "attribution.validate_top": {"attribute"} | REPORT,
     "attribution.cases": {"attribute"} | REPORT,
+    "attribution.method": {"attribute"} | REPORT,
     "neurons.enabled": REPORT,
     "neurons.prompt": FIND,
     "neurons.prompt_prefix": FIND,
@@ -129,7 +136,8 @@ RERUNS: dict[str, set[str]] = {
     "neurons.heatmap_neurons": FIND,
     "neurons.top_tokens": FIND,
     "neurons.causal_k": FIND,
-    "neurons.noise_scale": FIND,
+    "neurons.noise_scales": FIND,
+    "neurons.fluency_tolerance": FIND,
     "neurons.causal_cases": FIND,
     "neurons.seed": FIND,
     "neurons.edit_k": EDIT,
@@ -145,6 +153,14 @@ RERUNS: dict[str, set[str]] = {
     "evaluate.refiner.model": NONE,
     "evaluate.refiner.api_key_env": NONE,
     "evaluate.refiner.max_tokens": REFINE,
+    "evaluate.categorizer.server": NONE,  # null = the refiner's (local); set to local: the same endpoint
+    "evaluate.categorizer.local_model": REFINE,
+    "evaluate.categorizer.base_url": NONE,  # unused with a local categorizer
+    "evaluate.categorizer.model": NONE,
+    "evaluate.categorizer.api_key_env": NONE,
+    "evaluate.categorizer.max_tokens": REFINE,
+    "evaluate.region": {"evaluate"} | REPORT,
+    "evaluate.sam_masks": {"evaluate"} | REPORT,
     "evaluate.detector": {"evaluate"} | REPORT,
     "evaluate.segmenter": {"evaluate"} | REPORT,
     "evaluate.clip": {"evaluate"} | REPORT,
@@ -169,6 +185,7 @@ CHANGES: dict[str, dict] = {
     "explain.server": {"explain.server": "remote", "explain.base_url": "http://127.0.0.1:9/v1", "explain.model": "m"},
     "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},
     "evaluate.refiner.api_key_env": {"evaluate.refiner.api_key_env": "OTHER_KEY"},
+    "evaluate.categorizer.api_key_env": {"evaluate.categorizer.api_key_env": "OTHER_KEY"},
     "features.select.mode": {"features.select.mode": "list", "features.select.ids": [1, 2]},
     "steer.prompts": {"steer.prompts": [{"prompt": "Hi."}]},
     "attribution.cases": {"attribution.cases": [{"name": "x", "prompt": "Hi", "answer": " a", "baseline": " b"}]},

@@ -16,8 +16,8 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.neurons
-# the images extraction used (never a fresh scan: it would meet the files extraction skipped)
-usable = usable_samples(sm.input.samples, [cfg["prompt"]], cfg["text_prompts"], cfg["max_images"])
+# the corpus listing's usable images (never a fresh scan: it would meet the files extraction skips)
+usable = usable_samples(sm.input.images, [cfg["prompt"]], cfg["text_prompts"], cfg["max_images"])
 samples = [{"name": s.sample_id, "prompt": s.prompt, "image": s.image_path} for s in usable]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 res = find_all(subject, samples, cfg)

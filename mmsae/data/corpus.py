@@ -253,26 +253,29 @@ def resolve_image_ref(ref: str | None, base_dir: str | os.PathLike = ".", corpus
 
 def usable_samples(samples_table: str | os.PathLike, prompts: list[str], text_prompts: list[str],
                    max_images: int | None) -> list[Sample]:
-    """Samples over the images that extraction used, read from its samples table (never a fresh scan).
+    """Samples over the usable images, read from a table (never a fresh scan).
 
-    Images that extraction skipped (unreadable, degenerate, too large) are not in the table, so a
-    later stage never meets them. Each distinct image (in table order, at most ``max_images``) is
-    paired with every prompt as ``img-<key>-p<j>``; ``text_prompts`` are added as ``txt-<i>``.
+    The table is either the corpus listing (:func:`mmsae.data.listing.list_images`, with a
+    ``status`` column: ``skipped`` rows are left out) or the extraction's samples table (images
+    that extraction skipped are not in it). Each distinct image (in table order, at most
+    ``max_images``) is paired with every prompt as ``img-<key>-p<j>``; ``text_prompts`` are added as
+    ``txt-<i>``.
 
     Args:
-        samples_table: the extraction's ``samples.parquet`` (columns sample_id, image_path,
-            image_key; tables written before image_key existed fall back to image_path).
+        samples_table: a Parquet file with columns image_path and image_key (tables written before
+            image_key existed fall back to image_path), and optionally status.
 
     Raises:
         ValueError: prompts is empty while the table has images.
     """
     cols = pq.read_schema(samples_table).names
-    t = pq.read_table(samples_table, columns=[c for c in ("image_key", "image_path") if c in cols])
+    t = pq.read_table(samples_table, columns=[c for c in ("image_key", "image_path", "status") if c in cols])
     paths = t.column("image_path").to_pylist()
     keys = t.column("image_key").to_pylist() if "image_key" in cols else paths
+    usable = [st != "skipped" for st in t.column("status").to_pylist()] if "status" in cols else [True] * len(paths)
     images = {}
-    for key, path in zip(keys, paths):
-        if path is not None:
+    for key, path, ok in zip(keys, paths, usable):
+        if path is not None and ok:
             images.setdefault(key or path, path)
     if images and not prompts:
         raise ValueError("usable_samples: at least one prompt is needed to pair with the images")
