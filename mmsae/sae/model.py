@@ -234,8 +234,9 @@ class TopKSAE(nn.Module):
         """Remove from W_dec.grad the component parallel to each (unit) decoder row."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        # Row-wise dot products, then one fused in-place pass: no (d_sae, d_model) temporary.
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1).unsqueeze(1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median", iters: int = 100) -> None:
