@@ -22,9 +22,14 @@ measured on 4096 tokens never trained on. Timing is interleaved: each round runs
 of every contestant in turn (ours, SAELens, sparsify, roof), after one untimed warm-up step each;
 tokens/s is the median over rounds of each chunk's rate, so a busy shared CPU hits all alike.
 
-    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --d-model 576 --d-sae 4608 --k 32
-    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --d-model 2048 --d-sae 32768 --k 64 --rounds 2 --chunk 2
+    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --rounds 3 --chunk 3 --threads 1   # demo size
+    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --d-model 2048 --d-sae 32768 --k 64 \
+        --rounds 2 --chunk 1 --threads 1                                                    # larger size
+
+On a CPU shared with other jobs prefer ``--threads 1``: with more OpenMP threads than free cores,
+every parallel region waits on a descheduled thread and the figures turn to noise.
     ... --profile    # also print the top operators of two of our steps (torch.profiler)
+    ... --fused-adam # also time ours with torch.optim.Adam(fused=True), a proposed trainer change
 
 Last line (machine-readable): ``sae_throughput d_model= d_sae= k= batch= steps= threads= ours_tok_s=
 saelens_x= sparsify_x= roof_fraction= fvu_ours= fvu_saelens= fvu_sparsify=``, where ``saelens_x``
@@ -110,6 +115,16 @@ class Ours:
         return self.sae(x).x_hat
 
 
+class OursFusedAdam(Ours):
+    """Ours with ``torch.optim.Adam(..., fused=True)``: the trainer change this bench argues for."""
+
+    name = "ours_fused_adam"
+
+    def __init__(self, args, first: torch.Tensor):
+        super().__init__(args, first)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+
+
 class SAELens:
     name = "saelens"
 
@@ -191,6 +206,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14), for all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="also profile two of our steps")
+    ap.add_argument("--fused-adam", action="store_true",
+                    help="also time ours with fused Adam (not in the last line: the trainer uses plain Adam)")
     args = ap.parse_args()
     args.lr = args.lr or TrainConfig(d_sae=args.d_sae).learning_rate()
     torch.set_num_threads(args.threads)
@@ -199,7 +216,7 @@ def main() -> None:
     heldout = synthetic(4096, args.d_model, seed=1)
     batches = [data[i * args.batch:(i + 1) * args.batch] for i in range(steps)]
 
-    kinds = [Ours]
+    kinds = [Ours, OursFusedAdam] if args.fused_adam else [Ours]
     for kind, missing in ((SAELens, SAELENS_MISSING), (Sparsify, SPARSIFY_MISSING)):
         if missing:
             print(f"{kind.name}: {missing}: reported as nan")
@@ -225,7 +242,7 @@ def main() -> None:
           f"threads {args.threads} lr {args.lr:.3g}  load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for name, v in rates.items():
         fv = f"held-out FVU {fvus[name]:.4f}" if name in fvus else "(encoder forward matmul only)"
-        print(f"{name:9s} {tok_s[name]:>10,.0f} tokens/s  {fv}  rounds: " + " ".join(f"{r:,.0f}" for r in v))
+        print(f"{name:15s} {tok_s[name]:>10,.0f} tokens/s  {fv}  rounds: " + " ".join(f"{r:,.0f}" for r in v))
     nan = float("nan")
     ours = tok_s["ours"]
     fields = {
