@@ -1,122 +1,262 @@
-"""SAE training throughput (tokens/s) against the dense-matmul roof measured in the same run, and
-against SAELens's TopK trainer on the same activations and hyperparameters when ``sae_lens`` can be
-imported (it is not a project dependency: run this in an environment that has it, with this repo on
-PYTHONPATH).
+"""SAE training throughput (tokens/s) and held-out FVU: ours, SAELens, eai-sparsify and the roof,
+on the same activations, d_model, d_sae, k, batch and steps, measured in one process.
 
-The roof: the same work as one training step done as plain dense matmuls - encoder forward
-(batch x d_model @ d_model x d_sae), its backward (2 matmuls), and a dense decoder forward and
-backward - timed with torch.matmul. Our step uses a sparse (gathered) decoder, so it can beat the
-dense roof's FLOP count; the ratio printed is achieved tokens/s over the roof's tokens/s.
+Contestants (each as its own trainer runs a step; none is a project dependency - see
+``bench/requirements.txt`` for the pinned versions and the install command):
 
-    .venv/bin/python bench/sae_throughput.py [--d-model 576] [--d-sae 4608] [--k 32] [--batch 1024]
+- ours: :class:`mmsae.sae.model.TopKSAE` with the step :func:`mmsae.sae.trainer.train` takes
+  (forward, FVU + AuxK, backward, parallel-gradient removal, clipping, Adam, unit-norm decoder,
+  dead-latent counters), hyperparameters from :class:`~mmsae.sae.trainer.TrainConfig`, b_dec from
+  the geometric median as the trainer does. The trainer's checkpoint I/O and logging are left out.
+- SAELens: ``TopKTrainingSAE`` driven by ``SAETrainer._train_step`` (its own step: forward, loss,
+  backward, clipping, Adam), default TopK config, the same learning rate.
+- sparsify: ``SparseCoder`` (fused sparse encoder, embedding_bag decoder) with the step its
+  ``Trainer`` takes (b_dec = first batch's mean, FVU loss, parallel-gradient removal, Adam,
+  unit-norm decoder), the same learning rate.
+- roof: the encoder forward matmul alone (batch x d_model @ d_model x d_sae, plus bias), the one
+  dense product a TopK step cannot avoid; its tokens/s bounds any TopK step from above.
+
+Activations: synthetic, from a sparse ground-truth dictionary (each token a non-negative sum of 16
+of 4*d_model unit directions, plus noise), so that FVU falls as an SAE learns. Held-out FVU is
+measured on 4096 tokens never trained on. Timing is interleaved: each round runs ``--chunk`` steps
+of every contestant in turn (ours, SAELens, sparsify, roof), after one untimed warm-up step each;
+tokens/s is the median over rounds of each chunk's rate, so a busy shared CPU hits all alike.
+
+    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --rounds 3 --chunk 3 --threads 1   # demo size
+    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --d-model 2048 --d-sae 32768 --k 64 \
+        --rounds 2 --chunk 1 --threads 1                                                    # larger size
+
+On a CPU shared with other jobs prefer ``--threads 1``: with more OpenMP threads than free cores,
+every parallel region waits on a descheduled thread and the figures turn to noise.
+    ... --profile    # also print the top operators of two of our steps (torch.profiler)
+    ... --fused-adam # also time ours with torch.optim.Adam(fused=True), a proposed trainer change
+
+Last line (machine-readable): ``sae_throughput d_model= d_sae= k= batch= steps= threads= ours_tok_s=
+saelens_x= sparsify_x= roof_fraction= fvu_ours= fvu_saelens= fvu_sparsify=``, where ``saelens_x``
+and ``sparsify_x`` are our tokens/s over theirs and ``roof_fraction`` ours over the roof's; ``nan``
+where a baseline cannot be imported.
 """
 
 import argparse
-import tempfile
+import math
+import os
+import statistics
 import time
-from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
-from mmsae.shards import activation_schema
-from mmsae.io import write_parquet
-from mmsae.sae.data import ActivationStream
-from mmsae.sae.model import fvu
-from mmsae.sae.trainer import TrainConfig, train
+from mmsae.sae.model import TopKSAE, fvu
+from mmsae.sae.trainer import TrainConfig
+
+try:
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+except ImportError as exc:  # not a project dependency
+    SAELENS_MISSING = f"sae_lens not importable ({exc}); install bench/requirements.txt"
+else:
+    SAELENS_MISSING = None
+try:
+    from sparsify import SparseCoder, SparseCoderConfig
+except ImportError as exc:
+    SPARSIFY_MISSING = f"sparsify (eai-sparsify) not importable ({exc}); install bench/requirements.txt"
+else:
+    SPARSIFY_MISSING = None
 
 
-def roof(d_model, d_sae, batch, steps=10):
-    x, w = torch.randn(batch, d_model), torch.randn(d_model, d_sae)
-    g, wd = torch.randn(batch, d_sae), torch.randn(d_sae, d_model)
-    ops = [lambda: x @ w, lambda: g @ w.T, lambda: x.T @ g, lambda: g @ wd, lambda: (g @ wd) @ wd.T, lambda: g.T @ (g @ wd)]
-    for op in ops:
-        op()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        for op in ops:
-            op()
-    dt = (time.perf_counter() - t0) / steps
-    flops = 2 * batch * d_model * d_sae * 7  # 6 matmuls, one of them chained (7 products of that size)
-    return batch / dt, flops / dt
+def synthetic(n: int, d_model: int, seed: int) -> torch.Tensor:
+    """(n, d_model) activations: 16 of 4*d_model unit directions per token, exp(1) weights, noise."""
+    gen = torch.Generator().manual_seed(seed)
+    n_true = 4 * d_model
+    dirs = torch.randn(n_true, d_model, generator=torch.Generator().manual_seed(1234))
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    offset = torch.randn(d_model, generator=torch.Generator().manual_seed(4321))
+    # Zipf-like feature frequencies, as in real activations
+    probs = 1.0 / torch.arange(1, n_true + 1, dtype=torch.float64) ** 0.7
+    idx = torch.multinomial(probs.expand(n, -1), 16, generator=gen)
+    weights = torch.empty(n, 16).exponential_(generator=gen)
+    x = F.embedding_bag(idx, dirs, per_sample_weights=weights, mode="sum")
+    return x + 0.05 * torch.randn(n, d_model, generator=gen) + offset
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, args, first: torch.Tensor):
+        self.cfg = TrainConfig(d_sae=args.d_sae, k=args.k, batch_size=args.batch)
+        self.sae = TopKSAE(args.d_model, args.d_sae, args.k, seed=self.cfg.seed)
+        self.sae.init_b_dec(first, self.cfg.b_dec_init)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.k_aux = self.cfg.k_aux or args.d_model // 2
+        self.since_fired = torch.zeros(args.d_sae, dtype=torch.long)
+
+    def step(self, x: torch.Tensor) -> float:
+        sae, cfg = self.sae, self.cfg
+        out = sae(x)
+        loss_fvu = fvu(x, out.x_hat)
+        dead = self.since_fired >= cfg.dead_tokens
+        loss = loss_fvu + cfg.aux_coef * sae.auxk_loss(x, out, dead, self.k_aux)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grads()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            self.since_fired += len(x)
+            self.since_fired[out.top_idx[out.top_vals > 0]] = 0
+        return loss.item()
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae(x).x_hat
+
+
+class OursFusedAdam(Ours):
+    """Ours with ``torch.optim.Adam(..., fused=True)``: the trainer change this bench argues for."""
+
+    name = "ours_fused_adam"
+
+    def __init__(self, args, first: torch.Tensor):
+        super().__init__(args, first)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+
+
+class SAELens:
+    name = "saelens"
+
+    def __init__(self, args, first: torch.Tensor):
+        self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=args.k,
+                                                         dtype="float32", device="cpu"))
+        cfg = SAETrainerConfig(total_training_samples=10**9 * args.batch, train_batch_size_samples=args.batch,
+                               lr=args.lr, lr_end=args.lr, lr_warm_up_steps=0, device="cpu")
+        self.trainer = SAETrainer(cfg=cfg, sae=self.sae, data_provider=iter(()))
+
+    def step(self, x: torch.Tensor) -> float:
+        out = self.trainer._train_step(self.sae, x)
+        self.trainer.n_training_steps += 1
+        return out.loss.item()
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(self.sae.encode(x))
+
+
+class Sparsify:
+    name = "sparsify"
+
+    def __init__(self, args, first: torch.Tensor):
+        torch.manual_seed(0)
+        self.sae = SparseCoder(args.d_model, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device="cpu")
+        self.sae.b_dec.data = first.mean(0)  # as its Trainer does on the first batch
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr)
+
+    def step(self, x: torch.Tensor) -> float:
+        out = self.sae(x)
+        out.fvu.backward()  # auxk_alpha defaults to 0 in sparsify
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.sae.set_decoder_norm_to_unit_norm()
+        return out.fvu.item()
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae(x).sae_out
+
+
+class Roof:
+    """The encoder's forward matmul alone, in the faster of the two weight layouts."""
+
+    name = "roof"
+
+    def __init__(self, args, first: torch.Tensor):
+        w = torch.randn(args.d_sae, args.d_model) / math.sqrt(args.d_model)
+        self.b = torch.zeros(args.d_sae)
+        self.w = min((w.T.contiguous(), w.T), key=lambda v: self._time(first, v))
+
+    def _time(self, x, w):
+        torch.addmm(self.b, x, w)
+        t0 = time.perf_counter()
+        torch.addmm(self.b, x, w)
+        return time.perf_counter() - t0
+
+    def step(self, x: torch.Tensor) -> float:
+        return float(torch.addmm(self.b, x, self.w)[0, 0])
+
+
+def profile(ours: Ours, batches) -> None:
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x in batches:
+            ours.step(x)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over these)")
+    ap.add_argument("--chunk", type=int, default=4, help="steps per contestant per round")
+    ap.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14), for all")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also profile two of our steps")
+    ap.add_argument("--fused-adam", action="store_true",
+                    help="also time ours with fused Adam (not in the last line: the trainer uses plain Adam)")
     args = ap.parse_args()
+    args.lr = args.lr or TrainConfig(d_sae=args.d_sae).learning_rate()
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    n = args.batch * 8
-    with tempfile.TemporaryDirectory() as d:
-        x = rng.normal(size=(n, args.d_model)).astype(np.float32)
-        table = pa.table({"sample_id": [f"s{i // 100}" for i in range(n)], "token_index": np.arange(n, dtype=np.int32),
-                          "token_id": np.zeros(n, np.int32),
-                          "modality": pa.array(["text"] * n).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
-                          "view": np.full(n, -1, np.int16), "patch_row": pa.nulls(n, pa.int16()), "patch_col": pa.nulls(n, pa.int16()),
-                          "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), args.d_model)},
-                         schema=activation_schema(args.d_model))
-        write_parquet(Path(d) / "shard-00000.parquet", table)
-        stream = ActivationStream([Path(d) / "shard-00000.parquet"], batch_size=args.batch, buffer_tokens=4 * args.batch,
-                                  heldout_fraction=0.0)
-        cfg = TrainConfig(d_sae=args.d_sae, k=args.k, steps=args.steps, batch_size=args.batch, warmup_steps=1,
-                          b_dec_init_tokens=1024, checkpoint_every=10**9, dead_tokens=10**9)
-        train(stream, args.d_model, TrainConfig(**{**cfg.__dict__, "steps": 3}), Path(d) / "warm", progress=False)
-        t0 = time.perf_counter()
-        ours_sae, _ = train(stream, args.d_model, cfg, Path(d) / "ck", progress=False)
-        ours = args.steps * args.batch / (time.perf_counter() - t0)
-    xt = torch.from_numpy(x[: args.batch])
-    with torch.no_grad():
-        ours_fvu = fvu(xt, ours_sae(xt).x_hat).item()
-    roof_tps, roof_flops = roof(args.d_model, args.d_sae, args.batch)
-    print(f"d_model {args.d_model} d_sae {args.d_sae} k {args.k} batch {args.batch} steps {args.steps} threads {args.threads}")
-    print(f"ours    {ours:>9,.0f} tokens/s  FVU {ours_fvu:.3f}")
-    print(f"roof    {roof_tps:>9,.0f} tokens/s  ({roof_flops / 1e9:.1f} GFLOP/s dense matmul)   ours/roof {ours / roof_tps:.2f}")
-    sl = saelens(x, args)
-    if sl is not None:
-        print(f"SAELens {sl[0]:>9,.0f} tokens/s  FVU {sl[1]:.3f}   ours/SAELens {ours / sl[0]:.2f}")
-    else:
-        print("SAELens not importable here: comparison skipped")
+    steps = 1 + args.rounds * args.chunk  # one warm-up step, then rounds x chunk timed steps
+    data = synthetic(steps * args.batch, args.d_model, seed=0)
+    heldout = synthetic(4096, args.d_model, seed=1)
+    batches = [data[i * args.batch:(i + 1) * args.batch] for i in range(steps)]
 
+    kinds = [Ours, OursFusedAdam] if args.fused_adam else [Ours]
+    for kind, missing in ((SAELens, SAELENS_MISSING), (Sparsify, SPARSIFY_MISSING)):
+        if missing:
+            print(f"{kind.name}: {missing}: reported as nan")
+        else:
+            kinds.append(kind)
+    kinds.append(Roof)
+    runs = [kind(args, batches[0]) for kind in kinds]
+    rates: dict[str, list[float]] = {r.name: [] for r in runs}
+    for r in runs:  # warm-up step
+        r.step(batches[0])
+    for rnd in range(args.rounds):
+        chunk = batches[1 + rnd * args.chunk:1 + (rnd + 1) * args.chunk]
+        for r in runs:
+            t0 = time.perf_counter()
+            for x in chunk:
+                r.step(x)
+            rates[r.name].append(len(chunk) * args.batch / (time.perf_counter() - t0))
+    tok_s = {name: statistics.median(v) for name, v in rates.items()}
+    fvus = {r.name: fvu(heldout, r.reconstruct(heldout)).item() for r in runs if r.name != "roof"}
 
-def saelens(x: np.ndarray, args):
-    """SAELens's TopKTrainingSAE + SAETrainer on the same batches; (tokens/s, FVU) or None."""
-    try:
-        from sae_lens.config import SAETrainerConfig
-        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-        from sae_lens.training.sae_trainer import SAETrainer
-    except ImportError:
-        return None
-    data = torch.from_numpy(x)
-    n_batches = len(data) // args.batch
-
-    def provider():
-        i = 0
-        while True:
-            j = i % n_batches
-            i += 1
-            yield data[j * args.batch:(j + 1) * args.batch]
-
-    def run(steps):
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=args.k, dtype="float32", device="cpu"))
-        tcfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
-                                lr=2e-4 / (args.d_sae / 2**14) ** 0.5, lr_end=0.0, lr_warm_up_steps=1, device="cpu")
-        t0 = time.perf_counter()
-        SAETrainer(cfg=tcfg, sae=sae, data_provider=provider()).fit()
-        return sae, time.perf_counter() - t0
-
-    run(3)  # warm-up
-    sae, dt = run(args.steps)
-    with torch.no_grad():
-        xt = data[: args.batch]
-        x_hat = sae.decode(sae.encode(xt))
-    return args.steps * args.batch / dt, fvu(xt, x_hat).item()
+    load = os.getloadavg()
+    print(f"d_model {args.d_model} d_sae {args.d_sae} k {args.k} batch {args.batch} steps {steps} "
+          f"threads {args.threads} lr {args.lr:.3g}  load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for name, v in rates.items():
+        fv = f"held-out FVU {fvus[name]:.4f}" if name in fvus else "(encoder forward matmul only)"
+        print(f"{name:15s} {tok_s[name]:>10,.0f} tokens/s  {fv}  rounds: " + " ".join(f"{r:,.0f}" for r in v))
+    nan = float("nan")
+    ours = tok_s["ours"]
+    fields = {
+        "d_model": args.d_model, "d_sae": args.d_sae, "k": args.k, "batch": args.batch, "steps": steps,
+        "threads": args.threads, "ours_tok_s": f"{ours:.0f}",
+        "saelens_x": f"{ours / tok_s['saelens']:.3f}" if "saelens" in tok_s else nan,
+        "sparsify_x": f"{ours / tok_s['sparsify']:.3f}" if "sparsify" in tok_s else nan,
+        "roof_fraction": f"{ours / tok_s['roof']:.3f}",
+        "fvu_ours": f"{fvus['ours']:.4f}", "fvu_saelens": f"{fvus.get('saelens', nan):.4f}",
+        "fvu_sparsify": f"{fvus.get('sparsify', nan):.4f}",
+    }
+    if args.profile:
+        profile(runs[0], batches[1:3])
+    print("sae_throughput " + " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,23 @@ Shapes: ``x`` is ``(n, d_model)``; latents are ``(n, d_sae)``. Parameters use SA
 ``W_enc (d_model, d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_model)``, ``b_dec (d_model,)``.
 
     pre  = (x - b_dec) @ W_enc + b_enc                                   (encoder)
-    z    = TopK_k(ReLU(pre))               keep the k largest, zero the rest
+    z    = TopK_k(pre)                     keep the k largest, ReLU them, zero the rest
     x_hat = z @ W_dec + b_dec                                            (decoder)
 
 Loss = FVU(x, x_hat) + aux_coef * AuxK, where FVU = ||x - x_hat||^2 / ||x - mean(x)||^2 over the
 batch and AuxK reconstructs the detached residual e = x - x_hat from the top ``k_aux`` pre-activations
 among dead latents (Gao et al. §A.2). Decoder rows stay at unit norm: after each optimiser step
 :meth:`TopKSAE.normalize_decoder`, and before it :meth:`TopKSAE.remove_parallel_grads`.
+
+Sparse training step: only ``pre`` (one dense matmul, batch x d_model x d_sae) is dense. The kept
+values are gathered from it by :class:`EncoderGather`, whose backward computes the encoder's weight
+gradient only for the selected (token, latent) pairs; the decoder is an ``embedding_bag`` over the
+k selected rows of ``W_dec``, forward and backward. Nothing else of size (n, d_sae) is formed. The
+results equal the dense autograd step's (``tests/test_sae_sparse.py``).
+
+``W_enc`` has shape (d_model, d_sae) but is stored latent-major (its transpose is contiguous, as in
+``nn.Linear``), so the sparse weight gradient is written row by row and never transposed;
+:func:`mmsae.sae.io.save_sae` writes it contiguous in SAELens's layout.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,7 +36,8 @@ class SAEOutput(NamedTuple):
     """Result of :meth:`TopKSAE.forward`.
 
     x_hat: (n, d_model) reconstruction; top_vals, top_idx: (n, k) the kept latents;
-    pre: (n, d_sae) pre-activations (for AuxK).
+    pre: (n, d_sae) pre-activations (for AuxK), computed without autograd: gradients reach the
+    encoder through ``top_vals`` (and through AuxK's own gathered values).
     """
 
     x_hat: torch.Tensor
@@ -40,6 +52,80 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     x, x_hat: (n, d_model). Returns a scalar; 0 is perfect, 1 is no better than the batch mean.
     """
     return (x - x_hat).pow(2).sum() / (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+
+
+class TopK(nn.Module):
+    """TopK activation (Gao et al. 2024 §2.3): keep each row's k largest entries, then ReLU them.
+
+    As openai/sparse_autoencoder's ``TopK`` with a ReLU post-activation, but it returns the sparse
+    form instead of scattering into a dense (n, d_sae) tensor.
+
+    forward(pre): pre (n, d_sae) -> (values, indices), each (n, k); values >= 0 (a selected
+    negative pre-activation becomes 0, so L0 <= k), indices in [0, d_sae), in no particular order.
+    Differentiable in ``pre`` (the gradient flows to the selected entries only).
+
+    Raises:
+        ValueError: k < 1, or pre has fewer than k columns.
+    """
+
+    def __init__(self, k: int):
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"TopK: k={k} must be >= 1")
+        self.k = k
+
+    def forward(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if pre.shape[-1] < self.k:
+            raise ValueError(f"TopK: k={self.k} is more than the {pre.shape[-1]} latents")
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        return vals.relu(), idx
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class EncoderGather(torch.autograd.Function):
+    """Encoder pre-activations at chosen latents, with a backward that touches only those latents.
+
+    forward(x, W_enc, b_enc, b_dec, pre, idx) -> vals
+        x (n, d_model), W_enc (d_model, d_sae), b_enc (d_sae,), b_dec (d_model,);
+        pre (n, d_sae) = (x - b_dec) @ W_enc + b_enc, already computed by the caller without
+        autograd (it is only read here, not recomputed); idx (n, j) int64 latent indices.
+        vals (n, j): vals[r, i] = pre[r, idx[r, i]].
+
+    backward(g), g = dL/dvals (n, j), with S the (n, d_sae) matrix holding g[r, i] at (r, idx[r, i])
+    and 0 elsewhere (never formed densely):
+        dL/db_enc = S summed over rows                  (d_sae,)    scatter-add of n*j values
+        dL/dW_enc = (x - b_dec)^T S                     (d_model, d_sae), non-zero in the selected
+                    columns only: a sparse (d_sae x n) @ dense (n x d_model) product, n*j*d_model
+                    multiply-adds instead of the dense n*d_sae*d_model, computed latent-major
+        dL/db_dec = -W_enc @ dL/db_enc                  (d_model,)  as x - b_dec is the input
+        dL/dx     = S W_enc^T                           (n, d_model), only when x requires grad
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, pre, idx):
+        ctx.save_for_backward(x, W_enc, b_dec, idx)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W_enc, b_dec, idx = ctx.saved_tensors
+        n, j = idx.shape
+        d_sae = W_enc.shape[1]
+        g = g.contiguous()
+        grad_x = grad_W = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.flatten(), g.flatten())
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(n, device=idx.device).repeat_interleave(j)
+            s_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (d_sae, n), check_invariants=False)
+            grad_W = torch.sparse.mm(s_t, x - b_dec).T  # (d_sae, d_model) computed, returned as a view
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, W_enc.T, per_sample_weights=g, mode="sum")
+        return grad_x, grad_W, (grad_b_enc if ctx.needs_input_grad[2] else None), grad_b_dec, None, None
 
 
 class TopKSAE(nn.Module):
@@ -60,30 +146,47 @@ class TopKSAE(nn.Module):
         if not 1 <= k <= d_sae:
             raise ValueError(f"sae.k: {k} must be between 1 and d_sae={d_sae}")
         self.d_model, self.d_sae, self.k = d_model, d_sae, k
+        self.topk = TopK(k)
         gen = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(d_sae, d_model, generator=gen, dtype=torch.float32)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec.to(dtype))
-        self.W_enc = nn.Parameter(w_dec.T.clone().contiguous().to(dtype))
+        # (d_model, d_sae) view of a contiguous (d_sae, d_model) tensor: latent-major storage.
+        self.W_enc = nn.Parameter(w_dec.to(dtype).clone().T)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_model, dtype=dtype))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, d_model) -> (n, d_sae) encoder pre-activations."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        """(n, d_model) -> (n, d_sae) encoder pre-activations (dense, differentiable)."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, d_model) -> top values (n, k), indices (n, k), pre (n, d_sae); sparse backward."""
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+            _, idx = self.topk(pre)
+        vals = EncoderGather.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, idx).relu()
+        return vals, idx, pre
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, d_model) -> (values, indices), each (n, k): the k largest ReLU'd pre-activations."""
-        return self._topk(self.pre_acts(x))
+        vals, idx, _ = self._select(x)
+        return vals, idx
 
     def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-        return vals.relu(), idx
+        """(n, d_sae) pre-activations -> (values, indices), each (n, k); same as ``self.topk``."""
+        return self.topk(pre)
 
     def decode(self, top_vals: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        """(n, k) values and indices -> (n, d_model) reconstruction, without forming (n, d_sae)."""
-        # Gather k decoder rows per token: (n, k, d_model); cheaper than a dense matmul when k << d_sae.
-        return torch.einsum("nk,nkd->nd", top_vals, self.W_dec[top_idx]) + self.b_dec
+        """(n, k) values and indices -> (n, d_model) reconstruction, without forming (n, d_sae).
+
+        An ``embedding_bag`` over the k selected rows of W_dec: its backward gives W_dec a gradient
+        in those rows only and ``top_vals`` its (n, k) gradient.
+        """
+        return self._decode_rows(top_vals, top_idx) + self.b_dec
+
+    def _decode_rows(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum")
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         """(n, d_model) -> (n, d_sae) dense latents (zeros outside the top k)."""
@@ -91,8 +194,7 @@ class TopKSAE(nn.Module):
         return torch.zeros(x.shape[0], self.d_sae, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
-        pre = self.pre_acts(x)
-        vals, idx = self._topk(pre)
+        vals, idx, pre = self._select(x)
         return SAEOutput(self.decode(vals, idx), vals, idx, pre)
 
     def auxk_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
@@ -105,18 +207,21 @@ class TopKSAE(nn.Module):
 
         Returns:
             Scalar: ||e - e_hat||^2 / ||e - mean(e)||^2 with e = x - x_hat (detached), e_hat the
-            decoder (without b_dec) applied to the top ``k_aux`` dead pre-activations; 0 when no
-            latent is dead.
+            decoder (without b_dec) applied to the top ``k_aux`` dead pre-activations (ReLU'd); 0
+            when no latent is dead. The selection reads only the dead latents' columns of
+            ``out.pre``; gradients reach the k_aux selected latents per token only.
         """
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        dead_idx = dead.nonzero().flatten()
+        if len(dead_idx) == 0:
             return x.new_zeros(())
-        k_aux = min(k_aux, n_dead)
+        k_aux = min(k_aux, len(dead_idx))
         residual = (x - out.x_hat).detach()
-        masked = out.pre.masked_fill(~dead, float("-inf"))
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = torch.einsum("nk,nkd->nd", vals.relu(), self.W_dec[idx])
-        loss = fvu(residual, e_hat)
+        with torch.no_grad():
+            pre_dead = out.pre if len(dead_idx) == self.d_sae else out.pre.index_select(1, dead_idx)
+            _, local = pre_dead.topk(k_aux, dim=-1, sorted=False)
+            idx = dead_idx[local]
+        vals = EncoderGather.apply(x, self.W_enc, self.b_enc, self.b_dec, out.pre, idx).relu()
+        loss = fvu(residual, self._decode_rows(vals, idx))
         return torch.nan_to_num(loss, nan=0.0)
 
     @torch.no_grad()
@@ -129,8 +234,9 @@ class TopKSAE(nn.Module):
         """Remove from W_dec.grad the component parallel to each (unit) decoder row."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        # Row-wise dot products, then one fused in-place pass: no (d_sae, d_model) temporary.
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1).unsqueeze(1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median", iters: int = 100) -> None:
