@@ -353,6 +353,11 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
     samples = pa.concat_tables([pq.read_table(s).replace_schema_metadata() for _, s in units]) if units else \
         SAMPLES_SCHEMA.empty_table()
     status = samples.column("image_status").to_pylist()
+    images: dict[str, str] = {}  # each distinct image (a prompt pairs it with several samples) and its status
+    for key, path, st in zip(samples.column("image_key").to_pylist(), samples.column("image_path").to_pylist(), status):
+        if path is not None:
+            images.setdefault(key or path, st)
+    converted = [{"image": k, "reason": st} for k, st in images.items() if st and st.startswith("converted")]
     manifest = {
         **meta,
         "shards": shards,
@@ -361,7 +366,9 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
-        "n_images_converted": sum(1 for s in status if s and s.startswith("converted")),
+        "n_images_used": len(images),
+        "n_images_converted": len(converted),
+        "converted": converted,
         "n_images_skipped": len(skipped),
         "skipped": skipped,
         "special_token_ids": sorted(set(special_ids)),

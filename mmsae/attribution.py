@@ -33,6 +33,7 @@ agreement).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,9 +279,6 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
         ValueError: an unknown method, the answer or baseline is not a single token, or the image
             cannot be read.
     """
-    import time
-
-
     if method not in ("ours", "reference"):
         raise ValueError(f"attribution.method: {method!r} is not one of ours, reference")
     tok = subject.tokenizer

@@ -10,10 +10,14 @@ normalised activation blended over the image in red.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 from PIL import Image
+
+from mmsae.data.corpus import load_image
+from mmsae.io import write_bytes
 
 
 def patch_grid(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, side: int) -> np.ndarray:
@@ -97,11 +101,6 @@ def render_feature_maps(codes, samples, tops, features: list[int], side: int, ou
         heatmap (paths relative to out_dir), n_active_patches. ``contexts``: feature, rank,
         sample_id, score, tokens (list[str]), activations (list[float]), focus (index in the list).
     """
-    from pathlib import Path
-
-    from mmsae.data.corpus import load_image
-    from mmsae.io import write_bytes
-
     out_dir = Path(out_dir)
     feats = pl.Series("feature", features, dtype=pl.Int32)
     sel = tops.filter(pl.col("feature").is_in(feats.implode()))

@@ -91,16 +91,18 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
         ValueError: the parts disagree on a field that is not summed.
     """
     out = Path(out)
-    summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_shards"}
-    merged: dict = {"shards": [], "skipped": [], "parts": []}
+    summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_images_used",
+              "n_shards"}
+    merged: dict = {"shards": [], "skipped": [], "converted": [], "parts": []}
     for part in map(Path, parts):
         m = json.loads(part.read_text())
         rel = part.parent.relative_to(out.parent)
         merged["parts"].append(str(rel))
         merged["shards"] += [{**s, "path": str(rel / s["path"])} for s in m["shards"]]
         merged["skipped"] += m.get("skipped", [])
+        merged["converted"] += m.get("converted", [])
         for k, v in m.items():
-            if k in ("shards", "skipped", "config_hash"):
+            if k in ("shards", "skipped", "converted", "config_hash"):
                 continue
             if k in summed:
                 merged[k] = merged.get(k, 0) + v

@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from mmsae.gpu import lease
+
 
 _LEASE = None
 
@@ -42,8 +44,6 @@ def setup(log_path: str | None, threads: int = 1, gpus: int = 0) -> logging.Logg
     except ImportError:
         pass
     if gpus and _LEASE is None:
-        from mmsae.gpu import lease
-
         _LEASE = lease(int(gpus))
         _LEASE.__enter__()  # released when the process ends, however it ends
     return log

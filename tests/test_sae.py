@@ -92,7 +92,7 @@ def test_b_dec_geometric_median_resists_outliers():
 
 def test_saelens_layout_round_trip(tmp_path):
     sae = TopKSAE(16, 64, k=5, seed=5)
-    save_sae(sae, tmp_path, model_name="m", hook_name="model.language_model.layers.1")
+    save_sae(sae, tmp_path, model_name="m", hook_point="model.language_model.layers.1")
     assert {p.name for p in tmp_path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
     from safetensors.torch import load_file
 

@@ -1,6 +1,7 @@
 """The Snakemake workflow: lint, dry-runs, config validation, what a config change reruns, and one
 end-to-end run of the whole DAG on a few images with a tiny SAE."""
 
+import html
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ TINY = {
                 "causal_cases": 1, "causal_k": 5, "opt_steps": 3, "edits": [{"name": "e", "source": "auto", "target": "dog"}],
                 "locality_prompts": ["Hi"]},
 }
-EXPLAIN_AND_AFTER = {"explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1, "report": 1, "all": 1}
+EXPLAIN_AND_AFTER = {"explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1, "steer": 1,
+                     "report": 1, "all": 1}  # steer judges its generations by the explanations' words
 DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "steer": 1, **EXPLAIN_AND_AFTER}
 
 
@@ -65,8 +67,12 @@ def jobs(proc) -> dict:
 def workdir_with(tmp_path, cfg) -> Path:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     corpus = cfg.get("corpus", {})
-    if corpus.get("source") == "folder" and corpus.get("path") and not Path(corpus["path"]).is_absolute():
-        (tmp_path / corpus["path"]).mkdir(parents=True, exist_ok=True)  # the paper config's image folder
+    if corpus.get("path") and not Path(corpus["path"]).is_absolute():
+        if corpus.get("source") == "folder":
+            (tmp_path / corpus["path"]).mkdir(parents=True, exist_ok=True)
+        elif corpus.get("source") == "table":  # the paper config's conversations file (dry runs do not read it)
+            (tmp_path / corpus["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / corpus["path"]).write_text("[]")
     return tmp_path
 
 
@@ -80,7 +86,8 @@ def test_default_config_dry_runs(tmp_path):
     assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "merge_activations": 1, "train_sae": 1, "encode": 1,
                           "merge_codes": 1, "select_top": 1,
                           "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1,
-                          "evaluate": 1, "steer": 1, "attribute": 1, "find_neurons": 1, "edit_neurons": 1, "report": 1,
+                          "evaluate": 1, "steer": 1, "attribute": 1, "list_images": 1, "find_neurons": 1, "edit_neurons": 1,
+                          "report": 1,
                           "all": 1}
 
 
@@ -164,13 +171,24 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
 
 @pytest.mark.slow
 def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
-    """A remote endpoint with a key from the environment: 2 chunk jobs, and the key is nowhere on disk."""
+    """A remote endpoint with a key from the environment: 2 chunk jobs, and the key is nowhere on disk.
+    The corpus is a dirty folder (three photos plus every kind of bad file): the workflow runs to the
+    report, which accounts for every file as used, converted (with the reason) or skipped (with it)."""
+    from dirty import make_dirty_folder
     from fake_server import FakeEndpoint
 
+    from mmsae.data import skimage_photo_paths
+
+    images = tmp_path / "images"
+    expect = make_dirty_folder(images)
+    for name, path in skimage_photo_paths(["chelsea", "rocket", "coffee"]).items():
+        shutil.copy(path, images / f"{name}{path.suffix}")
+        expect[f"{name}{path.suffix}"] = "ok"
     secret = "sk-mmsae-test-9f8e7d6c"
     with FakeEndpoint(script=[500, ("429", 0.1)], latency_s=0.05) as ep:
-        cfg = {**TINY, "explain": {"server": "remote", "base_url": ep.base_url, "model": "explainer-x",
-                                   "api_key_env": "MMSAE_TEST_KEY", "chunks": 2, "concurrency": 2}}
+        cfg = {**TINY, "corpus": {**TINY["corpus"], "source": "folder", "path": "images"},
+               "explain": {"server": "remote", "base_url": ep.base_url, "model": "explainer-x",
+                           "api_key_env": "MMSAE_TEST_KEY", "chunks": 2, "concurrency": 2}}
         wd = workdir_with(tmp_path, cfg)
         shutil.copytree(demo_model_dir, wd / "results/models/demo", copy_function=os.link)
         os.environ["MMSAE_TEST_KEY"] = secret
@@ -184,7 +202,19 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
         assert ep.max_in_flight <= 2
     expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
     assert expl["status"].to_list() == ["ok"] * 4 and set(expl["explanation"]) == {"red circles"}
-    assert "red circles" in (wd / "results/report/index.html").read_text()
+    report = (wd / "results/report/index.html").read_text()
+    assert "red circles" in report
+    manifest = json.loads((wd / "results/activations/manifest.json").read_text())
+    skipped = {(wd / s["image"]).resolve().relative_to(images.resolve()).as_posix(): s["reason"] for s in manifest["skipped"]}
+    converted = {c["image"]: c["reason"] for c in manifest["converted"]}
+    used = {k for k, v in expect.items() if not v.startswith("skip")}
+    assert set(skipped) == set(expect) - used and manifest["n_images_used"] == len(used)
+    for name, want in expect.items():  # every file accounted for, with its reason, in the report too
+        if want.startswith("skip: "):
+            assert skipped[name].startswith(want[6:]) and html.escape(f"{skipped[name]}") in report, name
+        elif want.startswith("converted"):
+            assert converted[name].startswith(want) and html.escape(f"{name}: {converted[name]}") in report, name
+    assert f"<td>{len(used)} ({len(converted)}) / {len(skipped)}</td>" in report
     leaks = [p for p in wd.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []
 
@@ -262,7 +292,7 @@ def test_failed_encode_leaves_no_mixed_code_shards(tmp_path):
     write_parquet(part / "samples.parquet", pa.table({"sample_id": ["s0", "s1"]}))
     write_json(wd / "results/activations/manifest.json", {})
     write_parquet(wd / "results/activations/samples.parquet", pa.table({"sample_id": ["s0", "s1"]}))
-    save_sae(TopKSAE(16, 64, k=4, seed=0), wd / "results/sae/default", model_name="m", hook_name="h")
+    save_sae(TopKSAE(16, 64, k=4, seed=0), wd / "results/sae/default", model_name="m", hook_point="h")
     for f in ["metrics.json", "log.parquet"]:
         (wd / "results/sae/default" / f).write_text("{}")
     codes = wd / "results/codes/part-0"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from mmsae.io import atomic_path
 from mmsae.neurons.find import mlp_modules, unembedding
 
 
@@ -34,8 +35,6 @@ class Delta:
     cols: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
-        from mmsae.io import atomic_path
-
         tensors = {}
         for layer, (idx, d) in self.cols.items():
             tensors[f"layer{layer}.neurons"] = idx.to(torch.int64).contiguous()

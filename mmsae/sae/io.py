@@ -26,8 +26,11 @@ from mmsae.sae.model import TopKSAE
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 
 
-def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_name: str, extra: dict | None = None) -> Path:
-    """Write ``sae`` to ``out_dir`` (both files atomically) and return the directory."""
+def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_point: str, extra: dict | None = None) -> Path:
+    """Write ``sae`` to ``out_dir`` (both files atomically) and return the directory.
+
+    ``hook_point`` is stored under SAELens's key ``hook_name`` (top level and in ``metadata``), where
+    steering and attribution read it back (:func:`mmsae.steer.sae_hook_point`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
@@ -43,10 +46,10 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": model_name, "hook_name": hook_name, "hook_head_index": None, "prepend_bos": True},
+        "metadata": {"model_name": model_name, "hook_name": hook_point, "hook_head_index": None, "prepend_bos": True},
         # Top-level copies for loaders of SAELens < 6.
         "model_name": model_name,
-        "hook_name": hook_name,
+        "hook_name": hook_point,
         "mmsae": extra or {},
     }
     write_json(out_dir / CFG_FILE, cfg)

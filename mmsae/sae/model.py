@@ -157,16 +157,20 @@ class TopKSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_model, dtype=dtype))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, d_model) -> (n, d_sae) encoder pre-activations (dense, differentiable)."""
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        """(..., d_model) -> (..., d_sae) encoder pre-activations (dense, differentiable)."""
+        flat = (x - self.b_dec).reshape(-1, self.d_model)
+        return torch.addmm(self.b_enc, flat, self.W_enc).reshape(*x.shape[:-1], self.d_sae)
 
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(n, d_model) -> top values (n, k), indices (n, k), pre (n, d_sae); sparse backward."""
+        """(..., d_model) -> top values (..., k), indices (..., k), pre (..., d_sae); sparse backward
+        (leading dimensions, e.g. batch and sequence, are flattened for the step and restored)."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.d_model)
         with torch.no_grad():
             pre = self.pre_acts(x)
             _, idx = self.topk(pre)
         vals = EncoderGather.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, idx).relu()
-        return vals, idx, pre
+        return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k), pre.reshape(*lead, self.d_sae)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, d_model) -> (values, indices), each (n, k): the k largest ReLU'd pre-activations."""
@@ -186,12 +190,16 @@ class TopKSAE(nn.Module):
         return self._decode_rows(top_vals, top_idx) + self.b_dec
 
     def _decode_rows(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum")
+        """(..., k) values and indices -> (..., d_model) sum of the selected W_dec rows."""
+        lead, n = idx.shape[:-1], idx.shape[-1]
+        rows = F.embedding_bag(idx.reshape(-1, n), self.W_dec, per_sample_weights=vals.reshape(-1, n).to(self.W_dec.dtype),
+                               mode="sum")
+        return rows.reshape(*lead, self.d_model)
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         """(n, d_model) -> (n, d_sae) dense latents (zeros outside the top k)."""
         vals, idx = self.encode(x)
-        return torch.zeros(x.shape[0], self.d_sae, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals)
+        return torch.zeros(*vals.shape[:-1], self.d_sae, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         vals, idx, pre = self._select(x)

@@ -83,7 +83,7 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
         metrics["exclude_norm_above"] = {"multiple_of_median": cfg.exclude_norm_above, "threshold": max_norm,
                                          "n_excluded_train_tokens": int((norms > max_norm).sum())}
     norm_cfg = {"method": cfg.normalize_activations, "scaling_factor": scale, "folded": True}
-    save_sae(sae, out_dir, model_name=manifest["model"], hook_name=manifest["hook_point"],
+    save_sae(sae, out_dir, model_name=manifest["model"], hook_point=manifest["hook_point"],
              extra={"train": opts, "metrics": metrics, "normalize_activations": norm_cfg})
     write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
     write_json(Path(out_dir) / HELDOUT, held)
