@@ -1,7 +1,6 @@
 """The Snakemake workflow: lint, dry-runs, config validation, what a config change reruns, and one
 end-to-end run of the whole DAG on a few images with a tiny SAE."""
 
-import html
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from markupsafe import escape
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -211,9 +211,9 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
     assert set(skipped) == set(expect) - used and manifest["n_images_used"] == len(used)
     for name, want in expect.items():  # every file accounted for, with its reason, in the report too
         if want.startswith("skip: "):
-            assert skipped[name].startswith(want[6:]) and html.escape(f"{skipped[name]}") in report, name
+            assert skipped[name].startswith(want[6:]) and escape(skipped[name]) in report, name
         elif want.startswith("converted"):
-            assert converted[name].startswith(want) and html.escape(f"{name}: {converted[name]}") in report, name
+            assert converted[name].startswith(want) and escape(f"{name}: {converted[name]}") in report, name
     assert f"<td>{len(used)} ({len(converted)}) / {len(skipped)}</td>" in report
     leaks = [p for p in wd.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []
