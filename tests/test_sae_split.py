@@ -19,7 +19,7 @@ def _samples(n_images=40, n_text=20):
     for i in range(n_images):
         for p in ("Describe the image.", "What is in it?"):
             ids.append(f"coco/{i:03d}.jpg/{p[:4]}")
-            images.append(f"/data/coco/{i:03d}.jpg")
+            images.append(f"corpus/coco/{i:03d}.jpg")
             prompts.append(p)
     for t in range(n_text):
         for rep in range(2):
@@ -48,7 +48,7 @@ def test_no_image_or_text_prompt_on_both_sides():
     assert 0 < n_groups_held < len(sides)
     assert heldout_sample_ids(table, 0.0) == []
     # the same corpus installed elsewhere is split the same way
-    moved = table.set_column(1, "image_path", pa.array([p and p.replace("/data/", "/home/u/x/") for p in table.column(1).to_pylist()]))
+    moved = table.set_column(1, "image_path", pa.array([p and p.replace("corpus/", "moved/elsewhere/corpus/") for p in table.column(1).to_pylist()]))
     assert set(heldout_sample_ids(moved, 0.3)) == held
 
 
