@@ -177,10 +177,6 @@ class TopKSAE(nn.Module):
         vals, idx, _ = self._select(x)
         return vals, idx
 
-    def _topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, d_sae) pre-activations -> (values, indices), each (n, k); same as ``self.topk``."""
-        return self.topk(pre)
-
     def decode(self, top_vals: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """(n, k) values and indices -> (n, d_model) reconstruction, without forming (n, d_sae).
 
