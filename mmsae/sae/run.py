@@ -103,7 +103,7 @@ def _heldout_metrics(sae, x, is_image, max_norm: float | None) -> dict:
         return evaluate(sae, x, is_image)
     keep = torch.from_numpy(row_norms(x.numpy()) <= max_norm)
     res = evaluate(sae, x[keep], is_image[keep])
-    res["fvu_including_excluded"] = evaluate(sae, x, is_image)["fvu"] if len(x) else None
+    res["fvu_including_excluded"] = evaluate(sae, x, is_image)["fvu"]  # len(x) > 0 here
     res["n_excluded_tokens"] = int((~keep).sum())
     return res
 
