@@ -290,7 +290,6 @@ def extract(
     }
     writer = _ShardWriter(out_dir, shard_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
     skipped: list[dict] = []
-    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
 
     bar = tqdm(total=len(todo), desc="extract", unit="sample", disable=not progress)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader")
@@ -311,7 +310,7 @@ def extract(
                     id_array = tok_ids.numpy().astype(np.int32)
                     writer.add(
                         {"sample_id": s.sample_id, "token_index": np.arange(n, dtype=np.int32), "token_id": id_array,
-                         **layout, "activation": acts[b, :n].astype(np_dtype, copy=False),
+                         **layout, "activation": acts[b, :n],  # already cfg.dtype (cast on the device above)
                          "role": token_roles(subject, s, tok_ids)},
                         {"sample_id": s.sample_id, "prompt": s.prompt, "image_path": s.image_path, "image_key": s.image_key,
                          "image_status": status or None,
