@@ -69,13 +69,27 @@ def explainer_local_model():
 
 def explain_endpoint_params():
     """What the explanations depend on, secrets excluded: the key's variable name, never its value."""
-    e = config["explain"]
-    out = {k: e[k] for k in ("server", "temperature", "max_tokens", "extra_body")}
     # concurrency, timeout_s, retries and api_key_env are read at run time (mmsae.workflow.endpoint_runtime)
-    if e["server"] == "local":
-        out["local_model"] = explainer_local_model()
+    return _endpoint(_explain_fields(), {})
+
+
+def _explain_fields():
+    e = config["explain"]
+    return {k: e[k] for k in ("server", "temperature", "max_tokens", "extra_body")}
+
+
+def _endpoint(out, overrides):
+    """``out`` with the set (non-None) ``overrides`` applied, the key's variable name excluded (read at
+    run time); then only the fields of its server kind: ``local_model`` for a local server (the
+    explainer's when none is set), else ``base_url`` and ``model`` (the explainer's when not set)."""
+    e = config["explain"]
+    out.update({k: v for k, v in overrides.items() if v is not None and k != "api_key_env"})
+    if out["server"] == "local":
+        out["local_model"] = out.get("local_model") or explainer_local_model()
+        out.pop("base_url", None), out.pop("model", None)
     else:
-        out.update(base_url=e["base_url"], model=e["model"])
+        out.setdefault("base_url", e["base_url"]), out.setdefault("model", e["model"])
+        out.pop("local_model", None)
     return out
 
 
@@ -125,32 +139,13 @@ def report_inputs(wildcards):
 
 def refiner_endpoint_params():
     """The explainer's endpoint, with the fields that ``evaluate.refiner`` sets overriding it."""
-    e = config["explain"]
-    r = {k: v for k, v in config["evaluate"]["refiner"].items() if v is not None and k != "api_key_env"}
-    out = {k: e[k] for k in ("server", "temperature", "max_tokens", "extra_body")}
-    out.update(r)
-    if out["server"] == "local":
-        out["local_model"] = r.get("local_model") or explainer_local_model()
-        out.pop("base_url", None), out.pop("model", None)
-    else:
-        out.setdefault("base_url", e["base_url"]), out.setdefault("model", e["model"])
-        out.pop("local_model", None)
-    return out
+    return _endpoint(_explain_fields(), config["evaluate"]["refiner"])
 
 
 def categorizer_endpoint_params():
     """The refiner's endpoint, with the fields that ``evaluate.categorizer`` sets overriding it (the key's
     variable name is read at run time, as the refiner's)."""
-    out = refiner_endpoint_params()
-    c = {k: v for k, v in config["evaluate"]["categorizer"].items() if v is not None and k != "api_key_env"}
-    out.update(c)
-    if out["server"] == "local":
-        out["local_model"] = c.get("local_model") or out.get("local_model") or explainer_local_model()
-        out.pop("base_url", None), out.pop("model", None)
-    else:
-        out.setdefault("base_url", config["explain"]["base_url"]), out.setdefault("model", config["explain"]["model"])
-        out.pop("local_model", None)
-    return out
+    return _endpoint(refiner_endpoint_params(), config["evaluate"]["categorizer"])
 
 
 def refine_inputs(wildcards):
