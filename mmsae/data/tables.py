@@ -75,10 +75,9 @@ def read_table(path: Path) -> list[Row]:
     for col in ("image", "prompt"):
         if col not in df.columns:
             raise ValueError(f"corpus table {path}: missing column {col!r} (has {df.columns})")
-    has_response = "response" in df.columns
     rows = []
     for r in df.iter_rows(named=True):
-        response = r.get("response") if has_response else None
+        response = r.get("response")  # None without a response column
         turns = (("assistant", str(response)),) if response is not None and str(response) != "" else ()
         rows.append(Row(_image_path(path, r["image"]), str(r["prompt"]), turns))
     return rows
