@@ -43,7 +43,7 @@ from torch import nn
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import image_token_coordinates, prepare_inputs, token_layout
 from mmsae.sae.model import TopKSAE
-from mmsae.steer import select_topk
+from mmsae.steer import Clamp, SteeringHook
 
 
 @dataclass
@@ -160,15 +160,13 @@ class ReconstructionSplice:
     feature f to 0 before TopK. With ``track`` the new output is a grad leaf (``out``)."""
 
     def __init__(self, sae: TopKSAE, off: int | None = None, track: bool = False):
-        self.sae, self.off, self.track, self.out = sae, off, track, None
+        # the same map as steering's reference mode with f clamped to 0 (one implementation of it)
+        self.recon = SteeringHook(sae, [] if off is None else [Clamp(off, 0.0)], mode="reference", positions="all")
+        self.track, self.out = track, None
 
     def __call__(self, _module, _inputs, output):
         x = output[0] if isinstance(output, tuple) else output
-        with torch.no_grad():
-            latents = self.sae.pre_acts(x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)).relu()
-            if self.off is not None:
-                latents[:, self.off] = 0.0
-            new = self.sae.decode(*select_topk(latents, self.sae.k)).to(x.dtype).reshape(x.shape)
+        new = self.recon.steer(x)
         if self.track:
             new.requires_grad_(True)
         self.out = new
