@@ -84,7 +84,7 @@ def edit_all(subject, cases: list[dict], edits: list[dict], locality_prompts: li
     generation is unchanged. Deltas are saved to ``out_dir/<name>-<method>.safetensors``.
     """
     model, tok = subject.model, subject.tokenizer
-    results = []
+    results, before = [], None
     for e in edits:
         match = [c for c in cases if e["source"] in ("auto", c["noun"])]
         if not match:
@@ -93,7 +93,8 @@ def edit_all(subject, cases: list[dict], edits: list[dict], locality_prompts: li
         c = match[0]
         target_id = tok.encode(" " + e["target"], add_special_tokens=False)[0]
         neurons = [(layer, i, a) for layer, i, _, a in c["top"][: cfg["edit_k"]]]
-        before = {p: _generate(subject, None, p, "", cfg) for p in locality_prompts}
+        if before is None:  # the unedited model's generations: the same for every edit
+            before = {p: _generate(subject, None, p, "", cfg) for p in locality_prompts}
         for method in ("closed_form", "optimised"):
             if method == "closed_form":
                 delta, eta = closed_form_edit(model, c["full"], c["position"], neurons, c["token_id"], target_id, cfg.get("eta"))
