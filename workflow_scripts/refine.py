@@ -20,7 +20,7 @@ runtime = endpoint_runtime(sm.config["explain"], sm.config["evaluate"]["refiner"
 refiner_endpoint = {**sm.params.endpoint, **runtime}
 categorizer_key = sm.config["evaluate"]["categorizer"].get("api_key_env")  # null: the refiner's
 categorizer_endpoint = {**sm.params.categorizer, **runtime, **({"api_key_env": categorizer_key} if categorizer_key else {})}
-if pairs and sm.params.categorizer == sm.params.endpoint:  # one endpoint (the default): one session
+if pairs and categorizer_endpoint == refiner_endpoint:  # one endpoint and key (the default): one session
     with endpoint_session(refiner_endpoint, server_log=sm.log[0] + ".server") as cfg:
         refiner = Explainer(cfg, cache, slots_dir=sm.params.slots)
         rows = refine_all(refiner, refiner, pairs)
