@@ -10,8 +10,8 @@ written from the complete units only. A killed run resumes by skipping the sampl
 units with the same config hash; everything else in the folder that extraction writes (units of
 another config, half units, hidden temporary files) is removed first.
 
-Off the forward path: images are decoded one batch ahead in a thread, and shards are encoded and
-written in another (one shard in flight at most, so memory stays bounded).
+Off the forward path: images are decoded one batch ahead in a thread (:mod:`mmsae.forward`), and
+shards are encoded and written in another (one shard in flight at most, so memory stays bounded).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,12 +31,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mmsae.data.corpus import Sample, load_image
+from mmsae.data.corpus import Sample
+from mmsae.forward import forward_batches
 from mmsae.io import write_json, write_parquet
-from mmsae.models import (
-    ActivationCapture, SubjectModel, image_token_coordinates, layer_index, prepare_inputs, resolve_hook_point, token_layout,
-    token_roles,
-)
+from mmsae.models import SubjectModel, layer_index, resolve_hook_point
 from mmsae.shards import read_shard_meta, shard_schema
 
 log = logging.getLogger(__name__)
@@ -210,40 +207,6 @@ def clean_outdated(out_dir: Path, chash: str) -> tuple[set[str], int]:
     return done, last + 1
 
 
-def _batches(todo: list[Sample], cfg: ExtractConfig, skipped: list[dict]) -> Iterator[list[tuple[Sample, object, str]]]:
-    """Batches of ``(sample, PIL image or None, status)``, image samples first; images are decoded here,
-    one batch at a time, and unusable ones are appended to ``skipped`` with their reason."""
-    for with_image in (True, False):
-        batch = []
-        for s in todo:
-            if (s.image_path is not None) != with_image:
-                continue
-            img, status = (None, "")
-            if with_image:
-                img, status = load_image(s.image_path, cfg.max_image_pixels)
-                if img is None:
-                    skipped.append({"sample_id": s.sample_id, "image": s.image_path, "reason": status})
-                    log.warning("skipping %s (%s): %s", s.sample_id, s.image_path, status)
-                    continue
-            batch.append((s, img, status))
-            if len(batch) == cfg.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-
-def _prefetched(it: Iterator, pool: ThreadPoolExecutor) -> Iterator:
-    """Iterate ``it`` with its next item computed in ``pool`` while the caller works on the current one."""
-    nxt = pool.submit(next, it, None)
-    while True:
-        item = nxt.result()
-        if item is None:
-            return
-        nxt = pool.submit(next, it, None)
-        yield item
-
-
 def extract(
     subject: SubjectModel,
     samples: list[Sample],
@@ -272,7 +235,7 @@ def extract(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = subject.model
-    module = resolve_hook_point(model, cfg.hook_point)
+    resolve_hook_point(model, cfg.hook_point)  # a bad hook point fails before any file is touched
     done, next_index = clean_outdated(out_dir, config_hash)
     todo = [s for s in samples if s.sample_id not in done]
     log.info("%d samples, %d already extracted, %d to do", len(samples), len(samples) - len(todo), len(todo))
@@ -292,35 +255,15 @@ def extract(
     skipped: list[dict] = []
 
     bar = tqdm(total=len(todo), desc="extract", unit="sample", disable=not progress)
-    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader")
+    store = torch.float16 if cfg.dtype == "float16" else torch.float32
     try:
-        with ActivationCapture(module, stop=cfg.stop_at_hook) as cap, torch.inference_mode():
-            for batch in _prefetched(_batches(todo, cfg, skipped), loader):
-                inputs = prepare_inputs(subject, [(s, img) for s, img, _ in batch]).to(subject.device)
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-                acts = cap.run(model, **inputs).to(torch.float16 if cfg.dtype == "float16" else torch.float32).cpu().numpy()
-                ids = inputs["input_ids"].cpu()
-                lengths = inputs["attention_mask"].sum(1).tolist()
-                coords = image_token_coordinates(model, inputs["image_sizes"].cpu()) if "image_sizes" in inputs else []
-                for b, (s, img, status) in enumerate(batch):
-                    n = int(lengths[b])
-                    tok_ids = ids[b, :n]
-                    layout = token_layout(subject, tok_ids, coords[b] if img is not None else None, s.sample_id)
-                    id_array = tok_ids.numpy().astype(np.int32)
-                    writer.add(
-                        {"sample_id": s.sample_id, "token_index": np.arange(n, dtype=np.int32), "token_id": id_array,
-                         **layout, "activation": acts[b, :n],  # already cfg.dtype (cast on the device above)
-                         "role": token_roles(subject, s, tok_ids)},
-                        {"sample_id": s.sample_id, "prompt": s.prompt, "image_path": s.image_path, "image_key": s.image_key,
-                         "image_status": status or None,
-                         "image_height": img.size[1] if img is not None else None,
-                         "image_width": img.size[0] if img is not None else None,
-                         "n_tokens": n, "input_ids": id_array},
-                    )
-                bar.update(len(batch))
+        for fb in forward_batches(subject, todo, cfg.hook_point, cfg.batch_size, cfg.max_image_pixels, skipped,
+                                  cfg.stop_at_hook):
+            acts = fb.acts.to(store).cpu().numpy()  # cast on the device: half the transfer for float16
+            for b, st in enumerate(fb.samples):
+                writer.add({**st.columns(), "activation": acts[b, :st.n]}, st.sample_row())
+            bar.update(len(fb.samples))
     finally:
-        loader.shutdown(wait=True, cancel_futures=True)
         bar.close()
     writer.close()
     # Special tokens other than the image placeholder (e.g. <|im_start|>, an attention sink whose norm

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmsae.activations import prepare_inputs
+from mmsae.models import prepare_inputs
 from mmsae.attribution import ablation_effects, agreement, reference_attribution, run_case
 from mmsae.data import Sample
 from mmsae.models import ActivationCapture, load_subject_model, resolve_hook_point

@@ -103,7 +103,7 @@ def test_dirty_folder_every_file_accounted_for(subject, tmp_path):
 
 
 def test_images_are_opened_one_batch_at_a_time(subject, image_dir, tmp_path, monkeypatch):
-    import mmsae.activations as act
+    import mmsae.forward as act
 
     opened, at_first_forward = [], []
     real = act.load_image

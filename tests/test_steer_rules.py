@@ -19,7 +19,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from mmsae.activations import prepare_inputs
+from mmsae.models import prepare_inputs
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
