@@ -1,4 +1,4 @@
-"""Hook points: find a module by path, capture its output, stop the forward there.
+"""Hook points: find a module by path, capture its output, stop the forward there, replace its output.
 
 A *hook point* is a module path as ``model.named_modules()`` prints it, e.g.
 ``model.language_model.layers.15`` for LLaVA-NeXT in transformers 5. The residual stream is the
@@ -73,3 +73,39 @@ class ActivationCapture:
         if self.output is None:
             raise RuntimeError("the hooked module did not run during the forward pass")
         return self.output
+
+
+class OutputReplacement:
+    """Forward hook that replaces a module's output ``x`` (batch, seq, d_model) by ``fn(x)`` (same
+    shape) at the positions where ``where`` (batch, seq) bool is True; elsewhere the output is kept.
+    A tuple output keeps its other elements. ``where`` None replaces every position.
+
+    Usage::
+
+        with OutputReplacement(module, torch.zeros_like):   # zero-ablate the layer
+            logits = model(**inputs).logits
+
+    Raises:
+        ValueError (at the forward): ``where`` does not have the output's (batch, seq) shape.
+    """
+
+    def __init__(self, module: nn.Module, fn, where: torch.Tensor | None = None):
+        self.module, self.fn, self.where = module, fn, where
+        self._handle = None
+
+    def __call__(self, _module, _inputs, output):
+        x = output[0] if isinstance(output, tuple) else output
+        new = self.fn(x).to(x.dtype)
+        if self.where is not None:
+            if tuple(self.where.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"OutputReplacement: positions of shape {tuple(self.where.shape)} for an output of shape {tuple(x.shape)}")
+            new = torch.where(self.where.to(x.device)[..., None], new, x)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_hook(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
