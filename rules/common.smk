@@ -126,6 +126,8 @@ def report_inputs(wildcards):
         inputs["steering"] = f"{STEERING}/steering.parquet"
     if config["attribution"]["enabled"]:
         inputs["attribution"] = f"{ATTRIBUTION}/summary.json"
+    if config["loss_recovered"]["enabled"]:
+        inputs["loss_recovered"] = f"{SAE_DIR}/loss_recovered.json"
     if config["evaluate"]["enabled"] and config["explain"]["enabled"]:
         inputs["evaluation"] = f"{EVALUATION}/summary.json"
     if config["neurons"]["enabled"]:

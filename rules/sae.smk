@@ -70,3 +70,34 @@ rule merge_codes:
         "../envs/features.yaml"
     script:
         "../workflow_scripts/merge_manifests.py"
+
+
+rule loss_recovered:
+    """Next-token loss on held-out samples with the SAE spliced in, against the clean, zero- and mean-ablated model."""
+    input:
+        model=model_input,
+        cfg=f"{SAE_DIR}/cfg.json",
+        weights=f"{SAE_DIR}/sae_weights.safetensors",
+        heldout=f"{SAE_DIR}/heldout.json",
+    output:
+        report(f"{SAE_DIR}/loss_recovered.json", caption="../report/loss_recovered.rst", category="SAE"),
+    params:
+        model=model_path(),
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        hook_point=config["model"]["hook_point"],
+        corpus=corpus_params("prompts", "text_prompts", "max_images"),  # the training corpus, rebuilt for its held-out samples
+        max_image_pixels=config["extract"]["max_image_pixels"],
+        loss_recovered=keys("loss_recovered", "max_samples"),
+        code=code("loss_recovered.py"),
+    log:
+        "results/logs/loss_recovered.log",
+    benchmark:
+        "results/benchmarks/loss_recovered.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../workflow_scripts/loss_recovered.py"

@@ -31,7 +31,7 @@ EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evalu
 REFINE = {"refine_explanations", "evaluate"} | REPORT
 SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
 MAPS = {"render_maps"} | EXPLAIN
-TRAIN = {"train_sae", "encode", "merge_codes", "attribute"} | SELECT
+TRAIN = {"train_sae", "encode", "merge_codes", "attribute", "loss_recovered"} | SELECT
 EXTRACT = {"extract", "merge_activations"} | TRAIN
 FIND = {"find_neurons", "edit_neurons"} | REPORT
 LIST = {"list_images"} | FIND
@@ -85,6 +85,8 @@ RERUNS: dict[str, set[str]] = {
     "sae.normalize_activations": TRAIN,
     "sae.exclude_norm_above": TRAIN,
     "sae.checkpoint_every": NONE,
+    "loss_recovered.enabled": REPORT,
+    "loss_recovered.max_samples": {"loss_recovered"} | REPORT,
     "features.top_n": SELECT,
     "features.rank_by": SELECT,
     "features.map_threshold": MAPS,

@@ -29,6 +29,7 @@ page = build_report(
     attribution=json.loads(Path(i.attribution).read_text()) if "attribution" in i.keys() else None,
     attribution_dir=Path(i.attribution).parent if "attribution" in i.keys() else None,
     evaluation=json.loads(Path(i.evaluation).read_text()) if "evaluation" in i.keys() else None,
+    loss_recovered=json.loads(Path(i.loss_recovered).read_text()) if "loss_recovered" in i.keys() else None,
     neurons=None if "neuron_properties" not in i.keys() else {
         "props": json.loads(Path(i.neuron_properties).read_text()),
         "captions": pl.read_parquet(i.neuron_captions),

@@ -3,7 +3,8 @@ from the Jinja2 templates in ``mmsae/report/templates/`` with autoescaping on, o
 section.
 
 Sections: the run (model, hook point, corpus and token counts, skipped images), the SAE (held-out
-FVU / L0 / dead fraction, token norms, training curve as inline SVG), one card per selected feature
+FVU / L0 / dead fraction, token norms, training curve as inline SVG, and the loss recovered with it
+spliced into the model), one card per selected feature
 (statistics, top images with the activated regions highlighted and heatmaps, top text contexts with
 the activating tokens marked, the explanation), then - when the workflow produced them - the
 explanation evaluation, steering, attribution and multimodal neurons.
@@ -16,8 +17,8 @@ from pathlib import Path
 import polars as pl
 from jinja2 import Environment, PackageLoader
 
-from mmsae.report.sections import (attribution_view, evaluation_view, feature_cards, neurons_view, sae_view,
-                                   steering_view)
+from mmsae.report.sections import (attribution_view, evaluation_view, feature_cards, loss_recovered_view, neurons_view,
+                                   sae_view, steering_view)
 from mmsae.report.views import curve, data_url, fmt, num
 
 ENV = Environment(loader=PackageLoader("mmsae.report", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
@@ -28,7 +29,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                  maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
                  explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
                  attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None,
-                 evaluation: dict | None = None, heldout_ids: list | None = None) -> str:
+                 evaluation: dict | None = None, heldout_ids: list | None = None, loss_recovered: dict | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -39,6 +40,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         explanations, steering, attribution (+ attribution_dir), neurons (keyword arguments of
         :func:`~mmsae.report.sections.neurons_view`), evaluation: the optional stages' outputs;
         heldout_ids: the SAE's held-out sample ids (``heldout.json``), when written.
+        loss_recovered: ``loss_recovered.json`` (the SAE spliced into the model), when computed.
         Sections whose input is None are left out; keys missing from an input show as "–".
     """
     status = explanations["status"].to_list() if explanations is not None else None
@@ -48,6 +50,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         metrics=metrics,
         sae=sae_view(metrics, heldout_ids),
         curve=curve(log),
+        loss_recovered=None if loss_recovered is None else loss_recovered_view(loss_recovered),
         selected=selected,
         info=selected.get("info", {}),
         explanation_counts=None if status is None else {s: status.count(s) for s in

@@ -45,6 +45,25 @@ def sae_view(metrics: dict, heldout_ids: list | None) -> dict:
     }
 
 
+LOSS_RECOVERED_ROWS = (("ce_clean", "CE clean"), ("ce_sae", "CE with the SAE spliced in"), ("ce_zero", "CE zero-ablated"),
+                       ("ce_mean", "CE mean-ablated"), ("ce_loss_recovered", "loss recovered (zero ablation)"),
+                       ("ce_loss_recovered_mean", "loss recovered (mean ablation)"), ("kl_div", "KL(clean ‖ SAE spliced)"),
+                       ("n_tokens", "tokens"))
+
+
+def loss_recovered_view(result: dict) -> dict:
+    """The table "Loss recovered (held-out, spliced SAE)" from ``loss_recovered.json``: one row per
+    metric, one column per token set (text, answer); a set that is null shows its reason."""
+    parts = [(name, result.get(name), result.get(f"{name}_null_reason")) for name in ("text", "answer")]
+    return {
+        "columns": [{"name": name, "reason": None if r is not None else (reason or "not computed")} for name, r, reason in parts],
+        "rows": [(label, [None if r is None else r.get(key) for _, r, _ in parts]) for key, label in LOSS_RECOVERED_ROWS],
+        "n_samples": len(result.get("samples") or []),
+        "n_heldout_samples": result.get("n_heldout_samples"),
+        "spliced_positions": result.get("spliced_positions"),
+    }
+
+
 def explanation_view(row: dict | None) -> dict | None:
     """The explanation line of a feature card: ``status``, ``text``, a ``detail`` for why there is
     none, the explainer's name and prompt version, and the raw answer when useful."""

@@ -1,0 +1,36 @@
+"""Entry point of rule loss_recovered: next-token loss on the SAE's held-out samples with the SAE spliced in."""
+
+import json
+from pathlib import Path
+
+from mmsae.data import build_corpus
+from mmsae.gpu import resolve_device
+from mmsae.io import write_json
+from mmsae.loss_recovered import loss_recovered
+from mmsae.models import load_subject_model
+from mmsae.sae import load_sae
+from mmsae.steer import sae_hook_point
+from mmsae.workflow import setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
+p = sm.params
+subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
+sae, sae_cfg = load_sae(Path(sm.input.cfg).parent, device=resolve_device(p.device))
+hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)
+# special tokens stay unspliced when the SAE was trained without them (sae.exclude_special_tokens, true unless
+# set; an SAE from elsewhere, without our cfg.json section, is spliced everywhere)
+ours = sae_cfg.get("mmsae")
+keep_special = bool(ours is not None and (ours.get("train") or {}).get("exclude_special_tokens", True))
+heldout = json.loads(Path(sm.input.heldout).read_text())
+out = loss_recovered(subject, sae, build_corpus(p.corpus), heldout, hook_point, keep_special,
+                     p.loss_recovered["max_samples"], p.max_image_pixels)
+write_json(sm.output[0], out)
+for part in ("text", "answer"):
+    r = out[part]
+    if r is None:
+        log.info("%s: none (%s)", part, out[f"{part}_null_reason"])
+    else:
+        log.info("%s: %d tokens, CE clean %.4g, SAE %.4g, zero %.4g, mean %.4g; loss recovered %s (mean-ablation %s); KL %.4g",
+                 part, r["n_tokens"], r["ce_clean"], r["ce_sae"], r["ce_zero"], r["ce_mean"], r["ce_loss_recovered"],
+                 r["ce_loss_recovered_mean"], r["kl_div"])
