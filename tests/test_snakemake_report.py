@@ -9,13 +9,14 @@ from test_rerun_scope import fake_complete_tree
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = {"metrics.json", "log.parquet", "index.html", "table.md", "steering.parquet", "summary.json",
-              "properties.json"}
+              "properties.json", "loss_recovered.json"}
 
 
 def test_snakemake_report_zip(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     fake_complete_tree(tmp_path, REPO / "Snakefile")
-    for f in ["results/sae/default/metrics.json", "results/attribution/summary.json", "results/neurons/properties.json"]:
+    for f in ["results/sae/default/metrics.json", "results/attribution/summary.json", "results/neurons/properties.json",
+              "results/sae/default/loss_recovered.json"]:
         (tmp_path / f).write_text('{"fvu": 0.1}')  # the report skips an empty JSON file
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--report", "report.zip"],
                           cwd=tmp_path, capture_output=True, text=True)

@@ -87,7 +87,7 @@ def test_default_config_dry_runs(tmp_path):
                           "merge_codes": 1, "select_top": 1,
                           "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1,
                           "evaluate": 1, "steer": 1, "attribute": 1, "list_images": 1, "find_neurons": 1, "edit_neurons": 1,
-                          "report": 1,
+                          "loss_recovered": 1, "report": 1,
                           "all": 1}
 
 
@@ -140,6 +140,8 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     summary = json.loads((wd / "results/attribution/summary.json").read_text())
     assert [c["case"] for c in summary["cases"]] == ["capital", "cat"] and summary["cases"][1]["maps"]
     assert "id=neurons" in report
+    assert "Loss recovered (held-out, spliced SAE)" in report
+    assert set(json.loads((wd / "results/sae/default/loss_recovered.json").read_text())) >= {"text", "answer", "samples"}
     edits = pl.read_parquet(wd / "results/neurons/edits/edits.parquet")
     assert edits["method"].to_list() == ["closed_form", "optimised"]
     assert all((wd / "results/neurons/edits" / p).is_file() for p in edits["delta_path"])
@@ -158,7 +160,8 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     # an SAE parameter reruns training and everything after it, not extraction
     changed = {**TINY, "sae": {**TINY["sae"], "k": 4}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
-    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 2, "merge_codes": 1, "attribute": 1, **DOWNSTREAM_OF_SELECTION}
+    assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 2, "merge_codes": 1, "attribute": 1, "loss_recovered": 1,
+                                   **DOWNSTREAM_OF_SELECTION}
     # a selection parameter reruns only selection and what follows
     changed = {**TINY, "features": {**TINY["features"], "top_n": 2}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
