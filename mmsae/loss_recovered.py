@@ -246,11 +246,13 @@ def loss_recovered(subject: SubjectModel, sae: TopKSAE, corpus: list[Sample], he
         where = torch.from_numpy(splice_mask(ids.numpy(), special, keep_special))[None]
         dev = subject.device
         positions = torch.from_numpy(pos).to(dev)
-        ce, kl = next_token_losses(model, module, dict(inputs), positions, inputs["input_ids"][0, positions + 1], replacements, where)
+        targets = inputs["input_ids"][0, positions + 1]  # token t+1, predicted at position t
+        ce, kl = next_token_losses(model, module, dict(inputs), positions, targets, replacements, where)
         totals["text"].add(ce, kl, torch.arange(len(text), device=dev))
         totals["answer"].add(ce, kl, torch.arange(len(text), len(pos), device=dev))
         log.info("%s: %d text and %d answer tokens scored", s.sample_id, len(text), len(answer))
-    out = {"definition": DEFINITION, "hook_point": hook_point, "spliced_positions": SPLICED, "special_tokens_spliced": not keep_special,
+    out = {"definition": DEFINITION, "hook_point": hook_point, "spliced_positions": SPLICED,
+           "special_tokens_spliced": not keep_special,
            "n_heldout_samples": len(heldout_ids), "max_samples": max_samples, "samples": chosen,
            "n_mean_ablation_tokens": n_mean, "skipped": skipped}
     has_answers = any(role == "assistant" for s in samples for role, _ in s.turns)

@@ -98,7 +98,8 @@ class OutputReplacement:
         new = self.fn(x).to(x.dtype)
         if self.where is not None:
             if tuple(self.where.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"OutputReplacement: positions of shape {tuple(self.where.shape)} for an output of shape {tuple(x.shape)}")
+                raise ValueError(f"OutputReplacement: positions of shape {tuple(self.where.shape)} "
+                                 f"for an output of shape {tuple(x.shape)}")
             new = torch.where(self.where.to(x.device)[..., None], new, x)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
