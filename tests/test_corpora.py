@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from report_inputs import inputs
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings, StorageSettings
 from snakemake.utils import validate
@@ -25,6 +27,7 @@ from mmsae.data import build_corpus, corpus_part
 from mmsae.encode_model import EncodeConfig, encode_corpus
 from mmsae.features import CODE_SCHEMA, base_view_counts
 from mmsae.models import load_subject_model
+from mmsae.report import build_report
 from mmsae.sae import TopKSAE
 from mmsae.sae.encode import encode_shards
 from mmsae.shards import shard_paths
@@ -185,3 +188,24 @@ def test_parts_split_samples_as_extraction_does():
     assert [s.sample_id for s in parts[0] + parts[1]] == [s.sample_id for s in samples[0::2] + samples[1::2]]
     with pytest.raises(ValueError, match="part 2"):
         corpus_part(samples, 2, 2)
+
+
+# --- the report says which corpus each number comes from ------------------------------------------
+
+def test_report_names_the_corpus_of_each_number(tmp_path):
+    def text(html: str) -> str:
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+
+    args = inputs(tmp_path)
+    codes = {"n_samples": 33, "n_tokens": 4321, "n_image_tokens": 4000, "n_text_tokens": 321, "n_shards": 3,
+             "n_images_used": 9, "n_images_converted": 0, "skipped": [{"image": "odd.png", "reason": "too small"}],
+             "base_view_only": True}
+    page = text(build_report(**args, codes=codes))
+    train = page[page.index("training corpus (corpus.train)"):page.index("interpretation corpus (corpus.interpret)")]
+    interp = page[page.index("interpretation corpus (corpus.interpret)"):page.index("Sparse autoencoder")]
+    assert "5000 (3000 image, 2000 text)" in train and "d_sae" in train
+    assert "4321 (4000 image, 321 text)" in interp and "base-view image tokens and text only" in interp
+    assert "odd.png: too small" in interp and "odd.png" not in train
+    assert "trained on corpus.train" in page and "over corpus.interpret (33 samples, 9 images" in page
+    old = text(build_report(**args))  # a report without the codes' manifest still renders, train side only
+    assert "training corpus (corpus.train)" in old and "corpus.interpret (" not in old
