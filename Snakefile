@@ -1,8 +1,10 @@
 # mmsae: sparse autoencoders for large multimodal models.
 # Run: snakemake --cores all   (config.yaml describes the run; config/schema.yaml documents every key)
+import sys
+
 from snakemake.utils import min_version, validate
 
-from mmsae.config_check import config_errors
+from mmsae.config_check import config_errors, normalise_corpus
 
 min_version("9.0")
 
@@ -10,6 +12,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+_note = normalise_corpus(config)  # a single legacy corpus section -> corpus.train and corpus.interpret
+if _note:
+    print(_note, file=sys.stderr)
 validate(config, "config/schema.yaml")
 _errors = config_errors(config)
 if _errors:

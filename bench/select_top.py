@@ -37,25 +37,25 @@ from pathlib import Path
 import polars as pl
 from mmsae.features import base_view_counts, scan_codes, stats_and_top_samples
 kind, d = sys.argv[1], Path(sys.argv[2])
-paths, acts = sorted(d.glob("codes-*.parquet")), sorted(d.glob("acts-*.parquet"))
+paths = sorted(d.glob("codes-*.parquet"))
 t0 = time.perf_counter()
 if kind == "scan":  # every column the selection reads, decoded and reduced trivially
     pl.scan_parquet([str(p) for p in paths]).select(
         pl.len(), pl.col("sample_id").str.len_bytes().sum(), (pl.col("modality") == "image").sum(), pl.col("view").sum(),
         pl.col("feature").sum(), pl.col("token_index").sum(), pl.col("activation").sum()).collect(engine="streaming")
-    pl.scan_parquet([str(p) for p in acts]).select(pl.col("sample_id").str.len_bytes().sum(), pl.col("view").sum()).collect(engine="streaming")
+    pl.read_parquet(d / "samples.parquet")
 else:
     m = json.loads((d / "manifest.json").read_text())
     samples = pl.read_parquet(d / "samples.parquet")
     stats_and_top_samples(scan_codes(paths), m["n_tokens"], m["n_image_tokens"], m["n_text_tokens"],
-                          base_view_counts(acts, samples), n=5, rank_by="max")
+                          base_view_counts(samples), n=5, rank_by="max")
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def generate(out: Path, n_shards: int, samples_per_shard: int, seed: int = 0) -> int:
-    """Write code shards, stub activation shards (sample_id, view) and samples.parquet; returns code rows."""
+    """Write code shards and the codes' samples.parquet (with n_base_tokens); returns code rows."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     img = SIDE * SIDE * N_VIEWS
@@ -77,11 +77,11 @@ def generate(out: Path, n_shards: int, samples_per_shard: int, seed: int = 0) ->
                           "view": view1[pos], "patch_row": prow1[pos], "patch_col": pcol1[pos],
                           "feature": feats, "activation": acts}).cast(CODE_SCHEMA)
         pq.write_table(table, out / f"codes-{s:05d}.parquet", row_group_size=65536)
-        pq.write_table(pa.table({"sample_id": sids.take(pa.array(token_sample)), "view": view1[token_pos]}), out / f"acts-{s:05d}.parquet")
         rows += table.num_rows
         n_img += samples_per_shard * img
     ids = [f"s{s:04d}-{j:06d}" for s in range(n_shards) for j in range(samples_per_shard)]
-    pq.write_table(pa.table({"sample_id": ids, "image_path": [f"{i // 2}.jpg" for i in range(len(ids))]}), out / "samples.parquet")
+    pq.write_table(pa.table({"sample_id": ids, "image_path": [f"{i // 2}.jpg" for i in range(len(ids))],
+                             "n_base_tokens": pa.array([SIDE * SIDE] * len(ids), pa.int32())}), out / "samples.parquet")
     n_tok = len(ids) * TOKENS_PER_SAMPLE
     (out / "manifest.json").write_text(json.dumps({"n_tokens": n_tok, "n_image_tokens": n_img, "n_text_tokens": n_tok - n_img}))
     return rows

@@ -5,13 +5,39 @@ Snakefile loads, so a bad config stops before any job (the schema itself is chec
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 from pathlib import Path
 
+CORPUS_ROLES = ("train", "interpret")
 DEMO_TEXT_LAYERS = 30  # the demo's language model is SmolLM2-135M-Instruct: 30 decoder layers
 LAYER_RE = re.compile(r"(?:^|\.)language_model\.(?:model\.)?layers\.(\d+)$")
+
+
+def normalise_corpus(config: dict) -> str | None:
+    """Turn a single (legacy) ``corpus`` section into the two roles, in place.
+
+    A config whose ``corpus`` has role keys directly (``source``, ``names``, ``path``, ``prompts``...),
+    as configs had before the two corpora, gets that section as both ``corpus.train`` and
+    ``corpus.interpret``: the whole section replaces both roles (a ``--configfile`` merges over
+    config.yaml's two roles, whose keys must not leak into the legacy corpus). Run before the schema
+    is validated (so the schema's defaults then fill both roles).
+
+    Returns:
+        A one-line note saying what was done and what to change, or None when ``corpus`` already has
+        only the roles (nothing is changed).
+    """
+    corpus = config.get("corpus")
+    if not isinstance(corpus, dict):
+        return None
+    legacy = {k: v for k, v in corpus.items() if k not in CORPUS_ROLES}
+    if not legacy:
+        return None
+    config["corpus"] = {role: copy.deepcopy(legacy) for role in CORPUS_ROLES}
+    return (f"config: the single corpus section (keys {', '.join(sorted(legacy))}) is used for both corpus.train and "
+            "corpus.interpret; write it as corpus: {train: {...}, interpret: {...}} to give each role its own corpus")
 
 
 def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
@@ -19,23 +45,16 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
 
     Args:
         config: the run configuration with the schema's defaults filled in.
-        base_dir: relative paths (``corpus.path``, a local ``model.source``) are resolved against it.
+        base_dir: relative paths (``corpus.<role>.path``, a local ``model.source``) are resolved against it.
     """
     errors = []
-    sae, corpus = config["sae"], config["corpus"]
+    sae = config["sae"]
     if sae["k"] > sae["d_sae"]:
         errors.append(f"sae.k={sae['k']} is larger than sae.d_sae={sae['d_sae']}")
     if sae.get("k_aux") is not None and sae["k_aux"] > sae["d_sae"]:
         errors.append(f"sae.k_aux={sae['k_aux']} is larger than sae.d_sae={sae['d_sae']}")
-    if corpus["source"] in ("folder", "table"):
-        if not corpus.get("path"):
-            errors.append(f"corpus.path is required when corpus.source is {corpus['source']!r}")
-        else:
-            p = Path(base_dir, corpus["path"])
-            if corpus["source"] == "folder" and not p.is_dir():
-                errors.append(f"corpus.path={corpus['path']!r}: no such folder (corpus.source is 'folder')")
-            if corpus["source"] == "table" and not p.is_file():
-                errors.append(f"corpus.path={corpus['path']!r}: no such file (corpus.source is 'table')")
+    for role in CORPUS_ROLES:
+        errors += corpus_errors(config["corpus"][role], f"corpus.{role}", base_dir)
     explain = config.get("explain", {})
     if explain.get("enabled") and explain.get("server") == "remote" and not explain.get("base_url"):
         errors.append("explain.base_url is required when explain.server is 'remote'")
@@ -44,6 +63,20 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
         errors.append("features.select.ids is empty but features.select.mode is 'list'")
     errors += hook_point_errors(config["model"], base_dir)
     return errors
+
+
+def corpus_errors(corpus: dict, name: str, base_dir: str | os.PathLike = ".") -> list[str]:
+    """A folder or table corpus needs a ``path`` that exists; messages name the field as ``{name}.path``."""
+    if corpus["source"] not in ("folder", "table"):
+        return []
+    if not corpus.get("path"):
+        return [f"{name}.path is required when {name}.source is {corpus['source']!r}"]
+    p = Path(base_dir, corpus["path"])
+    if corpus["source"] == "folder" and not p.is_dir():
+        return [f"{name}.path={corpus['path']!r}: no such folder ({name}.source is 'folder')"]
+    if corpus["source"] == "table" and not p.is_file():
+        return [f"{name}.path={corpus['path']!r}: no such file ({name}.source is 'table')"]
+    return []
 
 
 def model_config(source: str, base_dir: str | os.PathLike = ".") -> dict | None:

@@ -1,7 +1,7 @@
 """Paper step 3: sparse codes per token, per-feature statistics, each feature's top samples.
 
 * :data:`CODE_SCHEMA` is the schema of the code shards (``codes`` in ``shared/DESIGN.md``) that
-  :func:`mmsae.sae.encode.encode_shards` writes.
+  :func:`mmsae.encode_model.encode_corpus` (and :func:`mmsae.sae.encode.encode_shards`) write.
 * :func:`feature_stats` and :func:`top_samples` are lazy polars queries over the code shards,
   collected with the streaming engine, so memory does not grow with the number of shards.
 * :func:`select_features` picks the features that go forward to maps, explanations and the report.
@@ -273,21 +273,25 @@ def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_f
     return chosen, info
 
 
-def base_view_counts(activation_shards: list[Path], samples: pl.DataFrame) -> pl.DataFrame:
-    """``(sample_id, n_base, image_path)``: base-view image tokens per sample and its image file.
+def base_view_counts(samples: pl.DataFrame) -> pl.DataFrame:
+    """``(sample_id, n_base, image_path)``: base-view image tokens per image sample and its image file.
+
+    Read from the codes' samples table (its ``n_base_tokens`` column, counted from each sample's token
+    layout when it was encoded), so no dense activation is needed and a base-view token whose latents
+    are all zero still counts (``rank_by: mean`` divides by every base-view token).
 
     Args:
-        activation_shards: the activation shard files.
-        samples: ``samples.parquet`` (sample_id, image_path, ...).
+        samples: the codes' ``samples.parquet`` (sample_id, image_path, n_base_tokens, ...).
+
+    Raises:
+        ValueError: ``samples`` has no ``n_base_tokens`` column (e.g. extraction's samples table).
     """
+    if "n_base_tokens" not in samples.columns:
+        raise ValueError("samples table has no n_base_tokens column: pass the codes' samples.parquet "
+                         "(results/codes/samples.parquet), not the activations'")
     return (
-        pl.scan_parquet([str(p) for p in activation_shards])
-        .select("sample_id", "view")
-        .filter(pl.col("view") == 0)
-        .group_by("sample_id")
-        .agg(pl.len().alias("n_base"))
-        .join(samples.lazy().select("sample_id", "image_path"), on="sample_id", how="left")
-        .collect(engine="streaming")
+        samples.select("sample_id", pl.col("n_base_tokens").cast(pl.UInt32).alias("n_base"), "image_path")
+        .filter(pl.col("n_base") > 0)
     )
 
 

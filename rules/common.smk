@@ -9,6 +9,7 @@ IMAGES = "results/corpus/images.parquet"
 PARTS = list(range(config["extract"]["parts"]))
 SAE_DIR = f"results/sae/{config['sae']['name']}"
 CODES = "results/codes/manifest.json"
+CODE_SAMPLES = "results/codes/samples.parquet"
 FEATURES = "results/features"
 MAPS = "results/features/maps"
 
@@ -19,10 +20,11 @@ def keys(section, *names):
     return {k: config[section][k] for k in names}
 
 
-def corpus_params(*names):
-    """Named corpus keys plus where the images come from: ``names`` for scikit-image photos,
-    ``path`` for a folder or table (the other one does not affect the samples)."""
-    c = config["corpus"]
+def corpus_params(role, *names):
+    """Named keys of corpus ``role`` (``train`` or ``interpret``) plus where its images come from:
+    ``names`` for scikit-image photos, ``path`` for a folder or table (the other one does not affect
+    the samples)."""
+    c = config["corpus"][role]
     out = {"source": c["source"], **{k: c[k] for k in names}}
     out.update({"names": c["names"]} if c["source"] == "skimage" else {"path": c["path"]})
     return out

@@ -31,8 +31,7 @@ rule evaluate:
         refined=f"{EVALUATION}/refined.parquet",
         top=f"{FEATURES}/top_samples.parquet",
         codes=CODES,
-        activations=ACTIVATIONS,
-        samples=SAMPLES,
+        samples=CODE_SAMPLES,  # the interpretation corpus's samples
     output:
         scores=f"{EVALUATION}/scores.parquet",
         table=report(f"{EVALUATION}/table.md", caption="../report/table1.rst", category="Evaluation"),

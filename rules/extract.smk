@@ -1,5 +1,5 @@
 rule extract:
-    """Run the model over one part of the corpus; store the hooked layer's residual stream as Parquet shards."""
+    """Run the model over one part of corpus.train; store the hooked layer's residual stream as Parquet shards."""
     input:
         model=model_input,
     output:
@@ -10,7 +10,7 @@ rule extract:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        corpus=corpus_params("prompts", "text_prompts", "max_images"),
+        corpus=corpus_params("train", "prompts", "text_prompts", "max_images"),
         extract=keys("extract", "batch_size", "shard_tokens", "dtype", "max_image_pixels"),
         parts=config["extract"]["parts"],
         code=code("extract.py"),

@@ -2,8 +2,7 @@ rule select_top:
     """Per-feature statistics, each feature's top samples, and the features that go forward."""
     input:
         codes=CODES,
-        activations=ACTIVATIONS,
-        samples=SAMPLES,
+        samples=CODE_SAMPLES,  # the interpretation corpus's samples
     output:
         stats=f"{FEATURES}/stats.parquet",
         top=f"{FEATURES}/top_samples.parquet",
@@ -30,8 +29,7 @@ rule render_maps:
     """Highlighted regions and heatmaps for each selected feature's top images; top text contexts."""
     input:
         codes=CODES,
-        activations=ACTIVATIONS,
-        samples=SAMPLES,
+        samples=CODE_SAMPLES,  # the interpretation corpus's samples
         top=f"{FEATURES}/top_samples.parquet",
         selected=f"{FEATURES}/selected.json",
     output:

@@ -1,10 +1,10 @@
 rule list_images:
-    """Every corpus image, used, converted or skipped with the reason: the listing that stages needing
+    """Every image of corpus.interpret, used, converted or skipped with the reason: the listing that stages needing
     images but not activations (find_neurons) share; it depends on where the images are, not on prompts."""
     output:
         IMAGES,
     params:
-        corpus=corpus_params("max_images"),
+        corpus=corpus_params("interpret", "max_images"),
         max_image_pixels=config["extract"]["max_image_pixels"],
         code=code("list_images.py"),
     log:

@@ -3,7 +3,8 @@ rule report:
     input:
         unpack(report_inputs),
         model=model_input,  # the demo's mmsae_provenance.json
-        activations=ACTIVATIONS,
+        activations=ACTIVATIONS,  # the training corpus (tokens trained on)
+        codes=CODES,  # the interpretation corpus (samples and images whose top activations are shown)
         metrics=f"{SAE_DIR}/metrics.json",
         log_table=f"{SAE_DIR}/log.parquet",
         stats=f"{FEATURES}/stats.parquet",

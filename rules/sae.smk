@@ -28,15 +28,23 @@ rule train_sae:
 
 
 rule encode:
-    """Encode one part's activation shards into sparse codes (the k nonzero latents per token)."""
+    """Run the model with the SAE at the hook point over one part of corpus.interpret; store only the
+    sparse codes (the k nonzero latents per token), the part's samples and a manifest."""
     input:
-        activations="results/activations/part-{part}/manifest.json",
+        model=model_input,
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
         directory("results/codes/part-{part}"),
     params:
+        model=model_path(),
+        dtype=config["model"]["dtype"],
         device=config["model"]["device"],
+        hook_point=config["model"]["hook_point"],
+        corpus=corpus_params("interpret", "prompts", "text_prompts", "max_images"),
+        encode=keys("encode", "batch_size", "shard_tokens", "base_view_only"),
+        max_image_pixels=config["extract"]["max_image_pixels"],
+        parts=config["extract"]["parts"],
         code=code("encode.py"),
     wildcard_constraints:
         part=r"\d+",
@@ -48,17 +56,18 @@ rule encode:
     resources:
         gpu=1,
     conda:
-        "../envs/sae.yaml"
+        "../envs/model.yaml"
     script:
         "../workflow_scripts/encode.py"
 
 
 rule merge_codes:
-    """One manifest over the code parts."""
+    """One manifest and one samples table over the code parts (the interpretation corpus)."""
     input:
         expand("results/codes/part-{part}", part=PARTS),
     output:
         manifest=CODES,
+        samples=CODE_SAMPLES,
     params:
         code=code("merge_manifests.py"),
     log:
@@ -86,7 +95,7 @@ rule loss_recovered:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        corpus=corpus_params("prompts", "text_prompts", "max_images"),  # the training corpus, rebuilt for its held-out samples
+        corpus=corpus_params("train", "prompts", "text_prompts", "max_images"),  # the training corpus, rebuilt for its held-out samples
         max_image_pixels=config["extract"]["max_image_pixels"],
         loss_recovered=keys("loss_recovered", "max_samples"),
         code=code("loss_recovered.py"),

@@ -31,7 +31,8 @@ EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evalu
 REFINE = {"refine_explanations", "evaluate"} | REPORT
 SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
 MAPS = {"render_maps"} | EXPLAIN
-TRAIN = {"train_sae", "encode", "merge_codes", "attribute", "loss_recovered"} | SELECT
+ENCODE = {"encode", "merge_codes"} | SELECT  # the interpretation corpus's codes and everything read from them
+TRAIN = {"train_sae", "attribute", "loss_recovered"} | ENCODE
 EXTRACT = {"extract", "merge_activations"} | TRAIN
 FIND = {"find_neurons", "edit_neurons"} | REPORT
 LIST = {"list_images"} | FIND
@@ -50,12 +51,21 @@ RERUNS: dict[str, set[str]] = {
     "demo_model.vision_hidden_size": DEMO,
     "demo_model.vision_layers": DEMO,
     "demo_model.seed": DEMO,
-    "corpus.source": EXTRACT | LIST,
-    "corpus.names": EXTRACT | LIST,
-    "corpus.path": NONE,  # unused with corpus.source skimage
-    "corpus.prompts": EXTRACT,
-    "corpus.text_prompts": EXTRACT,
-    "corpus.max_images": EXTRACT | LIST,
+    "corpus.train.source": EXTRACT,
+    "corpus.train.names": EXTRACT,
+    "corpus.train.path": NONE,  # unused with corpus.train.source skimage
+    "corpus.train.prompts": EXTRACT,
+    "corpus.train.text_prompts": EXTRACT,
+    "corpus.train.max_images": EXTRACT,
+    "corpus.interpret.source": ENCODE | LIST,  # list_images lists the interpretation images (find_neurons reads it)
+    "corpus.interpret.names": ENCODE | LIST,
+    "corpus.interpret.path": NONE,  # unused with corpus.interpret.source skimage
+    "corpus.interpret.prompts": ENCODE,
+    "corpus.interpret.text_prompts": ENCODE,
+    "corpus.interpret.max_images": ENCODE | LIST,
+    "encode.batch_size": ENCODE,
+    "encode.shard_tokens": ENCODE,
+    "encode.base_view_only": ENCODE,
     "extract.batch_size": EXTRACT,
     "extract.parts": EXTRACT,
     "extract.shard_tokens": EXTRACT,
@@ -182,7 +192,8 @@ CHANGES: dict[str, dict] = {
     "model.source": {"model.source": "llava-hf/llava-v1.6-mistral-7b-hf"},
     "model.device": {"model.device": "cpu"},
     "model.hook_point": {"model.hook_point": "model.language_model.layers.14"},
-    "corpus.source": {"corpus.source": "folder", "corpus.path": "images"},
+    "corpus.train.source": {"corpus.train.source": "folder", "corpus.train.path": "images"},
+    "corpus.interpret.source": {"corpus.interpret.source": "folder", "corpus.interpret.path": "images"},
     "sae.name": {"sae.name": "other"},
     "explain.server": {"explain.server": "remote", "explain.base_url": "http://127.0.0.1:9/v1", "explain.model": "m"},
     "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},
@@ -195,13 +206,17 @@ CHANGES: dict[str, dict] = {
 }
 
 
-def schema_leaves(schema: dict, prefix: str = "") -> dict[str, dict]:
-    """{dotted key: its schema} for every leaf: a property that is not an object with properties."""
+def schema_leaves(schema: dict, prefix: str = "", root: dict | None = None) -> dict[str, dict]:
+    """{dotted key: its schema} for every leaf: a property that is not an object with properties
+    (a ``$ref`` to ``#/$defs/...`` is followed, so both corpus roles list their keys)."""
+    root = schema if root is None else root
     out = {}
     for name, sub in schema.get("properties", {}).items():
         key = f"{prefix}{name}"
+        if "$ref" in sub:
+            sub = {**root["$defs"][sub["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in sub.items() if k != "$ref"}}
         if sub.get("type") == "object" and "properties" in sub:
-            out.update(schema_leaves(sub, key + "."))
+            out.update(schema_leaves(sub, key + ".", root))
         else:
             out[key] = sub
     return out
@@ -322,6 +337,7 @@ def test_each_leaf_reruns_exactly_its_rules(complete):
 
 @pytest.mark.parametrize("module,rules", [
     ("mmsae/sae/trainer.py", TRAIN),
+    ("mmsae/encode_model.py", ENCODE),
     ("mmsae/explain/prompts.py", EXPLAIN | {"gather_explanations"}),
     ("mmsae/report/sections.py", REPORT),
     ("mmsae/neurons/edit.py", FIND),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 import yaml
 from markupsafe import escape
@@ -67,12 +68,13 @@ def jobs(proc) -> dict:
 def workdir_with(tmp_path, cfg) -> Path:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     corpus = cfg.get("corpus", {})
-    if corpus.get("path") and not Path(corpus["path"]).is_absolute():
-        if corpus.get("source") == "folder":
-            (tmp_path / corpus["path"]).mkdir(parents=True, exist_ok=True)
-        elif corpus.get("source") == "table":  # the paper config's conversations file (dry runs do not read it)
-            (tmp_path / corpus["path"]).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / corpus["path"]).write_text("[]")
+    for c in [corpus.get(r, {}) for r in ("train", "interpret")] + [corpus]:  # the two roles, or a legacy single corpus
+        if c.get("path") and not Path(c["path"]).is_absolute():
+            if c.get("source") == "folder":
+                (tmp_path / c["path"]).mkdir(parents=True, exist_ok=True)
+            elif c.get("source") == "table":  # the paper config's conversations file (dry runs do not read it)
+                (tmp_path / c["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / c["path"]).write_text("[]")
     return tmp_path
 
 
@@ -243,8 +245,8 @@ def test_every_entry_script_sets_up_its_log():
 @pytest.mark.parametrize("cfg,field", [
     ({"sae": {"k": 64, "d_sae": 32}}, "sae.k=64"),
     ({"model": {"hook_point": "model.language_model.layers.30"}}, "model.hook_point"),
-    ({"corpus": {"source": "folder", "path": "/no/such/folder"}}, "corpus.path"),
-    ({"corpus": {"source": "table"}}, "corpus.path is required"),
+    ({"corpus": {"source": "folder", "path": "/no/such/folder"}}, "corpus.train.path"),  # a legacy single corpus
+    ({"corpus": {"interpret": {"source": "table"}}}, "corpus.interpret.path is required"),
 ])
 def test_config_errors_stop_at_load(tmp_path, cfg, field):
     """Cross-field rules, paths and the hook point are checked before any job (not after extraction)."""
@@ -264,46 +266,37 @@ def test_hook_point_is_checked_against_a_local_models_config(tmp_path):
     smk(workdir_with(tmp_path, {"model": {"source": str(model), "hook_point": "model.language_model.layers.3"}}), "-n")
 
 
-def test_failed_encode_leaves_no_mixed_code_shards(tmp_path):
-    """A part's codes are a directory output written whole: after a failure midway there is no folder
-    that mixes new and old shards, and the next run redoes the part."""
-    import numpy as np
-    import pyarrow as pa
-
+def test_failed_encode_leaves_no_code_folder(tmp_path, tiny_llava_dir):
+    """A part's codes are a directory output written whole (into a hidden sibling renamed at the end):
+    after a failed encode there is no folder of the part and no temporary one, and the next run redoes it.
+    encode runs the model with the SAE; it needs no activations."""
     from mmsae.io import write_json, write_parquet
     from mmsae.sae import TopKSAE, save_sae
-    from mmsae.shards import activation_schema
 
-    wd = workdir_with(tmp_path, {"extract": {"parts": 1}})
-    (wd / "results/models/demo").mkdir(parents=True)
-    part = wd / "results/activations/part-0"
-    part.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    shards = []
-    for s in range(2):
-        n = 50
-        table = pa.table({"sample_id": [f"s{s}"] * n, "token_index": np.arange(n, dtype=np.int32),
-                          "token_id": np.zeros(n, np.int32),
-                          "modality": pa.array(["text"] * n).dictionary_encode().cast(pa.dictionary(pa.int8(), pa.string())),
-                          "view": np.zeros(n, np.int16), "patch_row": np.zeros(n, np.int16), "patch_col": np.zeros(n, np.int16),
-                          "activation": pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * 16).astype(np.float32)), 16)},
-                         schema=activation_schema(16))
-        write_parquet(part / f"shard-{s:05d}.parquet", table)
-        shards.append({"path": f"shard-{s:05d}.parquet", "n_tokens": n, "n_image_tokens": 0, "n_text_tokens": n})
-    write_json(part / "manifest.json", {"shards": shards, "n_shards": 2, "n_samples": 2, "n_tokens": 100,
-                                        "n_image_tokens": 0, "n_text_tokens": 100})
-    write_parquet(part / "samples.parquet", pa.table({"sample_id": ["s0", "s1"]}))
+    hook = "model.language_model.layers.2"
+    wd = workdir_with(tmp_path, {"model": {"source": str(tiny_llava_dir), "hook_point": hook},
+                                 "corpus": {"interpret": {"names": ["chelsea"], "prompts": [""], "text_prompts": ["Hi."]}},
+                                 "encode": {"shard_tokens": 20}, "extract": {"parts": 1}})
+    # a trained SAE (its training inputs stand in: encode does not read them)
+    write_json(wd / "results/activations/part-0/manifest.json", {})
+    write_parquet(wd / "results/activations/part-0/samples.parquet", pa.table({"sample_id": ["s0"]}))
     write_json(wd / "results/activations/manifest.json", {})
-    write_parquet(wd / "results/activations/samples.parquet", pa.table({"sample_id": ["s0", "s1"]}))
-    save_sae(TopKSAE(16, 64, k=4, seed=0), wd / "results/sae/default", model_name="m", hook_point="h")
-    for f in ["metrics.json", "log.parquet"]:
-        (wd / "results/sae/default" / f).write_text("{}")
+    write_parquet(wd / "results/activations/samples.parquet", pa.table({"sample_id": ["s0"]}))
+    sae_dir = wd / "results/sae/default"
+    save_sae(TopKSAE(64, 128, k=4, seed=0), sae_dir, model_name="m", hook_point=hook)
+    for f in ["metrics.json", "heldout.json", "log.parquet"]:
+        (sae_dir / f).write_text("{}")
     codes = wd / "results/codes/part-0"
     smk(wd, "--cores", "1", "results/codes/part-0")
-    before = sorted(p.name for p in codes.iterdir())
-    assert "manifest.json" in before and "codes-00001.parquet" in before
-    (part / "shard-00001.parquet").write_bytes(b"not parquet")  # the second shard fails, after the first is written
-    proc = smk(wd, "results/codes/part-0", "--cores", "1", "--forcerun", "encode", check=False)
-    assert proc.returncode != 0 and "not parquet" not in before
+    made = sorted(p.name for p in codes.iterdir())
+    assert {"manifest.json", "samples.parquet", "codes-00000.parquet", "codes-00001.parquet"} <= set(made)
+    assert not (wd / "results/activations/part-0/shard-00000.parquet").exists()  # no dense activations were written
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    (sae_dir / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "model.language_model.layers.3"}))
+    proc = smk(wd, "results/codes/part-0", "--cores", "1", check=False)
+    assert proc.returncode != 0
+    log = (wd / "results/logs/encode-0.log").read_text()
+    assert "trained at hook point 'model.language_model.layers.3'" in log
     assert not codes.exists(), f"a failed encode left {sorted(p.name for p in codes.iterdir())}"
+    assert not list(codes.parent.glob(".part-0.tmp-*"))
     assert "encode" in jobs(smk(wd, "-n", "results/codes/part-0"))

@@ -21,7 +21,7 @@ from mmsae.workflow import setup  # noqa: E402
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 ev, device = sm.params.evaluate, resolve_device(sm.params.device)
-manifest = json.loads(Path(sm.input.activations).read_text())
+manifest = json.loads(Path(sm.input.codes).read_text())  # the interpretation corpus's grid side
 samples = pl.read_parquet(sm.input.samples).filter(pl.col("image_path").is_not_null())
 images = dict(zip(samples["sample_id"], samples["image_path"]))
 pool = samples.unique("image_path", keep="first", maintain_order=True)["sample_id"].to_list()

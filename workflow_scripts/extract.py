@@ -1,7 +1,7 @@
 """Entry point of rule extract: run the subject model over the corpus, write activation shards."""
 
 from mmsae.activations import ExtractConfig, extract
-from mmsae.data import build_corpus
+from mmsae.data import build_corpus, corpus_part
 from mmsae.io import config_hash
 from mmsae.models import load_subject_model
 from mmsae.workflow import setup
@@ -10,7 +10,7 @@ sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
 part = int(sm.wildcards.part)
-samples = build_corpus(p.corpus)[part :: p.parts]
+samples = corpus_part(build_corpus(p.corpus), part, p.parts)
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 cfg = ExtractConfig(hook_point=p.hook_point, **p.extract)
 chash = config_hash({"model": p.model, "dtype": p.dtype, "hook_point": p.hook_point, "corpus": p.corpus, "extract": p.extract,

@@ -11,7 +11,7 @@ from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
-manifest = json.loads(open(sm.input.activations).read())
+manifest = json.loads(open(sm.input.codes).read())  # the interpretation corpus's grid side
 samples = pl.read_parquet(sm.input.samples)
 selected = json.loads(open(sm.input.selected).read())["features"]
 maps, contexts = render_feature_maps(

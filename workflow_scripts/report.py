@@ -16,6 +16,7 @@ provenance = Path(sm.params.model, "mmsae_provenance.json")
 heldout = Path(i.heldout) if "heldout" in i.keys() else Path(i.metrics).parent / "heldout.json"
 page = build_report(
     manifest=json.loads(Path(i.activations).read_text()),
+    codes=json.loads(Path(i.codes).read_text()) if "codes" in i.keys() else None,
     metrics=json.loads(Path(i.metrics).read_text()),
     heldout_ids=json.loads(heldout.read_text()) if heldout.is_file() else None,
     log=pl.read_parquet(i.log_table),

@@ -1,4 +1,5 @@
-"""Entry point of rule select_top: feature statistics, top samples, selected features (polars)."""
+"""Entry point of rule select_top: feature statistics, top samples, selected features (polars), over the codes of
+corpus.interpret."""
 
 import json
 
@@ -16,7 +17,7 @@ codes_manifest = json.loads(open(sm.input.codes).read())
 codes = scan_codes(shard_paths(sm.input.codes))
 samples = pl.read_parquet(sm.input.samples)
 stats, tops = stats_and_top_samples(codes, codes_manifest["n_tokens"], codes_manifest["n_image_tokens"], codes_manifest["n_text_tokens"],
-                                    base_view_counts(shard_paths(sm.input.activations), samples), n=p.top_n, rank_by=p.rank_by)
+                                    base_view_counts(samples), n=p.top_n, rank_by=p.rank_by)
 chosen, info = select_features(stats, tops, **p.select)
 write_table(sm.output.stats, stats)
 write_table(sm.output.top, tops)

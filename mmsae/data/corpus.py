@@ -155,6 +155,20 @@ def build_corpus(corpus: dict, base_dir: str | os.PathLike = ".") -> list[Sample
     return samples
 
 
+def corpus_part(samples: list[Sample], part: int, parts: int) -> list[Sample]:
+    """The samples of job ``part`` (0-based) of ``parts``: every ``parts``-th sample from index ``part``.
+
+    The one split of a corpus over jobs (extraction and encoding), so that a part's samples do not
+    depend on which rule runs them.
+
+    Raises:
+        ValueError: ``part`` is not in ``0..parts-1``.
+    """
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} is not in 0..{parts - 1} (extract.parts is {parts})")
+    return samples[part::parts]
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -29,11 +29,14 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                  maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
                  explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
                  attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None,
-                 evaluation: dict | None = None, heldout_ids: list | None = None, loss_recovered: dict | None = None) -> str:
+                 evaluation: dict | None = None, heldout_ids: list | None = None, codes: dict | None = None,
+                 loss_recovered: dict | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
-        manifest: the activation manifest; metrics: the SAE's ``metrics.json``; log: per-step log;
+        manifest: the activation manifest (corpus.train: what the SAE was trained on); codes: the codes
+        manifest (corpus.interpret: whose top activations the feature cards show), None for a report
+        without it; metrics: the SAE's ``metrics.json``; log: per-step log;
         stats: feature statistics; selected: ``selected.json`` (features and selection info);
         maps, contexts: from :func:`mmsae.maps.render_feature_maps`; maps_dir: where PNGs are;
         run: ``{"model", "demo": bool, "provenance": dict|None}``;
@@ -47,6 +50,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
     return ENV.get_template("page.html.j2").render(
         run=run,
         manifest=manifest,
+        codes=codes,
         metrics=metrics,
         sae=sae_view(metrics, heldout_ids),
         curve=curve(log),

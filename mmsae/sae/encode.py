@@ -1,8 +1,11 @@
 """Paper step 3, first half: sparse codes per token.
 
-:func:`encode_shards` writes, for every activation shard, a code shard with only the k nonzero
-latents of each token (schema :data:`mmsae.features.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``).
-It needs torch; the statistics over the codes (:mod:`mmsae.features`) do not.
+:func:`code_table` turns the SAE encoder's top-k output for a batch of tokens into code rows (only
+the nonzero latents, schema :data:`mmsae.features.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``);
+both encoders use it: :func:`encode_shards` here (from dense activation shards, e.g. to encode
+cached training activations) and :func:`mmsae.encode_model.encode_corpus` (from the model's forward
+passes, what rule ``encode`` runs). This module needs torch but not transformers; the statistics
+over the codes (:mod:`mmsae.features`) need neither.
 """
 
 from __future__ import annotations
@@ -19,6 +22,36 @@ from tqdm import tqdm
 from mmsae.features import CODE_SCHEMA, META_COLS
 from mmsae.io import write_json, write_parquet
 from mmsae.sae.model import TopKSAE
+
+CODE_ROW_GROUP = 65536
+
+
+def code_table(vals: np.ndarray, idx: np.ndarray, meta: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Code rows of ``n`` tokens: one row ``(token metadata, feature, activation)`` per nonzero latent.
+
+    Args:
+        vals: (n, k) float latent values from :meth:`TopKSAE.encode` (post-ReLU, so >= 0).
+        idx: (n, k) int latent ids.
+        meta: n rows holding :data:`mmsae.features.META_COLS` (``modality`` plain or dictionary string).
+
+    Returns:
+        A table with :data:`~mmsae.features.CODE_SCHEMA`, tokens in order, each token's latents in
+        top-k order; zero latents (a ReLU'd top-k value) are dropped.
+    """
+    keep = vals > 0
+    tok = np.nonzero(keep)[0]
+    rows = meta.select(META_COLS).take(pa.array(tok))
+    modality = rows.column("modality")
+    if pa.types.is_dictionary(modality.type):
+        modality = modality.cast(pa.string())
+    return pa.table(
+        {
+            **{c: rows.column(c) for c in META_COLS if c != "modality"},
+            "modality": modality,
+            "feature": pa.array(idx[keep].astype(np.int32)),
+            "activation": pa.array(vals[keep].astype(np.float32)),
+        }
+    ).select(CODE_SCHEMA.names).cast(CODE_SCHEMA)
 
 
 @torch.no_grad()
@@ -43,30 +76,14 @@ def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, 
                 act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, act.type.list_size)
             )
             vals, idx = sae.encode(x.to(device))
-            vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
-            keep = vals > 0
-            tok = np.nonzero(keep)[0]
-            meta = rb.select(META_COLS).take(pa.array(tok))
-            modality = meta.column("modality")
-            if pa.types.is_dictionary(modality.type):
-                modality = modality.cast(pa.string())
-            parts.append(
-                pa.table(
-                    {
-                        **{c: meta.column(c) for c in META_COLS if c != "modality"},
-                        "modality": modality,
-                        "feature": pa.array(idx[keep].astype(np.int32)),
-                        "activation": pa.array(vals[keep].astype(np.float32)),
-                    }
-                ).select(CODE_SCHEMA.names).cast(CODE_SCHEMA)
-            )
+            parts.append(code_table(vals.cpu().numpy(), idx.cpu().numpy(), rb))
             n_tokens += rb.num_rows
             mods = rb.column("modality").to_pylist()
             totals["image"] += mods.count("image")
             totals["text"] += mods.count("text")
         name = "codes-" + shard.stem.split("-")[-1] + ".parquet"
         table = pa.concat_tables(parts) if parts else CODE_SCHEMA.empty_table()
-        write_parquet(out_dir / name, table, row_group_size=65536)
+        write_parquet(out_dir / name, table, row_group_size=CODE_ROW_GROUP)
         entries.append({"path": name, "n_rows": table.num_rows, "n_tokens": n_tokens})
     manifest = {
         "shards": entries,
