@@ -138,7 +138,7 @@ def iter_activations(
 def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samples: bool = True) -> dict:
     """One manifest over several part manifests (activations or codes) in subfolders of ``out``'s folder.
 
-    Shard paths become relative to ``out``; token and sample counts are summed, skipped images
+    Shard paths become relative to ``out``; token, sample, byte and float16-clamp counts are summed, skipped images
     concatenated; with ``samples``, the parts' ``samples.parquet`` are concatenated beside ``out``.
     Every other field must agree across parts (e.g. d_model, hook point, k).
 
@@ -147,7 +147,8 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
     """
     out = Path(out)
     summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_images_used",
-              "n_shards"}
+              "n_shards", "n_special_dropped", "n_float16_overflow", "n_float16_underflow", "projected_bytes", "actual_bytes"}
+    summed_by_key = {"tokens_seen", "tokens_written"}  # {role: count}, summed role by role
     merged: dict = {"shards": [], "skipped": [], "converted": [], "parts": []}
     for part in map(Path, parts):
         m = json.loads(part.read_text())
@@ -161,6 +162,8 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
                 continue
             if k in summed:
                 merged[k] = merged.get(k, 0) + v
+            elif k in summed_by_key:
+                merged[k] = {r: merged.get(k, {}).get(r, 0) + n for r, n in v.items()}
             elif k in merged and merged[k] != v:
                 raise ValueError(f"{part}: {k}={v!r} differs from the other parts ({merged[k]!r})")
             else:
