@@ -11,7 +11,9 @@ from mmsae import disk
 from mmsae.activations import ExtractConfig, extract
 from mmsae.data import Sample, build_corpus
 from mmsae.models import image_token_coordinates, load_subject_model, resolve_hook_point
+from mmsae.sae import TopKSAE
 from mmsae.sae.data import ActivationStream
+from mmsae.sae.encode import encode_shards
 from mmsae.shards import decode_activations, iter_activations, merge_manifests, shard_paths
 from mmsae.storage import to_storage
 from mmsae.subsample import token_keep_mask
@@ -131,6 +133,15 @@ def test_bfloat16_round_trip_bit_exact_through_extraction_and_sae_reader(tiny_ll
     ids = [s.sample_id for s in samples]
     x, _ = ActivationStream(shards, batch_size=4, seed=0, buffer_tokens=64, heldout_ids=ids).heldout(10**6)  # every row, in order
     np.testing.assert_array_equal(x.numpy().view(np.uint32), original.float().numpy().view(np.uint32))
+    # and encoding the shards gives the codes of the original activations
+    sae = TopKSAE(64, 32, 4, seed=1)
+    codes = encode_shards(sae, shards, tmp_path / "codes", progress=False)
+    got = pq.read_table(tmp_path / "codes" / codes["shards"][0]["path"])
+    with torch.no_grad():
+        vals, _ = sae.encode(original.float())
+    assert codes["n_tokens"] == len(original)
+    want = sorted(float(v) for v in vals[vals > 0])
+    assert sorted(got.column("activation").to_pylist()) == pytest.approx(want, rel=1e-6)
 
 
 def test_bfloat16_decode_of_extreme_values():
