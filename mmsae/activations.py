@@ -179,7 +179,11 @@ class _ShardWriter:
             schema=self.schema.with_metadata({**self.schema.metadata, COUNTS_KEY: json.dumps(counts)}),
         )
         name = f"{index:05d}"
-        write_parquet(self.out_dir / f"shard-{name}.parquet", table, row_group_size=ROW_GROUP_ROWS)
+        # activations: byte-stream-split, no dictionary (measured on the demo model's shards: 30% smaller for
+        # float32, 14% for float16 and bfloat16 than the default dictionary encoding, and faster to write and read)
+        write_parquet(self.out_dir / f"shard-{name}.parquet", table, row_group_size=ROW_GROUP_ROWS,
+                      use_dictionary=[n for n in table.column_names if n != "activation"],
+                      use_byte_stream_split=["activation.list.element"])
         write_parquet(self.out_dir / f"samples-{name}.parquet", pa.Table.from_pylist(samples, schema=self.samples_schema))
         log.info("wrote shard %s: %d tokens, %d samples", name, n, len(samples))
 

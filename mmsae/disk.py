@@ -9,7 +9,9 @@ compresses) ``+`` :data:`OVERHEAD_BYTES_PER_TOKEN` (the other shard columns); ev
 costs :data:`SEEN_BYTES_PER_TOKEN` (its id in the samples tables). Both overheads were measured on
 shards written by :func:`mmsae.activations.extract` (tiny LLaVA-NeXT, d_model 64, 6 skimage photos and
 a text prompt, 685 tokens) and rounded up; the projection was then within 10% of the bytes written
-(float16 and float32). At d_model 4096 the activation is >99% of the bytes.
+(float16 and float32). At d_model 4096 the activation is >99% of the bytes. The activation is
+counted raw: zstd over byte-stream-split values saves 15-30% of it on real activations
+(``bench/extract_disk.py``), so the projection is an upper bound by about that much.
 """
 
 from __future__ import annotations

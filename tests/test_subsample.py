@@ -124,6 +124,9 @@ def test_bfloat16_round_trip_bit_exact_through_extraction_and_sae_reader(tiny_ll
     shards = shard_paths(tmp_path / "manifest.json")
     field = pq.read_schema(shards[0]).field("activation")
     assert field.type.value_type == pa.uint16() and field.metadata[b"mmsae_dtype"] == b"bfloat16" and m["dtype"] == "bfloat16"
+    rg = pq.ParquetFile(shards[0]).metadata.row_group(0)
+    col = next(rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == "activation.list.element")
+    assert "BYTE_STREAM_SPLIT" in col.encodings and not col.has_dictionary_page  # the smaller encoding (bench/extract_disk.py)
     original = torch.cat(seen)  # batch size 1, no padding: each forward's tokens in order
     assert original.dtype == torch.bfloat16
     got = np.concatenate([x for x, _ in iter_activations(shards, 7, ())])
@@ -189,9 +192,10 @@ def test_disk_projection_refused_naming_both_figures_and_override(subject, corpu
     assert not list((tmp_path / "a").glob("shard-*"))  # refused before any work
     m = extract(subject, corpus, tmp_path / "a", cfg, "h", progress=False, check_disk=False)
     assert m["projected_bytes"] == projected
-    # the projection is close to what was written (an upper bound on image tokens: unpadding trims some)
+    # the projection bounds what was written from above (raw activation bytes, which zstd shrinks; the largest
+    # anyres grid, which unpadding trims), by a bounded factor
     assert m["actual_bytes"] == sum(p.stat().st_size for p in (tmp_path / "a").iterdir() if p.name != "manifest.json")
-    assert 0.7 < m["actual_bytes"] / m["projected_bytes"] < 1.3, (m["actual_bytes"], m["projected_bytes"])
+    assert 0.3 < m["actual_bytes"] / m["projected_bytes"] <= 1, (m["actual_bytes"], m["projected_bytes"])
     # parts that may run at once are checked together
     monkeypatch.setattr(disk, "free_bytes", lambda path: int(projected * 1.5))
     extract(subject, corpus, tmp_path / "b", cfg, "h", progress=False)
