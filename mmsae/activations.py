@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 2048
 UNIT = re.compile(r"^(shard|samples)-(\d+)\.parquet$")
-# Hidden temporary files of io.atomic_path for what extraction writes (left behind by a kill).
 COUNTS_KEY = "mmsae_counts"  # per-shard counts (tokens seen/written, float16 clamps) in the shard's schema metadata
+# Hidden temporary files of io.atomic_path for what extraction writes (left behind by a kill).
 TEMP = re.compile(r"^\.(shard-\d+|samples-\d+|samples|manifest|vocab)\.")
 SUMMARY = ("manifest.json", "samples.parquet", "vocab.parquet")
 
@@ -340,19 +340,19 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
     totals = {"image": 0, "text": 0}
     seen, written, counted = dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0), dict.fromkeys(COUNTS, 0)
     for shard, _ in units:
-        c = json.loads((pq.read_schema(shard).metadata or {}).get(COUNTS_KEY.encode(), b"{}"))
+        unit = json.loads((pq.read_schema(shard).metadata or {}).get(COUNTS_KEY.encode(), b"{}"))
         for r in ROLES:
-            seen[r] += c.get(f"seen_{r}", 0)
-            written[r] += c.get(f"written_{r}", 0)
+            seen[r] += unit.get(f"seen_{r}", 0)
+            written[r] += unit.get(f"written_{r}", 0)
         for k in COUNTS:
-            counted[k] += c.get(k, 0)
+            counted[k] += unit.get(k, 0)
         mod = pq.read_table(shard, columns=["modality"]).column(0)
         counts = pc.value_counts(mod.combine_chunks().cast(pa.string()))
         counts = {c["values"].as_py(): c["counts"].as_py() for c in counts}
         counts = {m: counts.get(m, 0) for m in totals}
         totals = {m: totals[m] + counts[m] for m in totals}
         shards.append({"path": shard.name, "n_tokens": len(mod), **{f"n_{m}_tokens": c for m, c in counts.items()},
-                       **{k: c.get(k, 0) for k in COUNTS if k.startswith("n_float16")}})
+                       **{k: unit.get(k, 0) for k in COUNTS if k.startswith("n_float16")}})
     samples = pa.concat_tables([pq.read_table(s).replace_schema_metadata() for _, s in units]) if units else \
         SAMPLES_SCHEMA.empty_table()
     status = samples.column("image_status").to_pylist()

@@ -237,3 +237,14 @@ def test_schema_and_rule_carry_the_keys():
     assert '"token_fraction", "seed"' in rule and "check_disk" not in rule
     paper = yaml.safe_load(open("config/llava-next-8b.yaml"))
     assert paper["extract"]["token_fraction"] == 0.1
+
+
+def test_samples_without_a_kept_token_are_done_on_resume(subject, tmp_path, caplog):
+    cfg = ExtractConfig(hook_point=HOOK, token_fraction={"text": 0.0, "answer": 0.0})
+    samples = [Sample("a", "hello"), Sample("b", "Name a colour.")]
+    m = extract(subject, samples, tmp_path, cfg, "h", progress=False)
+    assert m["n_tokens"] == 0 and m["n_samples"] == 2 and m["tokens_seen"]["text"] > 0
+    (tmp_path / "manifest.json").unlink()
+    caplog.set_level("INFO")
+    again = extract(subject, samples, tmp_path, cfg, "h", progress=False)
+    assert "2 already extracted" in caplog.text and again["n_samples"] == 2
