@@ -18,9 +18,23 @@ import pyarrow.parquet as pq
 from mmsae.io import write_json, write_parquet
 
 
+# Storage types of ``activation`` and their Arrow value types. Arrow has no bfloat16: its raw 2-byte
+# values (the top half of the float32 bit pattern) are stored as uint16, and the field's metadata
+# ``mmsae_dtype`` says how to read them back (:func:`decode_activations`).
+STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+DTYPE_KEY = b"mmsae_dtype"
+
+
 def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
-    """Arrow schema of an activation shard (``dtype`` is the storage type of ``activation``)."""
-    value = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
+    """Arrow schema of an activation shard (``dtype`` is the storage type of ``activation``: float32,
+    float16, or bfloat16 stored as uint16 with field metadata ``mmsae_dtype: bfloat16``).
+
+    Raises:
+        ValueError: an unknown storage type.
+    """
+    if dtype not in STORAGE:
+        raise ValueError(f"activation storage type {dtype!r}: expected one of {sorted(STORAGE)}")
+    field = pa.field("activation", pa.list_(STORAGE[dtype], d_model), metadata={DTYPE_KEY: dtype.encode()})
     return pa.schema(
         [
             ("sample_id", pa.string()),
@@ -30,7 +44,7 @@ def activation_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
             ("view", pa.int16()),
             ("patch_row", pa.int16()),
             ("patch_col", pa.int16()),
-            ("activation", pa.list_(value, d_model)),
+            field,
         ]
     )
 
@@ -58,6 +72,48 @@ def shard_paths(manifest_path: str | os.PathLike) -> list[Path]:
     return [manifest_path.parent / s["path"] for s in manifest["shards"]]
 
 
+def activation_dtype(schema: pa.Schema, where: str = "shard") -> str:
+    """The storage type of a shard's ``activation`` column: the field's ``mmsae_dtype`` metadata when
+    present (files written here), else the Arrow value type (float32 / float16 from other tools).
+
+    Raises:
+        ValueError: no ``activation`` column, or uint16 values without ``mmsae_dtype`` (raw 2-byte
+            values that cannot be read without knowing their type); the message names ``where``.
+    """
+    if "activation" not in schema.names:
+        raise ValueError(f"{where}: no 'activation' column (columns: {schema.names})")
+    field = schema.field("activation")
+    tagged = (field.metadata or {}).get(DTYPE_KEY)
+    if tagged is not None:
+        return tagged.decode()
+    value = field.type.value_type
+    for name, t in STORAGE.items():
+        if value == t and name != "bfloat16":
+            return name
+    raise ValueError(f"{where}: activation values of type {value} without field metadata 'mmsae_dtype' "
+                     f"cannot be read (expected {sorted(STORAGE)})")
+
+
+def decode_activations(column: pa.Array | pa.ChunkedArray, dtype: str) -> np.ndarray:
+    """A shard's ``activation`` column -> (n, d_model) float32, exactly (every reader goes through here).
+
+    float32 and float16 values are converted by value; bfloat16 (stored as uint16) is widened bit for
+    bit (``uint32(v) << 16`` reinterpreted as float32), so a bfloat16 tensor written by extraction reads
+    back equal to ``tensor.float()``.
+
+    Args:
+        column: a fixed-size list array (n rows of d_model values), as read from a shard.
+        dtype: its storage type (:func:`activation_dtype`).
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    d = column.type.list_size
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    if dtype == "bfloat16":
+        return (flat.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(-1, d)
+    return flat.astype(np.float32, copy=False).reshape(-1, d)
+
+
 def iter_activations(
     paths: list[Path], batch_rows: int = 4096, columns: tuple[str, ...] = ("modality", "token_id")
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -67,10 +123,9 @@ def iter_activations(
     """
     for path in paths:
         pf = pq.ParquetFile(path)
+        dtype = activation_dtype(pf.schema_arrow, str(path))
         for rb in pf.iter_batches(batch_size=batch_rows, columns=["activation", *columns]):
-            act = rb.column("activation")
-            d = act.type.list_size
-            x = act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+            x = decode_activations(rb.column("activation"), dtype)
             cols = {}
             for c in columns:
                 col = rb.column(c)
@@ -83,7 +138,7 @@ def iter_activations(
 def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samples: bool = True) -> dict:
     """One manifest over several part manifests (activations or codes) in subfolders of ``out``'s folder.
 
-    Shard paths become relative to ``out``; token and sample counts are summed, skipped images
+    Shard paths become relative to ``out``; token, sample, byte and float16-clamp counts are summed, skipped images
     concatenated; with ``samples``, the parts' ``samples.parquet`` are concatenated beside ``out``.
     Every other field must agree across parts (e.g. d_model, hook point, k).
 
@@ -92,7 +147,8 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
     """
     out = Path(out)
     summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_images_used",
-              "n_shards"}
+              "n_shards", "n_special_dropped", "n_float16_overflow", "n_float16_underflow", "projected_bytes", "actual_bytes"}
+    summed_by_key = {"tokens_seen", "tokens_written"}  # {role: count}, summed role by role
     merged: dict = {"shards": [], "skipped": [], "converted": [], "parts": []}
     for part in map(Path, parts):
         m = json.loads(part.read_text())
@@ -106,6 +162,8 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
                 continue
             if k in summed:
                 merged[k] = merged.get(k, 0) + v
+            elif k in summed_by_key:
+                merged[k] = {r: merged.get(k, {}).get(r, 0) + n for r, n in v.items()}
             elif k in merged and merged[k] != v:
                 raise ValueError(f"{part}: {k}={v!r} differs from the other parts ({merged[k]!r})")
             else:

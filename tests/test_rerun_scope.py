@@ -70,6 +70,9 @@ RERUNS: dict[str, set[str]] = {
     "extract.parts": EXTRACT,
     "extract.shard_tokens": EXTRACT,
     "extract.dtype": EXTRACT,
+    "extract.token_fraction": EXTRACT,
+    "extract.seed": EXTRACT,
+    "extract.check_disk": NONE,  # read at run time
     "extract.max_image_pixels": EXTRACT | LIST,
     "sae.name": TRAIN,
     "sae.gpus": NONE,

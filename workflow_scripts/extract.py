@@ -16,6 +16,7 @@ cfg = ExtractConfig(hook_point=p.hook_point, **p.extract)
 chash = config_hash({"model": p.model, "dtype": p.dtype, "hook_point": p.hook_point, "corpus": p.corpus, "extract": p.extract,
                      "part": part, "parts": p.parts})
 out_dir = sm.output.manifest.rsplit("/", 1)[0]
-manifest = extract(subject, samples, out_dir, cfg, chash)
+# whether to check free space changes no output: read at run time, not a param
+manifest = extract(subject, samples, out_dir, cfg, chash, check_disk=sm.config["extract"]["check_disk"], disk_parts=p.parts)
 log.info("%d tokens (%d image, %d text) from %d samples; %d images skipped",
          manifest["n_tokens"], manifest["n_image_tokens"], manifest["n_text_tokens"], manifest["n_samples"], manifest["n_images_skipped"])

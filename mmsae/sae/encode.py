@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mmsae.features import CODE_SCHEMA, META_COLS
 from mmsae.io import write_json, write_parquet
 from mmsae.sae.model import TopKSAE
+from mmsae.shards import activation_dtype, decode_activations
 
 CODE_ROW_GROUP = 65536
 
@@ -68,13 +69,11 @@ def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, 
     entries, totals = [], {"image": 0, "text": 0}
     for shard in tqdm(shards, desc="encode", unit="shard", disable=not progress):
         pf = pq.ParquetFile(shard)
+        dtype = activation_dtype(pf.schema_arrow, str(shard))
         parts = []
         n_tokens = 0
         for rb in pf.iter_batches(batch_size=batch_rows, columns=META_COLS + ["activation"]):
-            act = rb.column("activation")
-            x = torch.from_numpy(
-                act.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, act.type.list_size)
-            )
+            x = torch.from_numpy(decode_activations(rb.column("activation"), dtype))
             vals, idx = sae.encode(x.to(device))
             parts.append(code_table(vals.cpu().numpy(), idx.cpu().numpy(), rb))
             n_tokens += rb.num_rows
