@@ -56,6 +56,7 @@ RERUNS: dict[str, set[str]] = {
     "corpus.prompts": EXTRACT,
     "corpus.text_prompts": EXTRACT,
     "corpus.max_images": EXTRACT | LIST,
+    "corpus.text_source": EXTRACT,  # text passages: extracted, not listed (the listing is about images)
     "extract.batch_size": EXTRACT,
     "extract.parts": EXTRACT,
     "extract.shard_tokens": EXTRACT,
@@ -181,6 +182,7 @@ CHANGES: dict[str, dict] = {
     "model.device": {"model.device": "cpu"},
     "model.hook_point": {"model.hook_point": "model.language_model.layers.14"},
     "corpus.source": {"corpus.source": "folder", "corpus.path": "images"},
+    "corpus.text_source": {"corpus.text_source": {"name": "python-topics", "max_tokens": 500}},
     "sae.name": {"sae.name": "other"},
     "explain.server": {"explain.server": "remote", "explain.base_url": "http://127.0.0.1:9/v1", "explain.model": "m"},
     "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},
