@@ -72,7 +72,7 @@ def test_passages_are_deterministic_paragraph_aligned_and_bounded():
     # the bound holds except for a single sentence longer than it (rare)
     over = [n for _, n in a if n > 200]
     assert len(over) <= len(a) // 50
-    assert sum(n for _, n in a) > 80_000  # the whole python-topics prose: about 91k estimated tokens
+    assert sum(n for _, n in a) > 60_000  # the whole python-topics prose: about 80k tokens on CPython 3.11
 
 
 def test_slices_are_disjoint_respect_max_tokens_and_keep_stable_unique_ids():
