@@ -3,31 +3,32 @@
 The built-in source ``python-topics`` is the topic help of CPython's own documentation
 (``pydoc_data.topics``: the Language Reference and the built-in types' pages that ``help("if")``
 prints). It ships inside every CPython (no install, no download), is modern technical English prose
-(about 465k characters, 113k SmolLM2 tokens before cleanup, about 100k after on CPython 3.11), and
-is under the PSF License Agreement version 2, which covers CPython's documentation (code examples
-in it are also under Zero-Clause BSD). Its text differs slightly between CPython releases, so the
-passages do too; :func:`text_samples` logs a fingerprint of the text it used.
-``file`` reads a UTF-8 plain-text file of the user's (``path``), paragraphs separated by blank lines.
+(465k characters and 113k SmolLM2 tokens in CPython 3.11; 351k characters, 80k tokens, 399 passages
+of at most 256 tokens after cleanup), and is under the PSF License Agreement version 2, which covers
+CPython's documentation (code examples in it are also under Zero-Clause BSD). Its text differs
+slightly between CPython releases, so the passages do too; :func:`text_samples` logs a fingerprint
+of the text it used. ``file`` reads a UTF-8 plain-text file of the user's (``path``), paragraphs
+separated by blank lines.
 
 Cleanup (deterministic, :func:`prose_paragraphs`): the text is split into blocks at blank lines;
 heading underlines (``*****``, ``=====``, ``-----``) are dropped and the heading kept as its own
 paragraph; a block that is not prose is dropped: a grammar production (``::=``), an interactive
 session (``>>>``), a table, a block in which fewer than :data:`MIN_WORD_FRACTION` of the
-whitespace-separated tokens are words (code, signatures such as ``object.__init__(self)``), a block of
-six or more tokens of which fewer than :data:`MIN_FUNCTION_WORD_FRACTION` are English function words
-(:data:`FUNCTION_WORDS`, none a Python keyword: code made of words), and a shorter non-heading block
-unless it is all words ending in ``.:!?``. A kept
-block is unwrapped (its lines joined with single spaces; a bullet item starts a new line) and
-reStructuredText emphasis ``*word*`` loses its asterisks.
+whitespace-separated tokens are words (code, signatures such as ``object.__init__(self)``), a block
+of six or more tokens of which fewer than :data:`MIN_FUNCTION_WORD_FRACTION` are English function
+words (:data:`FUNCTION_WORDS`, none a Python keyword: code made of words), and a shorter non-heading
+block unless it is all words ending in ``.:!?``. A kept block is unwrapped (its lines joined with
+single spaces; a bullet item starts a new line) and reStructuredText emphasis ``*word*`` loses its
+asterisks.
 
-Passages (:func:`passages`) are runs of whole paragraphs of one document, at most
-``passage_tokens`` long (a longer paragraph is split at sentence ends). Token counts are exact with
-a tokenizer, else ``ceil(characters / CHARS_PER_TOKEN)`` (the corpus builder has no tokenizer; the
-estimate is within about 5% of SmolLM2's count on ``python-topics``). Passages are numbered in text
-order; a slice skips passages until ``skip_tokens`` have been passed over and takes passages while
-the total stays within ``max_tokens``, so ``{skip_tokens: 0, max_tokens: N}`` and
-``{skip_tokens: N, ...}`` are disjoint. Sample ids are ``text-<name>-<index>`` with the passage's
-index in the whole text, stable whatever the slice.
+Passages (:func:`passages`) are runs of whole paragraphs of one document, at most ``passage_tokens``
+long (a longer paragraph is split at sentence ends). Token counts are exact with a tokenizer, else
+``ceil(characters / CHARS_PER_TOKEN)`` (the corpus builder has no tokenizer; on ``python-topics``
+the estimate's total is within 1% of SmolLM2's count, a single passage's within about 30%). Passages
+are numbered in text order; a slice skips passages until ``skip_tokens`` have been passed over and
+takes passages while the total stays within ``max_tokens``, so ``{skip_tokens: 0, max_tokens: N}``
+and ``{skip_tokens: N, ...}`` are disjoint. Sample ids are ``text-<name>-<index>`` with the
+passage's index in the whole text, stable whatever the slice.
 """
 
 from __future__ import annotations
