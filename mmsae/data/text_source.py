@@ -78,7 +78,8 @@ def _is_prose(lines: list[str], heading: bool) -> bool:
     if len(tokens) < 6:  # a short line of prose is a word run that ends like a sentence ("See also:")
         return all(_WORD.match(t) for t in tokens) and text.rstrip()[-1] in ".:!?"
     # code can be made of words too (``def f(name, bases):``); prose has English function words
-    return sum(t.lower().strip(".,;:!?\"'()“”‘’") in FUNCTION_WORDS for t in tokens) / len(tokens) >= MIN_FUNCTION_WORD_FRACTION
+    function_words = sum(t.lower().strip(".,;:!?\"'()“”‘’") in FUNCTION_WORDS for t in tokens)
+    return function_words / len(tokens) >= MIN_FUNCTION_WORD_FRACTION
 
 
 def _unwrap(lines: list[str]) -> str:
