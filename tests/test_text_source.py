@@ -21,7 +21,7 @@ The rules are:
 * If the target list is a single target, the object is
   assigned to that target.
 
-* Else the object must be an iterable.
+* Else the object must be an iterable (**PEP 3132**).
 
    >>> x = [1, 2]
    >>> x
@@ -56,7 +56,7 @@ def test_cleanup_keeps_prose_unwrapped_and_drops_markup_grammar_code_and_tables(
         "Assignment statements are used to (re)bind names to values and to modify attributes of mutable objects:",
         "The rules are:",
         "* If the target list is a single target, the object is assigned to that target.",
-        "* Else the object must be an iterable.",
+        "* Else the object must be an iterable (PEP 3132).",
         "Called after the instance has been created, but before it is returned to the caller.",
     ]
 

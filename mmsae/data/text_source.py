@@ -3,7 +3,7 @@
 The built-in source ``python-topics`` is the topic help of CPython's own documentation
 (``pydoc_data.topics``: the Language Reference and the built-in types' pages that ``help("if")``
 prints). It ships inside every CPython (no install, no download), is modern technical English prose
-(465k characters and 113k SmolLM2 tokens in CPython 3.11; 351k characters, 80k tokens, 399 passages
+(465k characters and 113k SmolLM2 tokens in CPython 3.11; 351k characters, 80k tokens, 398 passages
 of at most 256 tokens after cleanup), and is under the PSF License Agreement version 2, which covers
 CPython's documentation (code examples in it are also under Zero-Clause BSD). Its text differs
 slightly between CPython releases, so the passages do too; :func:`text_samples` logs a fingerprint
@@ -18,8 +18,8 @@ whitespace-separated tokens are words (code, signatures such as ``object.__init_
 of six or more tokens of which fewer than :data:`MIN_FUNCTION_WORD_FRACTION` are English function
 words (:data:`FUNCTION_WORDS`, none a Python keyword: code made of words), and a shorter non-heading
 block unless it is all words ending in ``.:!?``. A kept block is unwrapped (its lines joined with
-single spaces; a bullet item starts a new line) and reStructuredText emphasis ``*word*`` loses its
-asterisks.
+single spaces; a bullet item starts a new line) and reStructuredText emphasis (``*word*``,
+``**word**``) loses its asterisks.
 
 Passages (:func:`passages`) are runs of whole paragraphs of one document, at most ``passage_tokens``
 long (a longer paragraph is split at sentence ends). Token counts are exact with a tokenizer, else
@@ -60,7 +60,7 @@ _UNDERLINE = re.compile(r"^\s*([*=\-~^\"'`#+])\1{2,}\s*$")
 _TABLE = re.compile(r"^\s*(\+[-=+]+\+|\|.*\||=+(\s+=+)+)\s*$")
 _BULLET = re.compile(r"^(\*|-|\d+\.|\(\d+\))\s+")
 _WORD = re.compile(r"^[\"'(\[“‘*]*[A-Za-z][A-Za-z'’-]*[\"')\]”’*.,;:!?]*$")
-_EMPHASIS = re.compile(r"(?<![\w*])\*([^\s*][^*]*?)\*(?![\w*])")
+_EMPHASIS = re.compile(r"(?<![\w*])(\*\*?)([^\s*][^*]*?)\1(?![\w*])")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z“\"(])")
 
 
@@ -90,7 +90,7 @@ def _unwrap(lines: list[str]) -> str:
             out[-1] = f"{out[-1]} {ln}"
         else:
             out.append(ln)
-    return "\n".join(_EMPHASIS.sub(r"\1", re.sub(r"[ \t]+", " ", ln)) for ln in out)
+    return "\n".join(_EMPHASIS.sub(r"\2", re.sub(r"[ \t]+", " ", ln)) for ln in out)
 
 
 def prose_paragraphs(text: str) -> list[str]:
