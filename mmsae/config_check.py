@@ -19,7 +19,7 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
 
     Args:
         config: the run configuration with the schema's defaults filled in.
-        base_dir: relative paths (``corpus.path``, a local ``model.source``) are resolved against it.
+        base_dir: relative paths (``corpus.path``, ``corpus.text_source.path``, a local ``model.source``) are resolved against it.
     """
     errors = []
     sae, corpus = config["sae"], config["corpus"]
@@ -36,6 +36,12 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
                 errors.append(f"corpus.path={corpus['path']!r}: no such folder (corpus.source is 'folder')")
             if corpus["source"] == "table" and not p.is_file():
                 errors.append(f"corpus.path={corpus['path']!r}: no such file (corpus.source is 'table')")
+    text_source = corpus.get("text_source") or {}
+    if text_source.get("name") == "file":
+        if not text_source.get("path"):
+            errors.append("corpus.text_source.path is required when corpus.text_source.name is 'file'")
+        elif not Path(base_dir, text_source["path"]).is_file():
+            errors.append(f"corpus.text_source.path={text_source['path']!r}: no such file")
     explain = config.get("explain", {})
     if explain.get("enabled") and explain.get("server") == "remote" and not explain.get("base_url"):
         errors.append("explain.base_url is required when explain.server is 'remote'")

@@ -1,7 +1,14 @@
 """corpus.text_source: cleanup, passages, slices, ids, answer-role tokens, and the corpus builder."""
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from snakemake.utils import validate
+
+from mmsae.config_check import config_errors
 
 from mmsae.data import build_corpus, list_images
 from mmsae.data.text_source import CHARS_PER_TOKEN, passages, prose_paragraphs, source_documents, text_samples
@@ -149,3 +156,17 @@ def test_bad_sections_name_the_field(change, match):
 def test_missing_file_names_the_field(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_source.path"):
         text_samples(source(name="file", path=str(tmp_path / "none.txt")))
+
+
+def test_config_check_names_a_missing_text_file_before_any_job(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((repo / "config.yaml").read_text())
+    base["model"]["source"] = str(tmp_path)  # no config.json: the hook point is not checked
+    for ts, expect in (({"name": "file"}, "corpus.text_source.path is required"),
+                       ({"name": "file", "path": "none.txt"}, "corpus.text_source.path='none.txt': no such file"),
+                       ({"name": "python-topics", "max_tokens": 100}, None)):
+        cfg = copy.deepcopy(base)
+        cfg["corpus"]["text_source"] = ts
+        validate(cfg, str(repo / "config/schema.yaml"))
+        errors = config_errors(cfg, tmp_path)
+        assert any(expect in e for e in errors) if expect else not errors, errors
