@@ -165,7 +165,7 @@ def passages(documents: list[tuple[str, str]], passage_tokens: int, tokenizer=No
     Args:
         documents: ``(name, text)`` pairs (:func:`source_documents`).
         passage_tokens: the most tokens of a passage (a single sentence longer than it stays whole).
-        tokenizer: a Hugging Face tokenizer to count tokens exactly; None = ``ceil(chars / 4)``.
+        tokenizer: a Hugging Face tokenizer to count tokens exactly; None = ``ceil(chars / CHARS_PER_TOKEN)``.
 
     Returns:
         ``[(passage text, tokens)]``: whole paragraphs of one document joined by blank lines.
