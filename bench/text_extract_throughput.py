@@ -7,10 +7,12 @@ and how many text tokens fit in a given extraction time budget.
 
 Last line (machine-readable):
     text_extract tokens_per_s_b<B>=<tok/s wall> tokens_per_cpu_s_b<B>=<tok per CPU-s> ... tokens_in_budget_b1=<tokens>
-        threads=<n> load1=<1-minute load average at the end>
+        threads=<n> load1=<1-minute load average at the end> omp_wait_policy=<OMP_WAIT_POLICY or default>
 
 On a shared machine the wall figure depends on the load (note `uptime`); tokens per CPU-second with
---threads 1 is the steadier figure (it is the wall rate of one uncontended core).
+--threads 1 is the steadier figure (it is the wall rate of one uncontended core). With more threads
+than free cores, OpenMP's default spin-waiting makes --threads 2 several times slower than 1; compare
+with OMP_WAIT_POLICY=PASSIVE in the environment (it must be set before torch is imported).
 """
 
 import argparse
@@ -57,7 +59,7 @@ def main() -> None:
     figures = " ".join(f"tokens_per_s_b{b}={w:.0f} tokens_per_cpu_s_b{b}={c:.0f}" for b, (w, c) in rates.items())
     b0 = args.batch_sizes[0]
     print(f"text_extract {figures} tokens_in_budget_b{b0}={rates[b0][0] * args.budget_s:.0f} threads={args.threads} "
-          f"load1={os.getloadavg()[0]:.1f}")
+          f"load1={os.getloadavg()[0]:.1f} omp_wait_policy={os.environ.get('OMP_WAIT_POLICY', 'default')}")
 
 
 if __name__ == "__main__":
