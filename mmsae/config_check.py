@@ -45,7 +45,7 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
 
     Args:
         config: the run configuration with the schema's defaults filled in.
-        base_dir: relative paths (``corpus.<role>.path``, a local ``model.source``) are resolved against it.
+        base_dir: relative paths (``corpus.<role>.path``, ``corpus.<role>.text_source.path``, a local ``model.source``) are resolved against it.
     """
     errors = []
     sae = config["sae"]
@@ -66,7 +66,22 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
 
 
 def corpus_errors(corpus: dict, name: str, base_dir: str | os.PathLike = ".") -> list[str]:
-    """A folder or table corpus needs a ``path`` that exists; messages name the field as ``{name}.path``."""
+    """A folder or table corpus needs a ``path`` that exists, and so does a ``text_source`` file; messages
+    name the field as ``{name}.path`` / ``{name}.text_source.path``."""
+    return _image_source_errors(corpus, name, base_dir) + _text_source_errors(corpus.get("text_source") or {}, name, base_dir)
+
+
+def _text_source_errors(text_source: dict, name: str, base_dir) -> list[str]:
+    if text_source.get("name") != "file":
+        return []
+    if not text_source.get("path"):
+        return [f"{name}.text_source.path is required when {name}.text_source.name is 'file'"]
+    if not Path(base_dir, text_source["path"]).is_file():
+        return [f"{name}.text_source.path={text_source['path']!r}: no such file"]
+    return []
+
+
+def _image_source_errors(corpus: dict, name: str, base_dir) -> list[str]:
     if corpus["source"] not in ("folder", "table"):
         return []
     if not corpus.get("path"):

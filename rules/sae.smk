@@ -41,7 +41,7 @@ rule encode:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        corpus=corpus_params("interpret", "prompts", "text_prompts", "max_images"),
+        corpus=corpus_params("interpret", "prompts", "text_prompts", "max_images", "text_source"),
         encode=keys("encode", "batch_size", "shard_tokens", "base_view_only"),
         max_image_pixels=config["extract"]["max_image_pixels"],
         parts=config["extract"]["parts"],
@@ -95,7 +95,7 @@ rule loss_recovered:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        corpus=corpus_params("train", "prompts", "text_prompts", "max_images"),  # the training corpus, rebuilt for its held-out samples
+        corpus=corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),  # the training corpus, rebuilt for its held-out samples
         max_image_pixels=config["extract"]["max_image_pixels"],
         loss_recovered=keys("loss_recovered", "max_samples"),
         code=code("loss_recovered.py"),

@@ -57,12 +57,14 @@ RERUNS: dict[str, set[str]] = {
     "corpus.train.prompts": EXTRACT,
     "corpus.train.text_prompts": EXTRACT,
     "corpus.train.max_images": EXTRACT,
+    "corpus.train.text_source": EXTRACT,  # text passages: extracted, not listed (the listing is about images)
     "corpus.interpret.source": ENCODE | LIST,  # list_images lists the interpretation images (find_neurons reads it)
     "corpus.interpret.names": ENCODE | LIST,
     "corpus.interpret.path": NONE,  # unused with corpus.interpret.source skimage
     "corpus.interpret.prompts": ENCODE,
     "corpus.interpret.text_prompts": ENCODE,
     "corpus.interpret.max_images": ENCODE | LIST,
+    "corpus.interpret.text_source": ENCODE,
     "encode.batch_size": ENCODE,
     "encode.shard_tokens": ENCODE,
     "encode.base_view_only": ENCODE,
@@ -197,6 +199,8 @@ CHANGES: dict[str, dict] = {
     "model.hook_point": {"model.hook_point": "model.language_model.layers.14"},
     "corpus.train.source": {"corpus.train.source": "folder", "corpus.train.path": "images"},
     "corpus.interpret.source": {"corpus.interpret.source": "folder", "corpus.interpret.path": "images"},
+    "corpus.train.text_source": {"corpus.train.text_source": {"name": "python-topics", "max_tokens": 500}},
+    "corpus.interpret.text_source": {"corpus.interpret.text_source": {"name": "python-topics", "max_tokens": 500}},
     "sae.name": {"sae.name": "other"},
     "explain.server": {"explain.server": "remote", "explain.base_url": "http://127.0.0.1:9/v1", "explain.model": "m"},
     "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},

@@ -13,7 +13,8 @@ which converts odd modes and rejects what cannot be used, with a reason.
 
 Sample ids are unique and stable: ``img-<key>-p<j>`` with ``key`` the photo's name (``skimage``) or
 the file's path relative to the folder, extension included (``folder``: ``cat.png`` and
-``cat.jpg`` are two samples); ``row-<i>`` for table rows; ``txt-<i>`` for text prompts.
+``cat.jpg`` are two samples); ``row-<i>`` for table rows; ``txt-<i>`` for text prompts; ``text-<name>-<i>`` for the passages of
+``corpus.text_source`` (natural English text, :mod:`mmsae.data.text_source`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 import skimage
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from mmsae.data.sample import Sample
 from mmsae.data.tables import read_table
+from mmsae.data.text_source import text_samples
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +50,6 @@ SKIMAGE_PHOTOS = {
 }
 MIN_SIDE = 8  # pixels; smaller images are degenerate
 MAX_ASPECT = 20.0
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One model input: an optional image and a user prompt.
-
-    Attributes:
-        sample_id: unique, stable id (used as the key in every table).
-        prompt: the user's text.
-        image_path: path of the image file, or None for a text-only sample.
-        image_key: the image's stable name within the corpus (skimage name, path relative to the
-            folder with its extension, or the table row id); None for a text-only sample.
-        turns: ``(role, text)`` turns after the first user prompt (role ``assistant`` or ``user``),
-            e.g. the training answer of a LLaVA conversation; empty for a bare prompt.
-    """
-
-    sample_id: str
-    prompt: str
-    image_path: str | None = None
-    image_key: str | None = None
-    turns: tuple[tuple[str, str], ...] = ()
 
 
 def skimage_photo_paths(names: list[str] | None = None) -> dict[str, Path]:
@@ -113,7 +94,8 @@ def build_corpus(corpus: dict, base_dir: str | os.PathLike = ".") -> list[Sample
 
     Args:
         corpus: ``{"source": "skimage"|"folder"|"table", "names": [...], "path": ..., "prompts": [...],
-            "text_prompts": [...], "max_images": int|None}``.
+            "text_prompts": [...], "max_images": int|None, "text_source": dict|None}``; ``text_source``
+            appends passages of natural text (:func:`mmsae.data.text_source.text_samples`).
         base_dir: relative ``path`` values are resolved against it.
 
     Raises:
@@ -148,6 +130,11 @@ def build_corpus(corpus: dict, base_dir: str | os.PathLike = ".") -> list[Sample
         raise ValueError(f"corpus.source: {source!r} is not one of skimage, folder, table")
     for i, prompt in enumerate(corpus.get("text_prompts") or []):
         samples.append(Sample(f"txt-{i:04d}", prompt, None))
+    if corpus.get("text_source"):
+        text_source = dict(corpus["text_source"])
+        if text_source.get("path"):
+            text_source["path"] = str(Path(base_dir, text_source["path"]))
+        samples.extend(text_samples(text_source))  # tokens estimated from characters (no tokenizer here)
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})

@@ -35,7 +35,7 @@ def list_images(corpus: dict, max_image_pixels: int | None, base_dir: str | os.P
         ValueError / FileNotFoundError: as :func:`~mmsae.data.corpus.build_corpus`, naming the field.
     """
     images = {}
-    for s in build_corpus({**corpus, "prompts": ["-"], "text_prompts": []}, base_dir):
+    for s in build_corpus({**corpus, "prompts": ["-"], "text_prompts": [], "text_source": None}, base_dir):
         if s.image_path is not None:
             images.setdefault(s.image_key or s.image_path, s.image_path)
     rows = []
