@@ -18,6 +18,7 @@ from jinja2 import Environment, PackageLoader
 
 from mmsae.report.sections import (attribution_view, evaluation_view, feature_cards, neurons_view, sae_view,
                                    steering_view)
+from mmsae.report.scoring import scoring_view
 from mmsae.report.views import curve, data_url, fmt, num
 
 ENV = Environment(loader=PackageLoader("mmsae.report", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
@@ -28,7 +29,8 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                  maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
                  explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
                  attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None,
-                 evaluation: dict | None = None, heldout_ids: list | None = None) -> str:
+                 evaluation: dict | None = None, heldout_ids: list | None = None,
+                 scoring: dict | None = None, scoring_table: pl.DataFrame | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -39,6 +41,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         explanations, steering, attribution (+ attribution_dir), neurons (keyword arguments of
         :func:`~mmsae.report.sections.neurons_view`), evaluation: the optional stages' outputs;
         heldout_ids: the SAE's held-out sample ids (``heldout.json``), when written.
+        scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
         Sections whose input is None are left out; keys missing from an input show as "–".
     """
     status = explanations["status"].to_list() if explanations is not None else None
@@ -54,6 +57,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                                                         ("ok", "untagged", "no_explanation", "unparsed", "failed")},
         cards=feature_cards(selected.get("features", []), stats, maps, contexts, maps_dir, explanations),
         evaluation=None if evaluation is None else evaluation_view(evaluation),
+        scoring=None if scoring is None else scoring_view(scoring, scoring_table),
         steering=None if steering is None else steering_view(steering),
         attribution=None if attribution is None else attribution_view(attribution, attribution_dir or Path(".")),
         neurons=None if neurons is None else neurons_view(**{k: v for k, v in neurons.items() if k != "data_url"}),
