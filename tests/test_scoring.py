@@ -281,3 +281,29 @@ def test_image_examples_plain_for_detection_highlighted_for_fuzzing(tmp_path):
     msgs = [t for t in tasks if t.feature == 7 and t.method == "detection" and t.kind == "real"][0].messages
     assert sum(c["type"] == "image_url" for c in msgs[-1]["content"]) == 4
     assert [t.messages for t in tasks if t.feature == 8] == [None] * 4  # no examples: nothing to send
+
+
+def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
+    from mmsae.evaluate.scoring import SCORING_SCHEMA
+    from mmsae.report import build_report
+    from report_inputs import EVIL, inputs
+    import pyarrow as pa
+
+    def row(f, method, kind, ba, status="ok", of=None):
+        return {"feature": f, "modality": "text", "category": "object", "method": method, "explanation_kind": kind,
+                "explanation": f"word {f} {EVIL}", "explanation_of": of if of is not None else f, "n_examples": 6,
+                "n_activating": 3, "n_predicted": 6 if ba is not None else 0, "balanced_accuracy": ba,
+                "labels": [1, 1, 1, 0, 0, 0], "predictions": None, "status": status, "error": None,
+                "raw_response": None, "cached": False, "scorer_model": "m", "prompt_version": "v1"}
+    rows = [row(9, "detection", "real", 0.875), row(9, "detection", "shuffled", 0.25, of=7),
+            row(9, "fuzzing", "real", None, "malformed"), row(9, "fuzzing", "shuffled", 0.5, of=7),
+            row(7, "detection", "real", 0.625), row(7, "detection", "shuffled", 0.375, of=9),
+            row(7, "fuzzing", "real", 1.0), row(7, "fuzzing", "shuffled", 0.5, of=9)]
+    table = pa.Table.from_pylist(rows, schema=SCORING_SCHEMA)
+    page = build_report(**inputs(tmp_path), scoring=summarise(table), scoring_table=pl.from_arrow(table))
+    section = page.split("id=scoring>")[1]
+    assert EVIL not in page
+    assert "0.750" in section and "0.312" in section  # detection means: real (0.875+0.625)/2, shuffled (0.25+0.375)/2
+    assert "1 failed" in section and "malformed" in section  # feature 9's fuzzing answer, not counted
+    assert "category: object" in section and "(shuffled: feature 7's)" in section
+    assert "Explanation scoring" not in build_report(**inputs(tmp_path))  # no scoring input: no section
