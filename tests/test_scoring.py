@@ -307,3 +307,14 @@ def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
     assert "1 failed" in section and "malformed" in section  # feature 9's fuzzing answer, not counted
     assert "category: object" in section and "(shuffled: feature 7's)" in section
     assert "Explanation scoring" not in build_report(**inputs(tmp_path))  # no scoring input: no section
+
+
+def test_a_remote_scorer_without_a_url_is_a_config_error():
+    import yaml
+    from mmsae.config_check import config_errors
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    cfg["explain"]["enabled"] = True  # the schema's default, filled before the check in a run
+    cfg["scoring"] = {"enabled": True, "scorer": {"server": "remote", "base_url": None}}
+    assert any("scoring.scorer.base_url" in e for e in config_errors(cfg))
+    cfg["scoring"]["scorer"]["base_url"] = "http://127.0.0.1:9/v1"
+    assert not any("scoring" in e for e in config_errors(cfg))
