@@ -294,7 +294,8 @@ def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
                 "explanation": f"word {f} {EVIL}", "explanation_of": of if of is not None else f, "n_examples": 6,
                 "n_activating": 3, "n_predicted": 6 if ba is not None else 0, "balanced_accuracy": ba,
                 "labels": [1, 1, 1, 0, 0, 0], "predictions": None, "status": status, "error": None,
-                "raw_response": None, "cached": False, "scorer_model": "m", "prompt_version": "v1"}
+                "raw_response": None, "cached": False, "latency_s": None, "prompt_tokens": None,
+                "completion_tokens": None, "scorer_model": "m", "prompt_version": "v1"}
     rows = [row(9, "detection", "real", 0.875), row(9, "detection", "shuffled", 0.25, of=7),
             row(9, "fuzzing", "real", None, "malformed"), row(9, "fuzzing", "shuffled", 0.5, of=7),
             row(7, "detection", "real", 0.625), row(7, "detection", "shuffled", 0.375, of=9),

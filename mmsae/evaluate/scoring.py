@@ -47,6 +47,9 @@ SCORING_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("raw_response", pa.string()),
     ("cached", pa.bool_()),
+    ("latency_s", pa.float64()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
     ("scorer_model", pa.string()),
     ("prompt_version", pa.string()),
 ])
@@ -176,6 +179,7 @@ def score_tasks(tasks: list[Task], explainer, categories: dict[int, str] | None 
             "n_predicted": len(preds) if preds is not None else 0, "balanced_accuracy": ba, "labels": t.labels,
             "predictions": preds, "status": status, "error": ans["error"] if ans else None,
             "raw_response": ans["content"] if ans else None, "cached": bool(ans and ans["cached"]),
+            **{k: ans[k] if ans else None for k in ("latency_s", "prompt_tokens", "completion_tokens")},
             "scorer_model": model, "prompt_version": SCORING_VERSION,
         })
     return pa.Table.from_pylist(rows, schema=SCORING_SCHEMA)
