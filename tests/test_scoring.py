@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from fake_server import FakeEndpoint
-from mmsae.evaluate.scoring import balanced_accuracy, build_tasks, derangement, explained_features, score_tasks, summarise
+from mmsae.evaluate.scoring import all_cached, balanced_accuracy, build_tasks, derangement, explained_features, score_tasks, summarise
 from mmsae.evaluate.scoring_examples import collect_examples
 from mmsae.evaluate.scoring_prompts import highlight_tokens, parse_predictions
 from mmsae.explain import EndpointConfig, Explainer
@@ -183,6 +183,9 @@ def test_right_explanations_score_one_and_shuffled_lower_then_cached(tmp_path):
         means = {(g["method"], g["explanation_kind"]): g["mean_balanced_accuracy"] for g in summary["overall"]}
         assert means[("detection", "real")] == 1.0 and means[("fuzzing", "real")] == 1.0
         assert means[("detection", "shuffled")] < 1.0 and means[("fuzzing", "shuffled")] < 1.0
+        ex = scorer(ep.base_url, tmp_path)
+        assert all_cached(load_tasks(tmp_path), ex.cache, ex.cfg)  # the rule then starts no endpoint
+        assert not all_cached(load_tasks(tmp_path, seed=1), ex.cache, ex.cfg)
         again = score_tasks(load_tasks(tmp_path), scorer(ep.base_url, tmp_path))
         assert ep.requests == len(tasks)  # a rerun is answered from the cache
         assert all(again.column("cached").to_pylist())

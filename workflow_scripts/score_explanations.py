@@ -6,9 +6,9 @@ from pathlib import Path
 
 import polars as pl
 
-from mmsae.evaluate.scoring import build_tasks, explained_features, score_tasks, summarise
+from mmsae.evaluate.scoring import all_cached, build_tasks, explained_features, score_tasks, summarise
 from mmsae.evaluate.scoring_examples import collect_examples
-from mmsae.explain import Explainer, endpoint_session
+from mmsae.explain import EndpointConfig, Explainer, endpoint_session
 from mmsae.explain.cache import ResponseCache
 from mmsae.features import scan_codes
 from mmsae.io import write_json, write_parquet
@@ -35,8 +35,17 @@ log.info("%d explained features (%d text, %d image): %d scorer requests", len(ex
          sum(t.messages is not None for t in tasks))
 cache = ResponseCache(sm.params.cache)
 scorer = None
-if any(t.messages is not None for t in tasks):
-    endpoint = {**sm.params.endpoint, **endpoint_runtime(sm.config["explain"], sm.config["scoring"]["scorer"])}
+endpoint = {**sm.params.endpoint, **endpoint_runtime(sm.config["explain"], sm.config["scoring"]["scorer"])}
+# the model name a local server would report (LocalServer: the resolved directory), to look the answers up
+offline = EndpointConfig(
+    base_url=endpoint.get("base_url") or "http://127.0.0.1:9/v1",
+    model=str(Path(endpoint["local_model"]).resolve()) if endpoint["server"] == "local" else endpoint["model"],
+    temperature=endpoint["temperature"], max_tokens=endpoint["max_tokens"], extra_body=endpoint.get("extra_body") or {})
+if any(t.messages is not None for t in tasks) and all_cached(tasks, cache, offline):
+    log.info("every answer is in the cache: no endpoint started")
+    scorer = Explainer(offline, cache)
+    table = score_tasks(tasks, scorer, categories)
+elif any(t.messages is not None for t in tasks):
     with endpoint_session(endpoint, server_log=sm.log[0] + ".server") as cfg:
         scorer = Explainer(cfg, cache, slots_dir=sm.params.slots)
         table = score_tasks(tasks, scorer, categories)

@@ -26,6 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from mmsae.evaluate.scoring_examples import METHODS
+from mmsae.explain.cache import request_key
 from mmsae.evaluate.scoring_prompts import SCORING_VERSION, image_messages, parse_predictions, text_messages
 
 KINDS = ("real", "shuffled")
@@ -183,6 +184,14 @@ def score_tasks(tasks: list[Task], explainer, categories: dict[int, str] | None 
             "scorer_model": model, "prompt_version": SCORING_VERSION,
         })
     return pa.Table.from_pylist(rows, schema=SCORING_SCHEMA)
+
+
+def all_cached(tasks: list[Task], cache, cfg) -> bool:
+    """Whether every task with examples has its answer in ``cache`` (a
+    :class:`~mmsae.explain.cache.ResponseCache`) for the endpoint ``cfg`` (an
+    :class:`~mmsae.explain.EndpointConfig`): then no endpoint (nor local server) is needed."""
+    return all(cache.get(request_key(cfg.model, t.messages, cfg.sampling())) is not None
+               for t in tasks if t.messages is not None)
 
 
 def _groups(rows: list[dict], by: tuple[str, ...]) -> list[dict]:
