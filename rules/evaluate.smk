@@ -78,6 +78,6 @@ rule score_explanations:
         gpu=1 if scorer_endpoint_params()["server"] == "local" else 0,
         endpoint_slots=1,
     conda:
-        "../envs/explain.yaml"
+        "../envs/scoring.yaml"
     script:
         "../workflow_scripts/score_explanations.py"
