@@ -58,6 +58,10 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
     explain = config.get("explain", {})
     if explain.get("enabled") and explain.get("server") == "remote" and not explain.get("base_url"):
         errors.append("explain.base_url is required when explain.server is 'remote'")
+    scorer = (config.get("scoring") or {}).get("scorer") or {}
+    if (explain.get("enabled") and (config.get("scoring") or {}).get("enabled") and
+            (scorer.get("server") or explain.get("server")) == "remote" and not (scorer.get("base_url") or explain.get("base_url"))):
+        errors.append("scoring.scorer.base_url (or explain.base_url) is required when the scorer's server is 'remote'")
     sel = config.get("features", {}).get("select", {})
     if sel.get("mode") == "list" and not sel.get("ids"):
         errors.append("features.select.ids is empty but features.select.mode is 'list'")

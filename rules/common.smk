@@ -132,6 +132,9 @@ def report_inputs(wildcards):
         inputs["loss_recovered"] = f"{SAE_DIR}/loss_recovered.json"
     if config["evaluate"]["enabled"] and config["explain"]["enabled"]:
         inputs["evaluation"] = f"{EVALUATION}/summary.json"
+    if config["scoring"]["enabled"] and config["explain"]["enabled"]:
+        inputs["scoring"] = f"{EVALUATION}/scoring_summary.json"
+        inputs["scoring_table"] = f"{EVALUATION}/scoring.parquet"
     if config["neurons"]["enabled"]:
         inputs["neuron_properties"] = f"{NEURONS}/properties.json"
         inputs["neuron_captions"] = f"{NEURONS}/captions.parquet"
@@ -163,3 +166,36 @@ def refine_prompt_params():
     from mmsae.evaluate.refine import CATEGORY_PROMPT, REFINE_PROMPT, REFINE_VERSION
 
     return {"version": REFINE_VERSION, "text_sha256": hashlib.sha256((REFINE_PROMPT + CATEGORY_PROMPT).encode()).hexdigest()[:16]}
+
+
+def scorer_endpoint_params():
+    """The explainer's endpoint, with the fields that ``scoring.scorer`` sets overriding it (the key's
+    variable name is read at run time)."""
+    return _endpoint(_explain_fields(), config["scoring"]["scorer"])
+
+
+def scoring_inputs(wildcards):
+    """What detection/fuzzing scoring reads: the explanations, the top contexts and maps, the codes and
+    samples they come from (corpus.interpret; negatives are drawn there; the codes manifest gives the grid side); the
+    refined categories when the evaluation runs; the local scorer's model directory when it is the demo."""
+    inputs = {
+        "explanations": f"{EXPLANATIONS}/explanations.parquet",
+        "contexts": f"{MAPS}/contexts.parquet",
+        "maps": f"{MAPS}/maps.parquet",
+        "codes": CODES,  # its manifest also gives the grid side
+        "samples": CODE_SAMPLES,  # the interpretation corpus's samples
+    }
+    if config["evaluate"]["enabled"]:
+        inputs["refined"] = f"{EVALUATION}/refined.parquet"
+    e = scorer_endpoint_params()
+    if e["server"] == "local" and e["local_model"] == DEMO_MODEL_DIR:
+        inputs["model"] = DEMO_MODEL_DIR
+    return inputs
+
+
+def scoring_prompt_params():
+    import hashlib
+
+    from mmsae.evaluate.scoring_prompts import PROMPT_TEXTS, SCORING_VERSION
+
+    return {"version": SCORING_VERSION, "text_sha256": hashlib.sha256("".join(PROMPT_TEXTS).encode()).hexdigest()[:16]}

@@ -52,3 +52,31 @@ rule evaluate:
         "../envs/evaluate.yaml"
     script:
         "../workflow_scripts/evaluate.py"
+
+
+rule score_explanations:
+    """Detection and fuzzing scores of each explanation and of a shuffled one (delphi's scorers, our endpoint)."""
+    input:
+        unpack(scoring_inputs),
+    output:
+        scores=report(f"{EVALUATION}/scoring.parquet", caption="../report/scoring.rst", category="Evaluation"),
+        summary=f"{EVALUATION}/scoring_summary.json",
+    params:
+        endpoint=scorer_endpoint_params(),
+        prompt=scoring_prompt_params(),
+        scoring=keys("scoring", "n_examples", "max_features", "seed", "include_untagged", "fuzz_threshold"),
+        code=code("score_explanations.py"),
+        cache=f"{EXPLANATIONS}/cache.sqlite",
+        slots=f"{EXPLANATIONS}/.slots",
+    log:
+        "results/logs/score_explanations.log",
+    benchmark:
+        "results/benchmarks/score_explanations.tsv"
+    threads: 1
+    resources:
+        gpu=1 if scorer_endpoint_params()["server"] == "local" else 0,
+        endpoint_slots=1,
+    conda:
+        "../envs/scoring.yaml"
+    script:
+        "../workflow_scripts/score_explanations.py"

@@ -3,7 +3,8 @@ OpenAI-compatible endpoint, with scripted faults - for the client's tests and ``
 
 Each request takes the next action from ``script`` (then ``default``): ``"ok"``, an HTTP status
 such as ``500``, ``("429", retry_after_s)``, ``"garbage"`` (a 200 with a body that is not JSON),
-``"nochoices"`` (valid JSON without choices) or ``("slow", seconds)`` (answers late). Every answer
+``"nochoices"`` (valid JSON without choices) or ``("slow", seconds)`` (answers late). ``reply`` is the
+answer's content, or a function of the request body that returns it. Every answer
 waits ``latency_s`` first. The server counts requests, records the ``Authorization`` headers it
 saw (and the client's retry-count header), and the largest number of requests in flight at once.
 """
@@ -14,13 +15,15 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeEndpoint:
     """Start with ``with FakeEndpoint(...) as ep:``; ``ep.base_url`` is ``http://127.0.0.1:PORT/v1``."""
 
-    def __init__(self, script: list | None = None, default="ok", latency_s: float = 0.0, reply: str = "[EXPLANATION]: red circles"):
+    def __init__(self, script: list | None = None, default="ok", latency_s: float = 0.0,
+                 reply: str | Callable[[dict], str] = "[EXPLANATION]: red circles"):
         self.script, self.default, self.latency_s, self.reply = list(script or []), default, latency_s, reply
         self.requests = 0
         self.in_flight = 0
@@ -85,7 +88,7 @@ class FakeEndpoint:
                     if kind == "ok":
                         payload = {
                             "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", ""),
-                            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ep.reply}}],
+                            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ep.reply(body) if callable(ep.reply) else ep.reply}}],
                             "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
                         }
                         self._send(200, json.dumps(payload).encode())

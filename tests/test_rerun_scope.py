@@ -27,8 +27,9 @@ WORKFLOW_FILES = ["Snakefile", "rules", "workflow_scripts", "mmsae", "config", "
 
 # Rule groups, each with everything downstream of it in the default config.yaml.
 REPORT = {"report"}
-EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate", "steer"} | REPORT  # steer judges by explanation words
-REFINE = {"refine_explanations", "evaluate"} | REPORT
+SCORE = {"score_explanations"} | REPORT
+EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate", "steer"} | SCORE  # steer judges by explanation words
+REFINE = {"refine_explanations", "evaluate"} | SCORE  # scoring reads the refined categories
 SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
 MAPS = {"render_maps"} | EXPLAIN
 ENCODE = {"encode", "merge_codes"} | SELECT  # the interpretation corpus's codes and everything read from them
@@ -162,7 +163,7 @@ RERUNS: dict[str, set[str]] = {
     "neurons.opt_steps": EDIT,
     "neurons.edits": EDIT,
     "neurons.locality_prompts": EDIT,
-    "evaluate.enabled": REPORT,
+    "evaluate.enabled": SCORE,  # scoring labels features with the evaluation's categories (its answers come from the cache)
     "evaluate.include_untagged": REFINE,
     "evaluate.refiner.server": NONE,  # null = the explainer's (local); set to local: the same endpoint
     "evaluate.refiner.local_model": REFINE,
@@ -190,6 +191,18 @@ RERUNS: dict[str, set[str]] = {
     "evaluate.clip_trials": {"evaluate"} | REPORT,
     "evaluate.n_boot": {"evaluate"} | REPORT,
     "evaluate.seed": {"evaluate"} | REPORT,
+    "scoring.enabled": REPORT,
+    "scoring.n_examples": SCORE,
+    "scoring.max_features": SCORE,
+    "scoring.seed": SCORE,
+    "scoring.include_untagged": SCORE,
+    "scoring.fuzz_threshold": SCORE,
+    "scoring.scorer.server": NONE,  # null = the explainer's (local); set to local: the same endpoint
+    "scoring.scorer.local_model": SCORE,
+    "scoring.scorer.base_url": NONE,  # unused with a local scorer
+    "scoring.scorer.model": NONE,
+    "scoring.scorer.api_key_env": NONE,
+    "scoring.scorer.max_tokens": SCORE,
 }
 
 # Changes that the generic rule (see `changed`) cannot make valid on its own: {leaf: {key: value}}.
@@ -206,6 +219,7 @@ CHANGES: dict[str, dict] = {
     "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},
     "evaluate.refiner.api_key_env": {"evaluate.refiner.api_key_env": "OTHER_KEY"},
     "evaluate.categorizer.api_key_env": {"evaluate.categorizer.api_key_env": "OTHER_KEY"},
+    "scoring.scorer.api_key_env": {"scoring.scorer.api_key_env": "OTHER_KEY"},
     "features.select.mode": {"features.select.mode": "list", "features.select.ids": [1, 2]},
     "steer.prompts": {"steer.prompts": [{"prompt": "Hi."}]},
     "attribution.cases": {"attribution.cases": [{"name": "x", "prompt": "Hi", "answer": " a", "baseline": " b"}]},

@@ -9,7 +9,7 @@ from test_rerun_scope import fake_complete_tree
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = {"metrics.json", "log.parquet", "index.html", "table.md", "steering.parquet", "summary.json",
-              "properties.json", "loss_recovered.json"}
+              "properties.json", "loss_recovered.json", "scoring.parquet"}
 
 
 def test_snakemake_report_zip(tmp_path):

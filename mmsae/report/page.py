@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader
 
 from mmsae.report.sections import (attribution_view, evaluation_view, feature_cards, loss_recovered_view, neurons_view,
                                    sae_view, steering_view)
+from mmsae.report.scoring import scoring_view
 from mmsae.report.views import curve, data_url, fmt, num
 
 ENV = Environment(loader=PackageLoader("mmsae.report", "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True)
@@ -30,7 +31,8 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                  explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
                  attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None,
                  evaluation: dict | None = None, heldout_ids: list | None = None, codes: dict | None = None,
-                 loss_recovered: dict | None = None) -> str:
+                 loss_recovered: dict | None = None,
+                 scoring: dict | None = None, scoring_table: pl.DataFrame | None = None) -> str:
     """The whole page as an HTML string.
 
     Args:
@@ -44,6 +46,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         :func:`~mmsae.report.sections.neurons_view`), evaluation: the optional stages' outputs;
         heldout_ids: the SAE's held-out sample ids (``heldout.json``), when written.
         loss_recovered: ``loss_recovered.json`` (the SAE spliced into the model), when computed.
+        scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
         Sections whose input is None are left out; keys missing from an input show as "–".
     """
     status = explanations["status"].to_list() if explanations is not None else None
@@ -61,6 +64,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
                                                         ("ok", "untagged", "no_explanation", "unparsed", "failed")},
         cards=feature_cards(selected.get("features", []), stats, maps, contexts, maps_dir, explanations),
         evaluation=None if evaluation is None else evaluation_view(evaluation),
+        scoring=None if scoring is None else scoring_view(scoring, scoring_table),
         steering=None if steering is None else steering_view(steering),
         attribution=None if attribution is None else attribution_view(attribution, attribution_dir or Path(".")),
         neurons=None if neurons is None else neurons_view(**{k: v for k, v in neurons.items() if k != "data_url"}),

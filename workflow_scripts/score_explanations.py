@@ -1,0 +1,59 @@
+"""Entry point of rule score_explanations: detection and fuzzing scores of each explanation and of a
+shuffled one (EleutherAI delphi's scorers on our endpoint client)."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from mmsae.evaluate.scoring import all_cached, build_tasks, explained_features, score_tasks, summarise
+from mmsae.evaluate.scoring_examples import collect_examples
+from mmsae.explain import EndpointConfig, Explainer, endpoint_session
+from mmsae.explain.cache import ResponseCache
+from mmsae.features import scan_codes
+from mmsae.io import write_json, write_parquet
+from mmsae.shards import shard_paths
+from mmsae.workflow import endpoint_runtime, setup
+
+sm = snakemake  # noqa: F821
+log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
+i, p = sm.input, sm.params.scoring
+explained = explained_features(pl.read_parquet(i.explanations), p["include_untagged"], p["max_features"])
+categories = {}
+if "refined" in i.keys():
+    refined = pl.read_parquet(i.refined)
+    categories = {f: c for f, c in zip(refined["feature"].to_list(), refined["category"].to_list()) if c is not None}
+manifest = json.loads(Path(i.codes).read_text())  # the interpretation corpus's grid side
+examples = collect_examples(
+    explained, contexts=pl.read_parquet(i.contexts), maps=pl.read_parquet(i.maps), maps_dir=Path(i.maps).parent,
+    codes=scan_codes(shard_paths(i.codes)), samples=pl.read_parquet(i.samples, columns=["sample_id", "image_path", "tokens"]),
+    n_examples=p["n_examples"], seed=p["seed"], side=manifest.get("grid_side") or 1, threshold=p["fuzz_threshold"],
+)
+tasks = build_tasks(explained, examples, p["seed"])
+log.info("%d explained features (%d text, %d image): %d scorer requests", len(explained),
+         sum(m == "text" for _, m, _ in explained), sum(m == "image" for _, m, _ in explained),
+         sum(t.messages is not None for t in tasks))
+cache = ResponseCache(sm.params.cache)
+scorer = None
+endpoint = {**sm.params.endpoint, **endpoint_runtime(sm.config["explain"], sm.config["scoring"]["scorer"])}
+# the model name a local server would report (LocalServer: the resolved directory), to look the answers up
+offline = EndpointConfig(
+    base_url=endpoint.get("base_url") or "http://127.0.0.1:9/v1",
+    model=str(Path(endpoint["local_model"]).resolve()) if endpoint["server"] == "local" else endpoint["model"],
+    temperature=endpoint["temperature"], max_tokens=endpoint["max_tokens"], extra_body=endpoint.get("extra_body") or {})
+if any(t.messages is not None for t in tasks) and all_cached(tasks, cache, offline):
+    log.info("every answer is in the cache: no endpoint started")
+    scorer = Explainer(offline, cache)
+    table = score_tasks(tasks, scorer, categories)
+elif any(t.messages is not None for t in tasks):
+    with endpoint_session(endpoint, server_log=sm.log[0] + ".server") as cfg:
+        scorer = Explainer(cfg, cache, slots_dir=sm.params.slots)
+        table = score_tasks(tasks, scorer, categories)
+else:
+    table = score_tasks(tasks, None, categories)
+cache.close()
+summary = summarise(table)
+write_parquet(sm.output.scores, table)
+write_json(sm.output.summary, summary)
+log.info("sent %d requests; status %s; overall %s", scorer.sent if scorer else 0, summary["status"],
+         [(g["method"], g["explanation_kind"], g["mean_balanced_accuracy"]) for g in summary["overall"]])
