@@ -2,8 +2,9 @@
 
 * :data:`CODE_SCHEMA` is the schema of the code shards (``codes`` in ``shared/DESIGN.md``) that
   :func:`mmsae.sae.encode.encode_shards` writes.
-* :func:`feature_stats` and :func:`top_samples` are lazy polars queries over the code shards,
-  collected with the streaming engine, so memory does not grow with the number of shards.
+* :func:`feature_stats` and :func:`top_samples` (together: :func:`stats_and_top_samples`) stream
+  the code rows once in batches and aggregate them in dense (sample, feature) blocks, so memory does
+  not grow with the number of rows or shards.
 * :func:`select_features` picks the features that go forward to maps, explanations and the report.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -43,151 +45,237 @@ def scan_codes(paths: list[Path]) -> pl.LazyFrame:
     return pl.scan_parquet([str(p) for p in paths])
 
 
-def _pairs(codes: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per active (feature, sample): token counts by modality, the max and sum of the
-    activation over all its tokens, over its base-view (view 0) image tokens (``*_base``) and over
-    its text tokens (``max_text``); null where the sample has no such token.
+_KIND_BASE, _KIND_IMAGE, _KIND_TEXT = 1, 2, 3  # code row kinds (0: neither image nor text)
+_BATCH_ROWS = 1 << 20  # code rows per streamed batch
+_CELLS = 1 << 20  # dense (sample, feature) cells per aggregation group; bounds memory with the batch
+_PENDING_ROWS = 1 << 18  # candidate rows queued before a merge into the top lists
+_NO_ROW = -1  # packed value of a (sample, feature) cell without a row of that kind
 
-    Everything :func:`feature_stats` and :func:`top_samples` need comes from this one hash
-    aggregation over the code rows (the per-feature ``n_unique`` of sample ids, the slow part
-    before, is the number of pairs).
+
+def _code_batches(codes: pl.LazyFrame):
+    """The code rows in file order, in batches of ~_BATCH_ROWS, with a small-int ``kind``."""
+    image, text = pl.col("modality") == "image", pl.col("modality") == "text"
+    kind = (pl.when(image & (pl.col("view") == 0)).then(_KIND_BASE).when(image).then(_KIND_IMAGE)
+            .when(text).then(_KIND_TEXT).otherwise(0).cast(pl.Int8).alias("kind"))
+    return codes.select("sample_id", "feature", pl.col("activation").cast(pl.Float32), "token_index", kind).collect_batches(
+        chunk_size=_BATCH_ROWS)
+
+
+def _grow(arr: np.ndarray, size: int, fill) -> np.ndarray:
+    if len(arr) >= size:
+        return arr
+    out = np.full((size, *arr.shape[1:]), fill, dtype=arr.dtype)
+    out[: len(arr)] = arr
+    return out
+
+
+class _Aggregate:
+    """One streaming pass over the code rows: per-feature statistics and each feature's running
+    top-``n`` samples (image and text), in memory independent of the number of rows.
+
+    A sample's rows are contiguous in the code shards (extraction writes whole samples, encoding
+    keeps row order), so each batch is split into groups of whole samples and aggregated in a dense
+    (sample, feature) array (no hash or sort over rows): the count of rows, and per base-view image
+    and per text cell the largest activation packed with its token (lowest index on ties) into one
+    int64 (the float32 bits of a non-negative activation order as integers). Cells that can still
+    enter a feature's top ``n`` (score at least its current n-th best) are merged into the running
+    top lists; an image file keeps only its best sample.
     """
-    image = pl.col("modality") == "image"
-    text = pl.col("modality") == "text"
-    act = pl.col("activation")
-    return (
-        codes.select(
-            "feature", "sample_id", "activation", image.alias("is_image"), text.alias("is_text"),
-            pl.when(image & (pl.col("view") == 0)).then(act).alias("act_base"),
-            pl.when(text).then(act).alias("act_text"),
-        )
-        .group_by("feature", "sample_id")
-        .agg(
-            pl.len().alias("n"),
-            pl.col("is_image").sum().alias("n_image"),
-            pl.col("is_text").sum().alias("n_text"),
-            act.max().alias("max"),
-            act.cast(pl.Float64).sum().alias("sum"),
-            pl.col("act_base").max().alias("max_base"),
-            pl.col("act_base").cast(pl.Float64).sum().alias("sum_base"),
-            pl.col("act_text").max().alias("max_text"),
-        )
-    )
 
+    def __init__(self, base_view_tokens: pl.DataFrame | None, n: int, rank_by: str):
+        if rank_by not in ("max", "mean"):
+            raise ValueError(f"features.rank_by: {rank_by!r} is not one of max, mean")
+        self.n, self.rank_by, self.tops = n, rank_by, base_view_tokens is not None and n > 0
+        self.base = {} if base_view_tokens is None else dict(
+            zip(base_view_tokens["sample_id"].to_list(), zip(base_view_tokens["n_base"].to_list(), base_view_tokens["image_path"].to_list())))
+        self.counts = np.zeros((0, 4), np.int64)  # rows per (feature, kind)
+        self.sums = np.zeros(0, np.float64)
+        self.maxs = np.zeros(0, np.float32)
+        self.n_samples = np.zeros(0, np.int64)
+        self.thr = {"image": np.zeros(0), "text": np.zeros(0)}  # each feature's n-th best score so far
+        empty = {"feature": pl.Int32, "sample_id": pl.String, "score": pl.Float64, "max_activation": pl.Float32, "token_index": pl.Int32}
+        self.best = {"image": pl.DataFrame(schema={**empty, "image_path": pl.String}), "text": pl.DataFrame(schema=empty)}
+        self.seen: set[str] = set()
+        self.pending: dict[str, list[pl.DataFrame]] = {"image": [], "text": []}
+        self.n_pending = {"image": 0, "text": 0}
+        # most samples sharing one image file (a feature's top n images lie in its n * per_file best samples)
+        self.per_file = 1 if base_view_tokens is None else int(base_view_tokens.group_by("image_path").len()["len"].max() or 1)
 
-def _stats_from_pairs(pairs: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.LazyFrame:
-    return (
-        pairs.group_by("feature")
-        .agg(
-            pl.col("n").sum().alias("n_tokens_active"),
-            pl.col("max").max().alias("max_activation"),
-            (pl.col("sum").sum() / pl.col("n").sum()).cast(pl.Float32).alias("mean_activation"),
-            pl.col("n_image").sum().alias("n_image_active"),
-            pl.col("n_text").sum().alias("n_text_active"),
-            pl.len().alias("n_samples"),
-        )
-        .with_columns(
+    def run(self, codes: pl.LazyFrame) -> "_Aggregate":
+        carry = None
+        for batch in _code_batches(codes):
+            if carry is not None:
+                batch = pl.concat([carry, batch])
+            run = batch["sample_id"].rle_id().to_numpy()
+            last = int(np.searchsorted(run, run[-1])) if len(run) else 0  # the last sample may go on
+            if last > 0:
+                self._add(batch.slice(0, last), run[:last])
+            carry = batch.slice(last)
+        if carry is not None and carry.height:
+            self._add(carry, carry["sample_id"].rle_id().to_numpy())
+        return self
+
+    def _add(self, b: pl.DataFrame, run: np.ndarray) -> None:
+        f = b["feature"].to_numpy().astype(np.int64)
+        a = b["activation"].to_numpy()
+        kind = b["kind"].to_numpy()
+        if not (a >= 0).all():
+            bad = b.filter(~(pl.col("activation") >= 0)).row(0, named=True)
+            raise ValueError(f"codes: activation {bad['activation']} of sample {bad['sample_id']!r} feature {bad['feature']} "
+                             "is negative or NaN (codes hold ReLU'd TopK values)")
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(run)) + 1, [len(run)]])
+        names = b["sample_id"].gather(starts[:-1]).to_list()
+        if self.seen.intersection(names) or len(set(names)) < len(names):
+            dup = next(x for i, x in enumerate(names) if x in self.seen or x in names[:i])
+            raise ValueError(f"codes: the rows of sample {dup!r} are not contiguous (code shards hold each sample's rows "
+                             "together, in one shard)")
+        self.seen.update(names)
+        D = int(f.max()) + 1
+        self.counts = _grow(self.counts, D, 0)
+        self.sums, self.maxs = _grow(self.sums, D, 0.0), _grow(self.maxs, D, -np.inf)
+        self.n_samples = _grow(self.n_samples, D, 0)
+        for m in self.thr:
+            self.thr[m] = _grow(self.thr[m], D, -np.inf)
+        self.counts[:D] += np.bincount(f * 4 + kind, minlength=4 * D).reshape(D, 4)
+        self.sums[:D] += np.bincount(f, weights=a, minlength=D)
+        np.maximum.at(self.maxs, f, a)
+        # activation bits (monotonic for a >= 0) above, 2^31 - 1 - token below: max = largest value, lowest token
+        packed = (a.view(np.int32).astype(np.int64) << 32) | (0x7FFFFFFF - b["token_index"].to_numpy().astype(np.int64))
+        if self.tops and self.rank_by == "max":
+            self._add_max(f, kind, packed, run - run[0], names)
+        per_group = max(1, _CELLS // D)
+        for r0 in range(0, len(names), per_group):
+            r1 = min(r0 + per_group, len(names))
+            rows = slice(starts[r0], starts[r1])
+            self._add_group(f[rows], a[rows], kind[rows], packed[rows], (run[rows] - run[starts[r0]]).astype(np.int64),
+                            names[r0:r1], D)
+
+    def _add_group(self, f, a, kind, packed, local, names, D) -> None:
+        R = len(names)
+        cell = f * R + local  # (feature, sample) cells, feature-major: a feature's samples are contiguous
+        self.n_samples[:D] += (np.bincount(cell, minlength=D * R).reshape(D, R) > 0).sum(1)
+        if not self.tops or self.rank_by == "max":
+            return
+        base, text = kind == _KIND_BASE, kind == _KIND_TEXT
+        slot = np.where(base, cell * 2, np.where(text, cell * 2 + 1, 2 * R * D))  # (cell, image|text), else a spare slot
+        best = np.full(2 * R * D + 1, _NO_ROW, np.int64)
+        np.maximum.at(best, slot, packed)
+        best = best[:-1].reshape(D, R, 2)
+        info = [self.base.get(x, (None, None)) for x in names]
+        for i, modality in enumerate(("image", "text")):
+            cells = best[..., i]
+            keep = self.n * (self.per_file if modality == "image" else 1)  # a feature's top n lie in its best `keep` cells
+            thr = self.thr[modality][:D]
+            if modality == "image" and self.rank_by == "mean":
+                n_base = np.array([np.nan if nb is None else nb for nb, _ in info], np.float64)
+                score = np.bincount(cell[base], weights=a[base], minlength=D * R).reshape(D, R) / n_base[None, :]
+                score[cells == _NO_ROW] = -np.inf
+                cut = thr if R <= keep else np.maximum(thr, np.partition(score, R - keep, axis=1)[:, R - keep])
+                c, r = np.nonzero(score >= np.maximum(cut, np.finfo(np.float64).min)[:, None])
+            else:  # rank by the largest activation: compare its float32 bits (-1 where no row), ties kept
+                hi = cells >> 32
+                cut = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0).astype(np.int64)
+                if R > keep:
+                    cut = np.maximum(cut, np.partition(hi, R - keep, axis=1)[:, R - keep])
+                c, r = np.nonzero(hi >= cut[:, None])
+                score = None
+            if len(r):
+                top = cells[c, r]
+                top_act = (top >> 32).astype(np.int32).view(np.float32)
+                sc = top_act.astype(np.float64) if score is None else score[c, r]
+                self._offer(modality, r, c, sc, top_act, 0x7FFFFFFF - (top & 0xFFFFFFFF), names, info)
+
+    def _add_max(self, f, kind, packed, run, names) -> None:
+        """Top samples by the largest activation, sparse: only rows at or above their feature's
+        current n-th best score can matter; the largest per (feature, sample) of those are offered."""
+        n_runs = len(names)
+        bits = (packed >> 32).astype(np.int32)  # the activation's float32 bits
+        for modality, k in (("image", _KIND_BASE), ("text", _KIND_TEXT)):
+            thr = self.thr[modality]
+            thr_bits = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0)
+            sel = np.flatnonzero((bits >= thr_bits[f]) & (kind == k))
+            if not len(sel):
+                continue
+            cell, best = f[sel] * n_runs + run[sel], packed[sel]
+            order = np.lexsort((best, cell))  # by cell, then value: a cell's largest value comes last
+            cell, best = cell[order], best[order]
+            last = np.flatnonzero(np.append(cell[1:] != cell[:-1], True))
+            cell, best = cell[last], best[last]
+            top_act = (best >> 32).astype(np.int32).view(np.float32)
+            self._offer(modality, cell % n_runs, cell // n_runs, top_act.astype(np.float64), top_act,
+                        0x7FFFFFFF - (best & 0xFFFFFFFF), names, [self.base.get(x, (None, None)) for x in names])
+
+    def _offer(self, modality, r, c, score, top_act, token, names, info) -> None:
+        """Queue candidate cells (sample r, feature c); merged into the top lists in bulk."""
+        cand = {"feature": c.astype(np.int32), "sample_id": pl.Series(names, dtype=pl.String).gather(r), "score": score,
+                "max_activation": top_act, "token_index": token.astype(np.int32)}
+        if modality == "image":
+            cand["image_path"] = pl.Series([p for _, p in info], dtype=pl.String).gather(r)
+        self.pending[modality].append(pl.DataFrame(cand))
+        self.n_pending[modality] += len(r)
+        if self.n_pending[modality] >= _PENDING_ROWS:
+            self._merge(modality)
+
+    def _merge(self, modality) -> None:
+        """Merge the queued candidates into the running top lists of their features (then the
+        thresholds rise: a feature's n-th best score so far)."""
+        if not self.pending[modality]:
+            return
+        cand = pl.concat(self.pending[modality])
+        self.pending[modality], self.n_pending[modality] = [], 0
+        hit = pl.col("feature").is_in(cand["feature"].unique().implode())
+        merged = pl.concat([self.best[modality].filter(hit), cand]).sort(
+            ["feature", "score", "sample_id"], descending=[False, True, False])
+        if modality == "image":  # an image file counts once: its best sample stands for it
+            merged = merged.unique(subset=["feature", "image_path"], keep="first", maintain_order=True)
+        merged = merged.filter(pl.int_range(pl.len()).over("feature") < self.n)
+        self.best[modality] = pl.concat([self.best[modality].filter(~hit), merged])
+        full = merged.group_by("feature").agg(pl.len(), pl.col("score").last()).filter(pl.col("len") == self.n)
+        self.thr[modality][full["feature"].to_numpy()] = full["score"].to_numpy()
+
+    def stats(self, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
+        n = self.counts.sum(1)
+        alive = np.flatnonzero(n)
+        c = self.counts[alive]
+        return pl.DataFrame({
+            "feature": alive.astype(np.int32),
+            "n_tokens_active": n[alive].astype(np.int64),
+            "max_activation": self.maxs[alive],
+            "mean_activation": (self.sums[alive] / n[alive]).astype(np.float32),
+            "n_image": c[:, _KIND_BASE] + c[:, _KIND_IMAGE],
+            "n_text": c[:, _KIND_TEXT],
+            "n_samples": self.n_samples[alive].astype(np.int64),
+        }).select(
+            "feature", "n_tokens_active",
             (pl.col("n_tokens_active") / max(n_tokens, 1)).alias("frequency"),
-            (pl.col("n_image_active") / max(n_image_tokens, 1)).alias("frequency_image"),
-            (pl.col("n_text_active") / max(n_text_tokens, 1)).alias("frequency_text"),
+            "max_activation", "mean_activation",
+            (pl.col("n_image") / max(n_image_tokens, 1)).alias("frequency_image"),
+            (pl.col("n_text") / max(n_text_tokens, 1)).alias("frequency_text"),
+            "n_samples",
         )
-        .select(
-            pl.col("feature").cast(pl.Int32),
-            pl.col("n_tokens_active").cast(pl.Int64),
-            "frequency",
-            "max_activation",
-            "mean_activation",
-            "frequency_image",
-            "frequency_text",
-            pl.col("n_samples").cast(pl.Int64),
-        )
-        .sort("feature")
-    )
 
-
-def _candidates(df: pl.LazyFrame, keep: int) -> pl.LazyFrame:
-    """Rows whose ``score`` is among the ``keep`` largest of their feature (ties at the cut kept):
-    a cheap exact pre-filter before the sorts and de-duplication below."""
-    cut = df.group_by("feature").agg(pl.col("score").top_k(keep).min().alias("cut"))
-    return df.join(cut, on="feature").filter(pl.col("score") >= pl.col("cut")).drop("cut")
-
-
-def _ranked_from_pairs(pairs: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int, rank_by: str) -> pl.LazyFrame:
-    """Top-``n`` (feature, modality, sample) with scores, without the token index.
-
-    A feature's top ``n`` distinct images lie within its ``n * m`` best image samples, where ``m``
-    is the most samples any one image file has (the rest are beaten by n images already), so only
-    those are sorted and de-duplicated.
-    """
-    if rank_by not in ("max", "mean"):
-        raise ValueError(f"features.rank_by: {rank_by!r} is not one of max, mean")
-    per_file = base_view_tokens.group_by("image_path").len()["len"].max() or 1
-    cols = ["feature", "modality", "sample_id", pl.col("score").cast(pl.Float64), "max_activation"]
-    images = (
-        pairs.filter(pl.col("max_base").is_not_null())
-        .join(base_view_tokens.lazy(), on="sample_id", how="left")
-        .with_columns(
-            (pl.col("max_base") if rank_by == "max" else pl.col("sum_base") / pl.col("n_base")).alias("score"),
-            pl.col("max_base").alias("max_activation"),
-            pl.lit("image").alias("modality"),
-        )
-    )
-    per_image = (
-        _candidates(images, n * per_file)
-        .sort(["score", "sample_id"], descending=[True, False])
-        .unique(subset=["feature", "image_path"], keep="first", maintain_order=True)
-        .select(cols)
-    )
-    per_text = _candidates(
-        pairs.filter(pl.col("max_text").is_not_null())
-        .with_columns(pl.col("max_text").alias("score"), pl.col("max_text").alias("max_activation"), pl.lit("text").alias("modality")),
-        n,
-    ).select(cols)
-    return (
-        pl.concat([per_image, per_text])
-        .sort(["score", "sample_id"], descending=[True, False])
-        .with_columns((pl.col("score").rank("ordinal", descending=True).over("feature", "modality") - 1).alias("rank"))
-        .filter(pl.col("rank") < n)
-    )
-
-
-def _with_tokens(codes: pl.LazyFrame, ranked: pl.DataFrame) -> pl.DataFrame:
-    """Add each ranked row's ``token_index``: its sample's most activating token of that modality
-    (base view for images; the lowest index on ties), from a second pass over the codes that
-    keeps only the ranked (feature, sample) pairs."""
-    want = ranked.select("feature", "sample_id", "modality", "max_activation").lazy()
-    tokens = (
-        codes.filter((pl.col("modality") == "text") | (pl.col("view") == 0))
-        .select("feature", "sample_id", "modality", "token_index", "activation")
-        .join(want, on=["feature", "sample_id", "modality"], how="inner")
-        .filter(pl.col("activation") == pl.col("max_activation"))
-        .group_by("feature", "sample_id", "modality")
-        .agg(pl.col("token_index").min())
-        .collect(engine="streaming")
-    )
-    return (
-        ranked.join(tokens, on=["feature", "sample_id", "modality"], how="left")
-        .select(
-            pl.col("feature").cast(pl.Int32),
-            "modality",
-            pl.col("rank").cast(pl.Int16),
-            "sample_id",
-            pl.col("score").cast(pl.Float32),
-            pl.col("max_activation").cast(pl.Float32),
-            pl.col("token_index").cast(pl.Int32),
-        )
-        .sort("feature", "modality", "rank")
-    )
+    def top(self) -> pl.DataFrame:
+        for m in self.pending:
+            self._merge(m)
+        parts = [self.best[m].select("feature", pl.lit(m).alias("modality"), pl.int_range(pl.len()).over("feature").alias("rank"),
+                                     "sample_id", "score", "max_activation", "token_index") for m in ("image", "text")]
+        return pl.concat(parts).select(
+            pl.col("feature").cast(pl.Int32), "modality", pl.col("rank").cast(pl.Int16), "sample_id",
+            pl.col("score").cast(pl.Float32), pl.col("max_activation").cast(pl.Float32), pl.col("token_index").cast(pl.Int32),
+        ).sort("feature", "modality", "rank")
 
 
 def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
-    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), streaming.
+    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), in one streaming pass.
 
     frequency = active tokens / all tokens; frequency_image/text likewise per modality;
     mean_activation is over the tokens where the feature is active; n_samples counts the samples
-    with at least one active token.
+    with at least one active token. Only features active somewhere have a row.
+
+    Raises:
+        ValueError: a sample's rows are not contiguous in ``codes``, or an activation is negative/NaN.
     """
-    return _stats_from_pairs(_pairs(codes), n_tokens, n_image_tokens, n_text_tokens).collect(engine="streaming")
+    return _Aggregate(None, 0, "max").run(codes).stats(n_tokens, n_image_tokens, n_text_tokens)
 
 
 def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5, rank_by: str = "max") -> pl.DataFrame:
@@ -202,29 +290,28 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
     causal attention when the image precedes the prompt): the best-scoring sample stands for it.
 
     Args:
+        codes: the code rows (:func:`scan_codes`); each sample's rows contiguous, as written.
         base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
             sample and its image file (see :func:`base_view_counts`).
 
     Returns:
         ``feature, modality, rank (0-based), sample_id, score, max_activation, token_index`` where
-        token_index is the sample's most activating token of that modality.
+        token_index is the sample's most activating token of that modality (base view for images;
+        the lowest index on ties).
 
     Raises:
-        ValueError: ``rank_by`` is not ``max`` or ``mean``.
+        ValueError: ``rank_by`` is not ``max`` or ``mean``; rows as in :func:`feature_stats`.
     """
-    ranked = _ranked_from_pairs(_pairs(codes), base_view_tokens, n, rank_by).collect(engine="streaming")
-    return _with_tokens(codes, ranked)
+    return _Aggregate(base_view_tokens, n, rank_by).run(codes).top()
 
 
 def stats_and_top_samples(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int,
                           base_view_tokens: pl.DataFrame, n: int, rank_by: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """:func:`feature_stats` and :func:`top_samples` together, aggregating the code rows once:
-    the (feature, sample) pairs are collected once (memory: one row per active pair, not per code
-    row) and both results derive from them; one more pass finds the top samples' tokens."""
-    pairs = _pairs(codes).collect(engine="streaming").lazy()
-    stats, ranked = pl.collect_all([_stats_from_pairs(pairs, n_tokens, n_image_tokens, n_text_tokens),
-                                    _ranked_from_pairs(pairs, base_view_tokens, n, rank_by)])
-    return stats, _with_tokens(codes, ranked)
+    """:func:`feature_stats` and :func:`top_samples` from one streaming pass over the code rows
+    (memory: one batch of rows, a dense (sample, feature) block and the running top lists, flat in
+    the number of rows; see :class:`_Aggregate`)."""
+    agg = _Aggregate(base_view_tokens, n, rank_by).run(codes)
+    return agg.stats(n_tokens, n_image_tokens, n_text_tokens), agg.top()
 
 
 def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_frequent", n: int = 16,
