@@ -201,9 +201,28 @@ class _Aggregate:
             cell, best = cell[order], best[order]
             last = np.flatnonzero(np.append(cell[1:] != cell[:-1], True))
             cell, best = cell[last], best[last]
+            cell, best = self._tighten(modality, cell, best, n_runs)
             top_act = (best >> 32).astype(np.int32).view(np.float32)
             self._offer(modality, cell % n_runs, cell // n_runs, top_act.astype(np.float64), top_act,
                         0x7FFFFFFF - (best & 0xFFFFFFFF), names, [self.base.get(x, (None, None)) for x in names])
+
+    def _tighten(self, modality, cell, best, n_runs):
+        """Raise each feature's threshold to the ``keep``-th best of these (distinct-sample) cells
+        (n of them, times per_file for images: they cover n distinct images), and keep the cells
+        at or above it (ties kept)."""
+        keep = self.n * (self.per_file if modality == "image" else 1)
+        feat, bits = cell // n_runs, best >> 32
+        order = np.lexsort((-bits, feat))  # by feature, then value descending
+        feat_s, bits_s = feat[order], bits[order]
+        first = np.flatnonzero(np.append(True, feat_s[1:] != feat_s[:-1]))
+        size = np.diff(np.append(first, len(feat_s)))
+        full = size >= keep
+        kth = bits_s[first[full] + keep - 1]
+        thr = self.thr[modality]
+        thr[feat_s[first[full]]] = np.maximum(thr[feat_s[first[full]]], kth.astype(np.int32).view(np.float32))
+        cut = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0).astype(np.int64)
+        ok = bits >= cut[feat]
+        return cell[ok], best[ok]
 
     def _offer(self, modality, r, c, score, top_act, token, names, info) -> None:
         """Queue candidate cells (sample r, feature c); merged into the top lists in bulk."""
