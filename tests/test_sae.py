@@ -228,3 +228,27 @@ def test_train_config_defaults_are_the_schema_defaults():
     keys = {k: v["default"] for k, v in schema["properties"]["sae"]["properties"].items() if k not in ("name", "gpus")}
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "device"}
     assert fields == keys
+
+
+def test_train_step_follows_config():
+    """The one step train() and bench/sae_throughput.py share honours aux_coef and grad_clip
+    (the bench's hand copy always ran AuxK and clipping)."""
+    from mmsae.sae.trainer import make_optimizer, train_step
+
+    x = torch.randn(64, 16)
+    dead = torch.ones(64, dtype=torch.bool)  # every latent dead: AuxK would touch all of them
+    for aux_coef, clip in ((0.0, 0.0), (1 / 32, 1e-3)):
+        sae = TopKSAE(16, 64, k=4, seed=0)
+        cfg = TrainConfig(d_sae=64, k=4, aux_coef=aux_coef, grad_clip=clip, k_aux=8)
+        res = train_step(sae, make_optimizer(sae, cfg), x, dead, cfg)
+        grads = torch.cat([p.grad.flatten() for p in sae.parameters()])
+        selected = torch.zeros(64, dtype=torch.bool)
+        selected[res["out"].top_idx.flatten()] = True
+        if aux_coef == 0:
+            assert res["aux_loss"].item() == 0
+            assert sae.W_enc.grad[:, ~selected].abs().sum() == 0  # no AuxK gradient
+        else:
+            assert res["aux_loss"].item() > 0 and sae.W_enc.grad[:, ~selected].abs().sum() > 0
+            assert grads.norm().item() == pytest.approx(clip, rel=1e-4)  # clipped
+        assert res["loss"].item() == pytest.approx(res["fvu"].item() + aux_coef * res["aux_loss"].item())
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))  # unit-norm decoder after the step
