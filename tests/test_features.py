@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from mmsae import code_stats
 from mmsae.features import CODE_SCHEMA, feature_stats, select_features, stats_and_top_samples, top_samples
 from mmsae.io import write_parquet
 from mmsae.maps import activation_mask, highlight, patch_grid
@@ -155,11 +156,9 @@ def test_streamed_selection_equals_naive_computation(tmp_path, monkeypatch, rank
     """Random codes in whole-sample shards, activations on a coarse grid (ties in scores and tokens),
     image files shared by up to 3 samples; batches, dense groups and merges made tiny so that
     samples straddle batches and the running top lists are merged many times."""
-    import mmsae.features as F
-
-    monkeypatch.setattr(F, "_BATCH_ROWS", 97)
-    monkeypatch.setattr(F, "_CELLS", 64)
-    monkeypatch.setattr(F, "_PENDING_ROWS", 50)
+    monkeypatch.setattr(code_stats, "_BATCH_ROWS", 97)
+    monkeypatch.setattr(code_stats, "_CELLS", 64)
+    monkeypatch.setattr(code_stats, "_PENDING_ROWS", 50)
     rng = np.random.default_rng(1)
     rows, shards, images = [], [], {"sample_id": [], "n_base": [], "image_path": []}
     for shard in range(4):
