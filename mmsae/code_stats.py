@@ -29,6 +29,13 @@ def _code_batches(codes: pl.LazyFrame):
         chunk_size=_BATCH_ROWS)
 
 
+def _pack(a: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    """(n,) float32 activations >= 0 and int32 token indices -> (n,) int64 whose maximum is the
+    largest activation and, among equal ones, the lowest token: the float32 bits above,
+    2^31 - 1 - token below."""
+    return (a.view(np.int32).astype(np.int64) << 32) | (0x7FFFFFFF - tok.astype(np.int64))
+
+
 def _grow(arr: np.ndarray, size: int, fill) -> np.ndarray:
     if len(arr) >= size:
         return arr
@@ -127,15 +134,16 @@ class CodeAggregate:
         self.counts[:D] += np.bincount(f * 4 + kind, minlength=4 * D).reshape(D, 4)
         self.sums[:D] += np.bincount(f, weights=a, minlength=D)
         np.maximum.at(self.maxs, f, a)
-        # activation bits (monotonic for a >= 0) above, 2^31 - 1 - token below: max = largest value, lowest token
-        packed = (a.view(np.int32).astype(np.int64) << 32) | (0x7FFFFFFF - b["token_index"].to_numpy().astype(np.int64))
+        tok = b["token_index"].to_numpy()
         if self.tops and self.rank_by == "max":
-            self._add_max(f, kind, packed, run - run[0], names)
+            self._add_max(f, a, kind, tok, run - run[0], names)
+        packed = _pack(a, tok) if self.tops and self.rank_by == "mean" else None
         per_group = max(1, _CELLS // D)
         for r0 in range(0, len(names), per_group):
             r1 = min(r0 + per_group, len(names))
             rows = slice(starts[r0], starts[r1])
-            self._add_group(f[rows], a[rows], kind[rows], packed[rows], (run[rows] - run[starts[r0]]).astype(np.int64),
+            self._add_group(f[rows], a[rows], kind[rows], None if packed is None else packed[rows],
+                            (run[rows] - run[starts[r0]]).astype(np.int64),
                             names[r0:r1], D)
 
     def _add_group(self, f, a, kind, packed, local, names, D) -> None:
@@ -173,18 +181,18 @@ class CodeAggregate:
                 sc = top_act.astype(np.float64) if score is None else score[c, r]
                 self._offer(modality, r, c, sc, top_act, 0x7FFFFFFF - (top & 0xFFFFFFFF), names, info)
 
-    def _add_max(self, f, kind, packed, run, names) -> None:
+    def _add_max(self, f, a, kind, tok, run, names) -> None:
         """Top samples by the largest activation, sparse: only rows at or above their feature's
         current n-th best score can matter; the largest per (feature, sample) of those are offered."""
         n_runs = len(names)
-        bits = (packed >> 32).astype(np.int32)  # the activation's float32 bits
+        bits = a.view(np.int32)  # the activation's float32 bits (ordered as a for a >= 0)
         for modality, k in (("image", _KIND_BASE), ("text", _KIND_TEXT)):
             thr = self.thr[modality]
             thr_bits = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0)
             sel = np.flatnonzero((bits >= thr_bits[f]) & (kind == k))
             if not len(sel):
                 continue
-            cell, best = f[sel] * n_runs + run[sel], packed[sel]
+            cell, best = f[sel] * n_runs + run[sel], _pack(a[sel], tok[sel])
             order = np.lexsort((best, cell))  # by cell, then value: a cell's largest value comes last
             cell, best = cell[order], best[order]
             last = np.flatnonzero(np.append(cell[1:] != cell[:-1], True))
