@@ -2,7 +2,6 @@
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pytest
 from PIL import Image
 
