@@ -193,10 +193,10 @@ class CodeAggregate:
             if not len(sel):
                 continue
             cell, best = f[sel] * n_runs + run[sel], _pack(a[sel], tok[sel])
-            order = np.lexsort((best, cell))  # by cell, then value: a cell's largest value comes last
+            order = np.argsort(cell)
             cell, best = cell[order], best[order]
-            last = np.flatnonzero(np.append(cell[1:] != cell[:-1], True))
-            cell, best = cell[last], best[last]
+            first = np.flatnonzero(np.append(True, cell[1:] != cell[:-1]))
+            cell, best = cell[first], np.maximum.reduceat(best, first)  # each cell's largest packed value
             cell, best = self._tighten(modality, cell, best, n_runs)
             top_act = (best >> 32).astype(np.int32).view(np.float32)
             self._offer(modality, cell % n_runs, cell // n_runs, top_act.astype(np.float64), top_act,
