@@ -16,7 +16,7 @@ import polars as pl
 _KIND_BASE, _KIND_IMAGE, _KIND_TEXT = 1, 2, 3  # code row kinds (0: neither image nor text)
 _BATCH_ROWS = 1 << 20  # code rows per streamed batch
 _CELLS = 1 << 20  # dense (sample, feature) cells per aggregation group; bounds memory with the batch
-_PENDING_ROWS = 1 << 18  # candidate rows queued before a merge into the top lists
+_PENDING_ROWS = 1 << 16  # candidate rows queued before a merge (frequent merges raise the thresholds sooner)
 _NO_ROW = -1  # packed value of a (sample, feature) cell without a row of that kind
 
 
