@@ -4,10 +4,13 @@ on the same activations, d_model, d_sae, k, batch and steps, measured in one pro
 Contestants (each as its own trainer runs a step; none is a project dependency - see
 ``bench/requirements.txt`` for the pinned versions and the install command):
 
-- ours: :class:`mmsae.sae.model.TopKSAE` with the step :func:`mmsae.sae.trainer.train` takes
-  (forward, FVU + AuxK, backward, parallel-gradient removal, clipping, Adam, unit-norm decoder,
-  dead-latent counters), hyperparameters from :class:`~mmsae.sae.trainer.TrainConfig`, b_dec from
-  the geometric median as the trainer does. The trainer's checkpoint I/O and logging are left out.
+- ours: :class:`mmsae.sae.model.TopKSAE` stepped by :func:`mmsae.sae.trainer.train_step`, the
+  function :func:`mmsae.sae.trainer.train` calls (forward, FVU + AuxK, backward, parallel-gradient
+  removal, clipping, Adam, unit-norm decoder), then the trainer's dead-latent counters
+  (:func:`~mmsae.sae.trainer.update_since_fired`); optimiser from
+  :func:`~mmsae.sae.trainer.make_optimizer`, hyperparameters from
+  :class:`~mmsae.sae.trainer.TrainConfig`, b_dec from the geometric median as the trainer does. The
+  trainer's checkpoint I/O and per-step log are left out.
 - SAELens: ``TopKTrainingSAE`` driven by ``SAETrainer._train_step`` (its own step: forward, loss,
   backward, clipping, Adam), default TopK config, the same learning rate.
 - sparsify: ``SparseCoder`` (fused sparse encoder, embedding_bag decoder) with the step its
@@ -49,7 +52,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
 from mmsae.sae.model import TopKSAE, fvu
-from mmsae.sae.trainer import TrainConfig
+from mmsae.sae.trainer import TrainConfig, make_optimizer, train_step, update_since_fired
 
 try:
     from sae_lens.config import SAETrainerConfig
@@ -86,29 +89,18 @@ class Ours:
     name = "ours"
 
     def __init__(self, args, first: torch.Tensor):
-        self.cfg = TrainConfig(d_sae=args.d_sae, k=args.k, batch_size=args.batch)
+        self.cfg = TrainConfig(d_sae=args.d_sae, k=args.k, batch_size=args.batch, lr=args.lr)
         self.sae = TopKSAE(args.d_model, args.d_sae, args.k, seed=self.cfg.seed)
         self.sae.init_b_dec(first, self.cfg.b_dec_init)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=6.25e-10)
-        self.k_aux = self.cfg.k_aux or args.d_model // 2
-        self.since_fired = torch.zeros(args.d_sae, dtype=torch.long)
+        self.opt = make_optimizer(self.sae, self.cfg)
+        self.since_fired = torch.zeros(3, args.d_sae, dtype=torch.long)
+        self.is_image = torch.zeros(args.batch, dtype=torch.bool)
 
     def step(self, x: torch.Tensor) -> float:
-        sae, cfg = self.sae, self.cfg
-        out = sae(x)
-        loss_fvu = fvu(x, out.x_hat)
-        dead = self.since_fired >= cfg.dead_tokens
-        loss = loss_fvu + cfg.aux_coef * sae.auxk_loss(x, out, dead, self.k_aux)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grads()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        self.opt.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            self.since_fired += len(x)
-            self.since_fired[out.top_idx[out.top_vals > 0]] = 0
-        return loss.item()
+        """The trainer's own step (:func:`mmsae.sae.trainer.train_step`) and dead-latent counters."""
+        res = train_step(self.sae, self.opt, x, self.since_fired[0] >= self.cfg.dead_tokens, self.cfg)
+        update_since_fired(self.since_fired, res["out"], self.is_image[:len(x)])
+        return res["loss"].item()
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,11 @@ deleted afterwards.
 
     .venv/bin/python bench/select_top.py [--shards 2 8 32] [--rows-per-shard 400000] [--big-rows 1e8]
 
-Last line: ``select_top shards=N ratio_vs_scan=R rows_per_s_1e8=X peak_rss_mb_1e8=M``.
+Scan and selection run interleaved (scan, select, scan, select, ...; ``--repeats`` pairs) so a
+busy shared CPU slows both alike; the ratio is the median of the per-pair ratios. ``--profile``
+prints cProfile's top functions of one selection at the largest shard count.
+
+Last line: ``select_top shards=N ratio_vs_scan=R rows_per_s_1e8=X peak_rss_mb_1e8=M ratio_vs_scan_1e8=R``.
 """
 
 import argparse
@@ -32,11 +36,14 @@ SIDE, N_TEXT, N_VIEWS, K, D_SAE = 12, 40, 2, 32, 16384
 TOKENS_PER_SAMPLE = SIDE * SIDE * N_VIEWS + N_TEXT
 
 CHILD = r"""
-import json, resource, sys, time
+import cProfile, io, json, pstats, resource, sys, time
 from pathlib import Path
 import polars as pl
 from mmsae.features import base_view_counts, scan_codes, stats_and_top_samples
-kind, d = sys.argv[1], Path(sys.argv[2])
+kind, d, prof = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
+if prof:
+    profiler = cProfile.Profile()
+    profiler.enable()
 paths = sorted(d.glob("codes-*.parquet"))
 t0 = time.perf_counter()
 if kind == "scan":  # every column the selection reads, decoded and reduced trivially
@@ -50,6 +57,11 @@ else:
     stats_and_top_samples(scan_codes(paths), m["n_tokens"], m["n_image_tokens"], m["n_text_tokens"],
                           base_view_counts(samples), n=5, rank_by="max")
 dt = time.perf_counter() - t0
+if prof:
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
+    print(out.getvalue(), file=sys.stderr)
 print(json.dumps({"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -87,9 +99,21 @@ def generate(out: Path, n_shards: int, samples_per_shard: int, seed: int = 0) ->
     return rows
 
 
-def run(kind: str, d: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(d)], capture_output=True, text=True, check=True)
+def run(kind: str, d: Path, profile: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(d), str(int(profile))], capture_output=True, text=True, check=True)
+    if profile:
+        print(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(d: Path, repeats: int) -> tuple[dict, dict, list[float]]:
+    """Interleaved scan, select, scan, select, ...: the medians of each and the per-pair ratios."""
+    scans, sels = [], []
+    for _ in range(repeats):
+        scans.append(run("scan", d))
+        sels.append(run("select", d))
+    med = lambda xs: sorted(xs, key=lambda r: r["seconds"])[len(xs) // 2]  # noqa: E731
+    return med(scans), med(sels), [b["seconds"] / a["seconds"] for a, b in zip(scans, sels)]
 
 
 def main() -> None:
@@ -99,30 +123,38 @@ def main() -> None:
     ap.add_argument("--big-rows", type=float, default=1e8, help="0 to skip the large run")
     ap.add_argument("--big-shards", type=int, default=64)
     ap.add_argument("--tmp", default=tempfile.gettempdir())
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved scan/select pairs per size (median)")
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of one selection run")
     args = ap.parse_args()
     print(f"uptime: {Path('/proc/loadavg').read_text().split()[:3]} (load averages)")
     per_shard = max(1, round(args.rows_per_shard / (TOKENS_PER_SAMPLE * K)))
-    print(f"{'shards':>6} {'rows':>12} {'scan_s':>7} {'select_s':>8} {'ratio':>6} {'scan_MB':>8} {'select_MB':>9}")
+    print(f"{'shards':>6} {'rows':>12} {'scan_s':>7} {'select_s':>8} {'ratio':>6} {'ratios':>16} {'scan_MB':>8} {'select_MB':>9}")
     ratio = None
     for n in args.shards:
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
             rows = generate(Path(d), n, per_shard)
-            scan, sel = run("scan", Path(d)), run("select", Path(d))
-            ratio = sel["seconds"] / scan["seconds"]
+            scan, sel, ratios = measure(Path(d), args.repeats)
+            ratio = sorted(ratios)[len(ratios) // 2]
             print(f"{n:>6} {rows:>12,} {scan['seconds']:>7.2f} {sel['seconds']:>8.2f} {ratio:>6.1f} "
-                  f"{scan['peak_rss_mb']:>8.0f} {sel['peak_rss_mb']:>9.0f}", flush=True)
-    rate = rss = float("nan")
+                  f"{' '.join(f'{r:.1f}' for r in ratios):>16} {scan['peak_rss_mb']:>8.0f} {sel['peak_rss_mb']:>9.0f}", flush=True)
+            if args.profile and n == args.shards[-1]:
+                run("select", Path(d), profile=True)
+    rate = rss = big_ratio = float("nan")
     if args.big_rows:
         d = Path(tempfile.mkdtemp(prefix="select-top-1e8-", dir=args.tmp))
         try:
             samples = max(1, round(args.big_rows / (TOKENS_PER_SAMPLE * K * args.big_shards)))
             rows = generate(d, args.big_shards, samples)
-            sel = run("select", d)
-            rate, rss = rows / sel["seconds"], sel["peak_rss_mb"]
-            print(f"{rows:,} rows in {args.big_shards} shards: {sel['seconds']:.1f} s, {rate:,.0f} rows/s, peak RSS {rss:.0f} MB")
+            scan, sel, ratios = measure(d, 1)
+            rate, rss, big_ratio = rows / sel["seconds"], sel["peak_rss_mb"], ratios[0]
+            print(f"{rows:,} rows in {args.big_shards} shards: select {sel['seconds']:.1f} s, {rate:,.0f} rows/s, peak RSS {rss:.0f} MB; "
+                  f"scan {scan['seconds']:.1f} s, {rows / scan['seconds']:,.0f} rows/s, peak RSS {scan['peak_rss_mb']:.0f} MB; "
+                  f"ratio {big_ratio:.1f}")
         finally:
             shutil.rmtree(d, ignore_errors=True)
-    print(f"select_top shards={args.shards[-1]} ratio_vs_scan={ratio:.2f} rows_per_s_1e8={rate:.0f} peak_rss_mb_1e8={rss:.0f}")
+    print(f"uptime after: {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"select_top shards={args.shards[-1]} ratio_vs_scan={ratio:.2f} rows_per_s_1e8={rate:.0f} peak_rss_mb_1e8={rss:.0f} "
+          f"ratio_vs_scan_1e8={big_ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 * :data:`CODE_SCHEMA` is the schema of the code shards (``codes`` in ``shared/DESIGN.md``) that
   :func:`mmsae.encode_model.encode_corpus` (and :func:`mmsae.sae.encode.encode_shards`) write.
-* :func:`feature_stats` and :func:`top_samples` are lazy polars queries over the code shards,
-  collected with the streaming engine, so memory does not grow with the number of shards.
+* :func:`feature_stats` and :func:`top_samples` (together: :func:`stats_and_top_samples`) stream
+  the code rows once in batches and aggregate them in dense (sample, feature) blocks, so memory does
+  not grow with the number of rows or shards.
 * :func:`select_features` picks the features that go forward to maps, explanations and the report.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from mmsae.code_stats import CodeAggregate
 from mmsae.io import write_parquet
 
 log = logging.getLogger(__name__)
@@ -43,151 +45,17 @@ def scan_codes(paths: list[Path]) -> pl.LazyFrame:
     return pl.scan_parquet([str(p) for p in paths])
 
 
-def _pairs(codes: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per active (feature, sample): token counts by modality, the max and sum of the
-    activation over all its tokens, over its base-view (view 0) image tokens (``*_base``) and over
-    its text tokens (``max_text``); null where the sample has no such token.
-
-    Everything :func:`feature_stats` and :func:`top_samples` need comes from this one hash
-    aggregation over the code rows (the per-feature ``n_unique`` of sample ids, the slow part
-    before, is the number of pairs).
-    """
-    image = pl.col("modality") == "image"
-    text = pl.col("modality") == "text"
-    act = pl.col("activation")
-    return (
-        codes.select(
-            "feature", "sample_id", "activation", image.alias("is_image"), text.alias("is_text"),
-            pl.when(image & (pl.col("view") == 0)).then(act).alias("act_base"),
-            pl.when(text).then(act).alias("act_text"),
-        )
-        .group_by("feature", "sample_id")
-        .agg(
-            pl.len().alias("n"),
-            pl.col("is_image").sum().alias("n_image"),
-            pl.col("is_text").sum().alias("n_text"),
-            act.max().alias("max"),
-            act.cast(pl.Float64).sum().alias("sum"),
-            pl.col("act_base").max().alias("max_base"),
-            pl.col("act_base").cast(pl.Float64).sum().alias("sum_base"),
-            pl.col("act_text").max().alias("max_text"),
-        )
-    )
-
-
-def _stats_from_pairs(pairs: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.LazyFrame:
-    return (
-        pairs.group_by("feature")
-        .agg(
-            pl.col("n").sum().alias("n_tokens_active"),
-            pl.col("max").max().alias("max_activation"),
-            (pl.col("sum").sum() / pl.col("n").sum()).cast(pl.Float32).alias("mean_activation"),
-            pl.col("n_image").sum().alias("n_image_active"),
-            pl.col("n_text").sum().alias("n_text_active"),
-            pl.len().alias("n_samples"),
-        )
-        .with_columns(
-            (pl.col("n_tokens_active") / max(n_tokens, 1)).alias("frequency"),
-            (pl.col("n_image_active") / max(n_image_tokens, 1)).alias("frequency_image"),
-            (pl.col("n_text_active") / max(n_text_tokens, 1)).alias("frequency_text"),
-        )
-        .select(
-            pl.col("feature").cast(pl.Int32),
-            pl.col("n_tokens_active").cast(pl.Int64),
-            "frequency",
-            "max_activation",
-            "mean_activation",
-            "frequency_image",
-            "frequency_text",
-            pl.col("n_samples").cast(pl.Int64),
-        )
-        .sort("feature")
-    )
-
-
-def _candidates(df: pl.LazyFrame, keep: int) -> pl.LazyFrame:
-    """Rows whose ``score`` is among the ``keep`` largest of their feature (ties at the cut kept):
-    a cheap exact pre-filter before the sorts and de-duplication below."""
-    cut = df.group_by("feature").agg(pl.col("score").top_k(keep).min().alias("cut"))
-    return df.join(cut, on="feature").filter(pl.col("score") >= pl.col("cut")).drop("cut")
-
-
-def _ranked_from_pairs(pairs: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int, rank_by: str) -> pl.LazyFrame:
-    """Top-``n`` (feature, modality, sample) with scores, without the token index.
-
-    A feature's top ``n`` distinct images lie within its ``n * m`` best image samples, where ``m``
-    is the most samples any one image file has (the rest are beaten by n images already), so only
-    those are sorted and de-duplicated.
-    """
-    if rank_by not in ("max", "mean"):
-        raise ValueError(f"features.rank_by: {rank_by!r} is not one of max, mean")
-    per_file = base_view_tokens.group_by("image_path").len()["len"].max() or 1
-    cols = ["feature", "modality", "sample_id", pl.col("score").cast(pl.Float64), "max_activation"]
-    images = (
-        pairs.filter(pl.col("max_base").is_not_null())
-        .join(base_view_tokens.lazy(), on="sample_id", how="left")
-        .with_columns(
-            (pl.col("max_base") if rank_by == "max" else pl.col("sum_base") / pl.col("n_base")).alias("score"),
-            pl.col("max_base").alias("max_activation"),
-            pl.lit("image").alias("modality"),
-        )
-    )
-    per_image = (
-        _candidates(images, n * per_file)
-        .sort(["score", "sample_id"], descending=[True, False])
-        .unique(subset=["feature", "image_path"], keep="first", maintain_order=True)
-        .select(cols)
-    )
-    per_text = _candidates(
-        pairs.filter(pl.col("max_text").is_not_null())
-        .with_columns(pl.col("max_text").alias("score"), pl.col("max_text").alias("max_activation"), pl.lit("text").alias("modality")),
-        n,
-    ).select(cols)
-    return (
-        pl.concat([per_image, per_text])
-        .sort(["score", "sample_id"], descending=[True, False])
-        .with_columns((pl.col("score").rank("ordinal", descending=True).over("feature", "modality") - 1).alias("rank"))
-        .filter(pl.col("rank") < n)
-    )
-
-
-def _with_tokens(codes: pl.LazyFrame, ranked: pl.DataFrame) -> pl.DataFrame:
-    """Add each ranked row's ``token_index``: its sample's most activating token of that modality
-    (base view for images; the lowest index on ties), from a second pass over the codes that
-    keeps only the ranked (feature, sample) pairs."""
-    want = ranked.select("feature", "sample_id", "modality", "max_activation").lazy()
-    tokens = (
-        codes.filter((pl.col("modality") == "text") | (pl.col("view") == 0))
-        .select("feature", "sample_id", "modality", "token_index", "activation")
-        .join(want, on=["feature", "sample_id", "modality"], how="inner")
-        .filter(pl.col("activation") == pl.col("max_activation"))
-        .group_by("feature", "sample_id", "modality")
-        .agg(pl.col("token_index").min())
-        .collect(engine="streaming")
-    )
-    return (
-        ranked.join(tokens, on=["feature", "sample_id", "modality"], how="left")
-        .select(
-            pl.col("feature").cast(pl.Int32),
-            "modality",
-            pl.col("rank").cast(pl.Int16),
-            "sample_id",
-            pl.col("score").cast(pl.Float32),
-            pl.col("max_activation").cast(pl.Float32),
-            pl.col("token_index").cast(pl.Int32),
-        )
-        .sort("feature", "modality", "rank")
-    )
-
-
 def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
-    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), streaming.
+    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), in one streaming pass.
 
     frequency = active tokens / all tokens; frequency_image/text likewise per modality;
     mean_activation is over the tokens where the feature is active; n_samples counts the samples
-    with at least one active token.
+    with at least one active token. Only features active somewhere have a row.
+
+    Raises:
+        ValueError: a sample's rows are not contiguous in ``codes``, or an activation is negative/NaN.
     """
-    return _stats_from_pairs(_pairs(codes), n_tokens, n_image_tokens, n_text_tokens).collect(engine="streaming")
+    return CodeAggregate(None, 0, "max").run(codes).stats(n_tokens, n_image_tokens, n_text_tokens)
 
 
 def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5, rank_by: str = "max") -> pl.DataFrame:
@@ -202,29 +70,28 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
     causal attention when the image precedes the prompt): the best-scoring sample stands for it.
 
     Args:
+        codes: the code rows (:func:`scan_codes`); each sample's rows contiguous, as written.
         base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
             sample and its image file (see :func:`base_view_counts`).
 
     Returns:
         ``feature, modality, rank (0-based), sample_id, score, max_activation, token_index`` where
-        token_index is the sample's most activating token of that modality.
+        token_index is the sample's most activating token of that modality (base view for images;
+        the lowest index on ties).
 
     Raises:
-        ValueError: ``rank_by`` is not ``max`` or ``mean``.
+        ValueError: ``rank_by`` is not ``max`` or ``mean``; rows as in :func:`feature_stats`.
     """
-    ranked = _ranked_from_pairs(_pairs(codes), base_view_tokens, n, rank_by).collect(engine="streaming")
-    return _with_tokens(codes, ranked)
+    return CodeAggregate(base_view_tokens, n, rank_by).run(codes).top()
 
 
 def stats_and_top_samples(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int,
                           base_view_tokens: pl.DataFrame, n: int, rank_by: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """:func:`feature_stats` and :func:`top_samples` together, aggregating the code rows once:
-    the (feature, sample) pairs are collected once (memory: one row per active pair, not per code
-    row) and both results derive from them; one more pass finds the top samples' tokens."""
-    pairs = _pairs(codes).collect(engine="streaming").lazy()
-    stats, ranked = pl.collect_all([_stats_from_pairs(pairs, n_tokens, n_image_tokens, n_text_tokens),
-                                    _ranked_from_pairs(pairs, base_view_tokens, n, rank_by)])
-    return stats, _with_tokens(codes, ranked)
+    """:func:`feature_stats` and :func:`top_samples` from one streaming pass over the code rows
+    (memory: one batch of rows, a dense (sample, feature) block and the running top lists, flat in
+    the number of rows; see :class:`_Aggregate`)."""
+    agg = CodeAggregate(base_view_tokens, n, rank_by).run(codes)
+    return agg.stats(n_tokens, n_image_tokens, n_text_tokens), agg.top()
 
 
 def select_features(stats: pl.DataFrame, tops: pl.DataFrame, mode: str = "most_frequent", n: int = 16,

@@ -2,10 +2,10 @@
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pytest
 from PIL import Image
 
+from mmsae import code_stats
 from mmsae.features import CODE_SCHEMA, feature_stats, select_features, stats_and_top_samples, top_samples
 from mmsae.io import write_parquet
 from mmsae.maps import activation_mask, highlight, patch_grid
@@ -111,3 +111,93 @@ def test_top_tokens_and_one_pass_selection_agree_with_brute_force(codes):
         assert r["token_index"] == best
     stats, tops2 = stats_and_top_samples(lazy, n_tokens, 128, n_tokens - 128, images, n=3, rank_by="max")
     assert stats.equals(feature_stats(lazy, n_tokens, 128, n_tokens - 128)) and tops2.equals(tops)
+
+
+def _naive(rows, images, n, rank_by):
+    """Plain-Python reference: stats and top samples straight from the definitions."""
+    by_f = {}
+    for r in rows:
+        by_f.setdefault(r["feature"], []).append(r)
+    stats = {}
+    for f, rs in by_f.items():
+        acts = [r["activation"] for r in rs]
+        stats[f] = (len(rs), max(acts), np.float32(sum(float(a) for a in acts) / len(rs)),
+                    sum(r["modality"] == "image" for r in rs), sum(r["modality"] == "text" for r in rs), len({r["sample_id"] for r in rs}))
+    n_base = dict(zip(images["sample_id"], images["n_base"]))
+    path = dict(zip(images["sample_id"], images["image_path"]))
+    tops = []
+    for f, rs in sorted(by_f.items()):
+        for modality in ("image", "text"):
+            per = {}
+            for r in rs:
+                if r["modality"] == modality and (modality == "text" or r["view"] == 0):
+                    per.setdefault(r["sample_id"], []).append(r)
+            cand = []
+            for sid, g in per.items():
+                top = max(r["activation"] for r in g)
+                tok = min(r["token_index"] for r in g if r["activation"] == top)
+                score = float(top) if modality == "text" or rank_by == "max" else sum(float(r["activation"]) for r in g) / n_base[sid]
+                cand.append((-score, sid, top, tok))
+            cand.sort()
+            if modality == "image":
+                seen, kept = set(), []
+                for c in cand:
+                    if path[c[1]] not in seen:
+                        seen.add(path[c[1]])
+                        kept.append(c)
+                cand = kept
+            tops += [(f, modality, i, sid, np.float32(-s), top, tok) for i, (s, sid, top, tok) in enumerate(cand[:n])]
+    return stats, tops
+
+
+@pytest.mark.parametrize("rank_by", ["max", "mean"])
+def test_streamed_selection_equals_naive_computation(tmp_path, monkeypatch, rank_by):
+    """Random codes in whole-sample shards, activations on a coarse grid (ties in scores and tokens),
+    image files shared by up to 3 samples; batches, dense groups and merges made tiny so that
+    samples straddle batches and the running top lists are merged many times."""
+    monkeypatch.setattr(code_stats, "_BATCH_ROWS", 97)
+    monkeypatch.setattr(code_stats, "_CELLS", 64)
+    monkeypatch.setattr(code_stats, "_PENDING_ROWS", 50)
+    rng = np.random.default_rng(1)
+    rows, shards, images = [], [], {"sample_id": [], "n_base": [], "image_path": []}
+    for shard in range(4):
+        part = []
+        for j in range(int(rng.integers(3, 9))):
+            sid = f"x{rng.integers(10**6):06d}-{shard}-{j}"  # ids not in file order
+            n_img = 0 if j % 4 == 3 else 12
+            if n_img:
+                images["sample_id"].append(sid)
+                images["n_base"].append(8)
+                images["image_path"].append(f"img{int(rng.integers(0, 6))}.png")
+            for t in range(n_img + 4):
+                img = t < n_img
+                for f in rng.choice(20, size=3, replace=False):
+                    part.append({"sample_id": sid, "token_index": t, "modality": "image" if img else "text",
+                                 "view": (0 if t < 8 else 1) if img else -1, "patch_row": t // 4 if img else -1,
+                                 "patch_col": t % 4 if img else -1, "feature": int(f),
+                                 "activation": np.float32(rng.integers(1, 8) * 0.25)})
+        write_parquet(tmp_path / f"codes-{shard}.parquet", pl.DataFrame(part).to_arrow().cast(CODE_SCHEMA))
+        shards.append(tmp_path / f"codes-{shard}.parquet")
+        rows += part
+    images = pl.DataFrame(images)
+    n_tok, n_img = 1000, 600
+    stats, tops = stats_and_top_samples(pl.scan_parquet([str(p) for p in shards]), n_tok, n_img, n_tok - n_img, images, n=4, rank_by=rank_by)
+    want_stats, want_tops = _naive(rows, images.to_dict(as_series=False), 4, rank_by)
+    assert stats["feature"].to_list() == sorted(want_stats)
+    for r in stats.iter_rows(named=True):
+        n, mx, mean, n_i, n_t, n_s = want_stats[r["feature"]]
+        assert (r["n_tokens_active"], r["max_activation"], r["mean_activation"], r["n_samples"]) == (n, mx, mean, n_s)
+        assert (r["frequency"], r["frequency_image"], r["frequency_text"]) == pytest.approx((n / n_tok, n_i / n_img, n_t / (n_tok - n_img)))
+    assert [tuple(r) for r in tops.iter_rows()] == want_tops
+    assert tops.schema == pl.Schema({"feature": pl.Int32, "modality": pl.String, "rank": pl.Int16, "sample_id": pl.String,
+                                     "score": pl.Float32, "max_activation": pl.Float32, "token_index": pl.Int32})
+
+
+def test_non_contiguous_or_negative_codes_are_rejected(codes):
+    df, _, images, n_tokens = codes
+    shuffled = pl.concat([df.slice(0, 10), df.slice(100, 10), df.slice(10, 10)]).lazy()  # s0's rows split by s1's
+    with pytest.raises(ValueError, match="not contiguous"):
+        feature_stats(shuffled, n_tokens, 128, n_tokens - 128)
+    bad = df.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(-1.0).otherwise(pl.col("activation")).alias("activation")).lazy()
+    with pytest.raises(ValueError, match="negative or NaN"):
+        top_samples(bad, images, n=3)

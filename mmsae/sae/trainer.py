@@ -36,7 +36,7 @@ from mmsae.io import config_hash
 from mmsae.sae.checkpoint import load_checkpoint, reproducible, save_checkpoint
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.distributed import maybe_all_reduce, maybe_barrier, maybe_ddp, rank_world
-from mmsae.sae.model import TopKSAE, fvu
+from mmsae.sae.model import SAEOutput, TopKSAE, fvu
 from mmsae.sae.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,69 @@ def _subset_fvu(x, x_hat, mask):
     return fvu(x[mask], x_hat[mask]).item() if mask.sum() > 1 else float("nan")
 
 
+
+def make_optimizer(sae: TopKSAE, cfg: TrainConfig) -> torch.optim.Adam:
+    """The trainer's optimiser: Adam at ``cfg.learning_rate()``, betas (0.9, 0.999), eps 6.25e-10
+    (Gao et al. 2024; the schedule then sets each step's lr)."""
+    return torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), betas=(0.9, 0.999), eps=6.25e-10)
+
+
+def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
+               model: torch.nn.Module | None = None) -> dict:
+    """One optimiser step of the TopK SAE, exactly as :func:`train` takes it (the benchmark
+    ``bench/sae_throughput.py`` times this function).
+
+    Forward, loss = FVU + ``cfg.aux_coef`` * AuxK (AuxK over the ``dead`` latents with
+    k_aux = ``cfg.k_aux`` or d_model // 2; skipped when aux_coef is 0), backward, removal of the
+    decoder gradient parallel to each decoder row, gradient-norm clipping at ``cfg.grad_clip``
+    (0 = off), ``opt.step()``, unit-norm decoder rows. The learning rate is whatever ``opt`` holds
+    (:func:`train` sets it from the schedule before each step).
+
+    Args:
+        sae: the SAE (its parameters are what ``opt`` updates).
+        opt: the optimiser (:func:`make_optimizer`).
+        x: (n, d_model) activations on the SAE's device.
+        dead: (d_sae,) bool, latents dead before this step.
+        cfg: hyperparameters.
+        model: what the forward runs through: the DistributedDataParallel wrapper of ``sae`` under
+            ``torch.distributed`` (gradients averaged over ranks); None = ``sae``.
+
+    Returns:
+        ``out`` (the :class:`~mmsae.sae.model.SAEOutput`), and the scalar tensors ``loss``,
+        ``fvu`` and ``aux_loss`` (still attached to the graph, not synchronised to the host).
+    """
+    out = (sae if model is None else model)(x)
+    loss_fvu = fvu(x, out.x_hat)
+    k_aux = cfg.k_aux or sae.d_model // 2
+    aux = sae.auxk_loss(x, out, dead, k_aux) if cfg.aux_coef > 0 else x.new_zeros(())
+    loss = loss_fvu + cfg.aux_coef * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP, gradients arrive averaged over ranks
+    sae.remove_parallel_grads()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    opt.step()
+    sae.normalize_decoder()
+    return {"out": out, "loss": loss, "fvu": loss_fvu, "aux_loss": aux}
+
+
+@torch.no_grad()
+def update_since_fired(since_fired: torch.Tensor, out: SAEOutput, is_image: torch.Tensor) -> None:
+    """Advance the "tokens since last fired" counters in place after a step.
+
+    since_fired: (3, d_sae) int64, rows: all tokens, image tokens, text tokens; out: the step's
+    forward output; is_image: (n,) bool. Each row grows by the number of tokens of its kind (summed
+    over ranks) and is reset to 0 for latents active (value > 0) on such a token on any rank.
+    """
+    active = out.top_vals > 0
+    fired = torch.zeros_like(since_fired, dtype=torch.int32)
+    counts = torch.zeros(3, dtype=torch.long, device=since_fired.device)
+    for row, mask in enumerate((torch.ones_like(is_image), is_image, ~is_image)):
+        counts[row] = mask.sum()
+        fired[row, out.top_idx[mask][active[mask]]] = 1
+    since_fired += maybe_all_reduce(counts, "sum")[:, None]  # global token counts
+    since_fired[maybe_all_reduce(fired, "max").bool()] = 0  # fired on any rank
+
 def train(
     stream: ActivationStream,
     d_model: int,
@@ -192,8 +255,7 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
     torch.manual_seed(cfg.seed)
     rank, _ = rank_world()
     sae = TopKSAE(d_model, cfg.d_sae, cfg.k, seed=cfg.seed).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(), betas=(0.9, 0.999), eps=6.25e-10)
-    k_aux = cfg.k_aux or d_model // 2
+    opt = make_optimizer(sae, cfg)
     chash = config_hash({**asdict(cfg), "device": None, "checkpoint_version": CHECKPOINT_VERSION, "d_model": d_model,
                          "data": stream.identity()})
     state = load_checkpoint(ckpt_path, chash, device)
@@ -225,27 +287,11 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
         lr = cfg_lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = model(x)
-        loss_fvu = fvu(x, out.x_hat)
-        dead = since_fired[0] >= cfg.dead_tokens
-        aux = sae.auxk_loss(x, out, dead, k_aux) if cfg.aux_coef > 0 else x.new_zeros(())
-        loss = loss_fvu + cfg.aux_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP, gradients arrive averaged over ranks
-        sae.remove_parallel_grads()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sae.normalize_decoder()
+        step_out = train_step(sae, opt, x, since_fired[0] >= cfg.dead_tokens, cfg, model=model)
+        out, loss, loss_fvu, aux = step_out["out"], step_out["loss"], step_out["fvu"], step_out["aux_loss"]
         with torch.no_grad():
             active = out.top_vals > 0
-            fired = torch.zeros(3, cfg.d_sae, dtype=torch.int32, device=device)
-            counts = torch.zeros(3, dtype=torch.long, device=device)
-            for row, mask in enumerate((torch.ones_like(is_image), is_image, ~is_image)):
-                counts[row] = mask.sum()
-                fired[row, out.top_idx[mask][active[mask]]] = 1
-            since_fired += maybe_all_reduce(counts, "sum")[:, None]  # global token counts
-            since_fired[maybe_all_reduce(fired, "max").bool()] = 0  # fired on any rank
+            update_since_fired(since_fired, out, is_image)
             dead_now = (since_fired >= cfg.dead_tokens).float().mean(1).tolist()
             x_hat = out.x_hat.detach()
             means = maybe_all_reduce(torch.stack([loss, loss_fvu, aux, active.sum() / len(x)]).detach().double(), "mean")
