@@ -85,6 +85,7 @@ RERUNS: dict[str, set[str]] = {
     "sae.normalize_activations": TRAIN,
     "sae.exclude_norm_above": TRAIN,
     "sae.checkpoint_every": NONE,
+    "sae.source": TRAIN,  # online: train_sae reads the model instead of the activations
     "features.top_n": SELECT,
     "features.rank_by": SELECT,
     "features.map_threshold": MAPS,
