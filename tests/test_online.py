@@ -47,14 +47,21 @@ def _cached(subject, samples, tmp: Path, shard_tokens: int, opts: dict) -> dict:
     return train_from_manifest(tmp / "acts" / "manifest.json", opts, "cpu", tmp / "ckpt-c", tmp / "sae-c")
 
 
-def test_online_equals_cached_when_shards_hold_one_sample(subject, tmp_path):
+def test_online_equals_cached_when_shards_hold_one_sample(subject, tmp_path, monkeypatch):
     """With one sample per shard and nothing held out, an epoch's shard order and sample order are the same
     draw and the rows are the same forward passes, so online training is the cached training, bit for bit:
     the shuffle buffer, b_dec initialisation, epochs and special-token exclusion are shared, not re-implemented."""
     samples = build_corpus(CORPUS)
-    opts = {**OPTS, "heldout_fraction": 0.0, "steps": 60}
+    opts = {**OPTS, "heldout_fraction": 0.0, "steps": 30}
     cached = _cached(subject, samples, tmp_path, shard_tokens=1, opts=opts)
+    writes = []
+    real_write = pq.write_table
+    monkeypatch.setattr(pq, "write_table", lambda table, where, **kw: (writes.append(str(where)), real_write(table, where, **kw)))
     online = train_online(_source(subject, samples), opts, "cpu", tmp_path / "ckpt-o", tmp_path / "sae-o")
+    # online writes no activation shard: its only Parquet file is the training log
+    assert [Path(w).name.split(".")[1] for w in writes] == ["log"], writes
+    assert sorted(p.name for p in (tmp_path / "sae-o").iterdir()) == ["cfg.json", "heldout.json", "log.parquet", "metrics.json",
+                                                                       "sae_weights.safetensors"]
     assert online["source"] == "online" and cached["source"] == "cache"
     assert online["final_train_fvu"] == cached["final_train_fvu"]
     a, _ = load_sae(tmp_path / "sae-c")
@@ -66,20 +73,18 @@ def test_online_equals_cached_when_shards_hold_one_sample(subject, tmp_path):
     assert online["data"]["n_tokens"] == json.loads((tmp_path / "acts/manifest.json").read_text())["n_tokens"]
 
 
-def test_online_and_cached_reach_the_same_heldout_fvu(subject, tmp_path, monkeypatch):
+@pytest.mark.slow  # ~3 min on the shared 2-core VM: ten epochs of forward passes over the corpus, plus extraction
+def test_online_and_cached_reach_the_same_heldout_fvu(subject, tmp_path):
     """At token fraction 1, default shard size (several samples per shard) and a held-out split by image:
-    the same held-out samples, and held-out FVU within 0.03 (absolute; FVU here is ~0.1-0.3).
+    the same held-out samples and rows, and held-out FVU within 0.015 (absolute; FVU is ~0.055 here).
 
-    Why 0.03: the two paths differ only in the order rows reach the buffer (a shard's samples move together
-    when cached), i.e. in SGD noise. Re-training the cached SAE under other seeds moves held-out FVU by
-    about 0.005-0.01 on this corpus; 0.03 is three times that, while a broken split, missing special-token
-    exclusion or untrained SAE moves it by 0.1 or more.
+    Why 0.015: the two paths differ only in the order rows reach the buffer (a shard's samples move together
+    when cached), i.e. in SGD noise. Measured on this corpus and these settings (2026-12-01): cached held-out
+    FVU under seeds 0, 1, 2 was 0.0557, 0.0529, 0.0563 (spread 0.0034); online under seeds 0, 1 was 0.0596,
+    0.0531 (0.0039 from cached at seed 0). 0.015 is about four times the seed-to-seed spread.
     """
     samples = build_corpus(CORPUS)
     cached = _cached(subject, samples, tmp_path, shard_tokens=1024, opts=OPTS)
-    writes = []
-    real_write = pq.write_table
-    monkeypatch.setattr(pq, "write_table", lambda table, where, **kw: (writes.append(str(where)), real_write(table, where, **kw)))
     online = train_online(_source(subject, samples), OPTS, "cpu", tmp_path / "ckpt-o", tmp_path / "sae-o")
     held_c = json.loads((tmp_path / "sae-c/heldout.json").read_text())
     held_o = json.loads((tmp_path / "sae-o/heldout.json").read_text())
@@ -87,12 +92,9 @@ def test_online_and_cached_reach_the_same_heldout_fvu(subject, tmp_path, monkeyp
     assert any(s.startswith("img-") for s in held_o) and any(s.startswith("txt-") for s in held_o)
     ho_c, ho_o = cached["heldout"], online["heldout"]
     assert ho_o["n_tokens"] == ho_c["n_tokens"] > 0  # the same held-out rows
-    assert abs(ho_o["fvu"] - ho_c["fvu"]) < 0.03, (ho_o["fvu"], ho_c["fvu"])
-    assert ho_o["fvu"] < 0.5
+    assert abs(ho_o["fvu"] - ho_c["fvu"]) < 0.015, (ho_o["fvu"], ho_c["fvu"])
+    assert ho_o["fvu"] < 0.2  # trained
     assert online["tokens_trained"] == OPTS["steps"] * OPTS["batch_size"]
-    # nothing but the training log is written as Parquet online: no activation shard
-    assert [Path(w).name.split(".")[1] for w in writes] == ["log"], writes
-    assert not list(tmp_path.glob("sae-o/**/shard-*")) and not list(tmp_path.glob("ckpt-o/**/*.parquet"))
 
 
 def test_heldout_samples_are_never_forwarded_for_training(subject):
@@ -115,6 +117,7 @@ def test_heldout_samples_are_never_forwarded_for_training(subject):
         x, m = next(it)
         assert x.shape == (32, 64) and x.dtype == torch.float32 and m.dtype == torch.bool
     assert forwarded and not set(forwarded) & held
+    it.close()  # its suspended forward loop holds a hook on the model
     # rows of a sample without special tokens: the count of kept rows is the count of non-special tokens
     s2 = OnlineStream(_source(subject, samples[-1:]), 8, 0, 16, [], special)
     x, _ = s2._take(s2._rows(samples[-1:], train=False), 10_000)

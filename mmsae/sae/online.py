@@ -158,6 +158,7 @@ class OnlineStream(ShuffledStream):
         self.exclude = np.array(sorted(set(exclude_token_ids or [])), dtype=np.int64)
         self.max_norm, self.scale = max_norm, scale
         self.seen = _Seen()
+        self._open: list = []
 
     def identity(self) -> dict:
         """What the stream's content depends on (hashed into the trainer's checkpoint)."""
@@ -215,6 +216,13 @@ class OnlineStream(ShuffledStream):
         order = rng.permutation(len(self.train_samples))
         yield from self._rows([self.train_samples[i] for i in order], train=True)
 
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`ShuffledStream.train_batches`, remembered so that :meth:`heldout` can stop it first: a
+        suspended forward loop keeps its hook on the model (which would end the next forward early)."""
+        gen = super().train_batches()
+        self._open.append(gen)
+        return gen
+
     def _take(self, rows: Iterator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` rows of ``rows`` (stops forwarding once it has them)."""
         xs, ms, got = [], [], 0
@@ -247,6 +255,8 @@ class OnlineStream(ShuffledStream):
 
     def heldout(self, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The held-out rows (at most ``max_tokens``, corpus order, outliers included, unscaled) as ``(x, is_image)``."""
+        while self._open:
+            self._open.pop().close()
         x, m = self._take(self._rows(self.heldout_samples, train=False), max_tokens)
         if not len(x):
             return torch.empty(0), torch.empty(0, dtype=torch.bool)
