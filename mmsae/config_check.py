@@ -27,7 +27,7 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
         errors.append(f"sae.k={sae['k']} is larger than sae.d_sae={sae['d_sae']}")
     if sae.get("k_aux") is not None and sae["k_aux"] > sae["d_sae"]:
         errors.append(f"sae.k_aux={sae['k_aux']} is larger than sae.d_sae={sae['d_sae']}")
-    if sae.get("source") == "online" and sae["gpus"] > 1:
+    if sae.get("source") == "online" and sae.get("gpus", 1) > 1:
         errors.append(f"sae.source='online' trains in one process: set sae.gpus to 1 (is {sae['gpus']})")
     if corpus["source"] in ("folder", "table"):
         if not corpus.get("path"):

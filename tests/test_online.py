@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from mmsae.activations import ExtractConfig, extract
+from mmsae.config_check import config_errors
 from mmsae.data import build_corpus
 from mmsae.models import load_subject_model
 from mmsae.sae.online import ModelSource, OnlineStream, special_token_ids, token_fractions, train_online
@@ -141,3 +143,11 @@ def test_token_fraction_subsamples_deterministically(subject):
     assert token_fractions(1.0) is None and token_fractions({"image": 1, "text": 1}) is None
     with pytest.raises(ValueError, match="token_fraction"):
         token_fractions({"image": 1.5})
+
+
+def test_online_with_several_gpus_is_refused_at_load():
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    cfg["sae"] |= {"source": "online", "gpus": 2}
+    assert any("sae.source='online'" in e and "sae.gpus" in e for e in config_errors(cfg))
+    cfg["sae"]["gpus"] = 1
+    assert not any("sae.source" in e for e in config_errors(cfg))
