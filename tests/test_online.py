@@ -75,7 +75,6 @@ def test_online_equals_cached_when_shards_hold_one_sample(subject, tmp_path, mon
     assert online["data"]["n_tokens"] == json.loads((tmp_path / "acts/manifest.json").read_text())["n_tokens"]
 
 
-@pytest.mark.slow  # ~3 min on the shared 2-core VM: ten epochs of forward passes over the corpus, plus extraction
 def test_online_and_cached_reach_the_same_heldout_fvu(subject, tmp_path):
     """At token fraction 1, default shard size (several samples per shard) and a held-out split by image:
     the same held-out samples and rows, and held-out FVU within 0.015 (absolute; FVU is ~0.055 here).
