@@ -53,6 +53,8 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
         errors.append(f"sae.k={sae['k']} is larger than sae.d_sae={sae['d_sae']}")
     if sae.get("k_aux") is not None and sae["k_aux"] > sae["d_sae"]:
         errors.append(f"sae.k_aux={sae['k_aux']} is larger than sae.d_sae={sae['d_sae']}")
+    if sae.get("source") == "online" and sae.get("gpus", 1) > 1:
+        errors.append(f"sae.source='online' trains in one process: set sae.gpus to 1 (is {sae['gpus']})")
     for role in CORPUS_ROLES:
         errors += corpus_errors(config["corpus"][role], f"corpus.{role}", base_dir)
     explain = config.get("explain", {})

@@ -101,6 +101,7 @@ RERUNS: dict[str, set[str]] = {
     "sae.normalize_activations": TRAIN,
     "sae.exclude_norm_above": TRAIN,
     "sae.checkpoint_every": NONE,
+    "sae.source": TRAIN,  # online: train_sae reads the model instead of the activations
     "loss_recovered.enabled": REPORT,
     "loss_recovered.max_samples": {"loss_recovered"} | REPORT,
     "features.top_n": SELECT,

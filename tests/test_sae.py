@@ -225,7 +225,7 @@ def test_resume_is_bit_identical_with_another_thread_count_and_rng_use(tmp_path)
 def test_train_config_defaults_are_the_schema_defaults():
     """Defaults live in config/schema.yaml; TrainConfig mirrors them and has a field for every key."""
     schema = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
-    keys = {k: v["default"] for k, v in schema["properties"]["sae"]["properties"].items() if k not in ("name", "gpus")}
+    keys = {k: v["default"] for k, v in schema["properties"]["sae"]["properties"].items() if k not in ("name", "gpus", "source")}
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "device"}
     assert fields == keys
 

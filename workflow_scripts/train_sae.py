@@ -1,11 +1,15 @@
-"""Entry point of rule train_sae: train the TopK SAE (under torchrun with DDP when the rule gets more
-than one GPU), save it in SAELens's layout with metrics."""
+"""Entry point of rule train_sae: train the TopK SAE on the activation shards (under torchrun with DDP
+when the rule gets more than one GPU) or, with sae.source online, on the model's forward passes over the
+training corpus; save it in SAELens's layout with metrics."""
 
 import json
 import subprocess
 import sys
 
+from mmsae.data import build_corpus
 from mmsae.gpu import resolve_device
+from mmsae.models import load_subject_model
+from mmsae.sae.online import ModelSource, token_fractions, train_online
 from mmsae.sae.run import train_from_manifest
 from mmsae.workflow import setup
 
@@ -13,8 +17,19 @@ sm = snakemake  # noqa: F821
 gpus = int(getattr(sm.resources, "gpu", 0))
 log = setup(sm.log[0], sm.threads, gpus)
 opts = {**sm.params.sae, "checkpoint_every": sm.config["sae"]["checkpoint_every"]}  # how often to save is not a result
+source = opts.pop("source")
 out_dir = sm.output.cfg.rsplit("/", 1)[0]
-if gpus > 1:
+if source == "online":
+    if gpus > 1:
+        raise ValueError(f"sae.source online trains in one process: set sae.gpus to 1 (is {gpus})")
+    p = sm.params.online
+    ex = p["extract"]
+    subject = load_subject_model(p["model"], dtype=p["dtype"], device=sm.params.device)
+    model_source = ModelSource(subject, build_corpus(p["corpus"]), p["hook_point"], ex["batch_size"], ex["max_image_pixels"],
+                               token_fractions(ex["token_fraction"]), ex["seed"], identity=p)
+    metrics = train_online(model_source, opts, resolve_device(sm.params.device), sm.params.checkpoint_dir, out_dir,
+                           log_path=sm.output.log_table)
+elif gpus > 1:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "mmsae.sae.run",
            "--manifest", sm.input.activations, "--out", out_dir, "--ckpt", sm.params.checkpoint_dir,
            "--opts", json.dumps(opts), "--device", sm.params.device]

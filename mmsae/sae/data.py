@@ -56,7 +56,67 @@ def heldout_sample_ids(samples: pa.Table, fraction: float) -> list[str]:
     return sorted(held)
 
 
-class ActivationStream:
+class ShuffledStream:
+    """The shuffle buffer shared by every source of training rows (activation shards, or the model's
+    forward passes in :mod:`mmsae.sae.online`): subclasses set ``batch_size``, ``seed`` and
+    ``buffer_tokens`` and implement :meth:`_epoch`, the training rows of one pass over the data in an
+    order drawn from the stream's generator."""
+
+    batch_size: int
+    seed: int
+    buffer_tokens: int
+
+    def _epoch(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(x (n, d_model) float32, is_image (n,) bool)`` chunks of one epoch's training rows."""
+        raise NotImplementedError
+
+    def _drain(self, buf_x, buf_m, rng, keep_fraction: float):
+        """Shuffle the buffer, return (batches to emit, remaining x, remaining m)."""
+        x_all, m_all = np.concatenate(buf_x), np.concatenate(buf_m)
+        perm = rng.permutation(len(x_all))
+        x_all, m_all = x_all[perm], m_all[perm]
+        n_out = int(len(x_all) * (1 - keep_fraction)) // self.batch_size * self.batch_size
+        out = [
+            (torch.from_numpy(x_all[i : i + self.batch_size]), torch.from_numpy(m_all[i : i + self.batch_size]))
+            for i in range(0, n_out, self.batch_size)
+        ]
+        return out, x_all[n_out:], m_all[n_out:]
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless training batches ``(x (batch_size, d_model) float32, is_image (batch_size,) bool)``,
+        epoch after epoch, deterministic for a given seed (and deterministic rows).
+
+        Rows enter a shuffle buffer; when it holds ``buffer_tokens`` rows, half of it is emitted
+        in shuffled batches and the rest stays to mix with later rows. At the end of each epoch
+        the buffer is emitted in full batches; what is left (less than a batch) mixes into the next
+        epoch, which reads the data again in a new order.
+
+        Raises:
+            ValueError: an epoch yields no training row.
+        """
+        rng = np.random.default_rng(self.seed)
+        buf_x: list[np.ndarray] = []
+        buf_m: list[np.ndarray] = []
+        n = 0
+        while True:
+            produced = False
+            for x, m in self._epoch(rng):
+                produced = True
+                buf_x.append(x)
+                buf_m.append(m)
+                n += len(x)
+                if n >= self.buffer_tokens:
+                    out, rest_x, rest_m = self._drain(buf_x, buf_m, rng, keep_fraction=0.5)
+                    yield from out
+                    buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
+            if not produced:
+                raise ValueError("the training split is empty (all samples held out or excluded)")
+            out, rest_x, rest_m = self._drain(buf_x, buf_m, rng, keep_fraction=0.0)
+            yield from out
+            buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
+
+
+class ActivationStream(ShuffledStream):
     """Batches ``(x (batch, d_model) float32, is_image (batch,) bool)`` from activation shards.
 
     Args:
@@ -131,46 +191,10 @@ class ActivationStream:
             raise ValueError("the training split is empty (all samples held out or excluded)")
         return np.concatenate(norms), np.concatenate(image)
 
-    def _drain(self, buf_x, buf_m, rng, keep_fraction: float):
-        """Shuffle the buffer, return (batches to emit, remaining x, remaining m)."""
-        x_all, m_all = np.concatenate(buf_x), np.concatenate(buf_m)
-        perm = rng.permutation(len(x_all))
-        x_all, m_all = x_all[perm], m_all[perm]
-        n_out = int(len(x_all) * (1 - keep_fraction)) // self.batch_size * self.batch_size
-        out = [
-            (torch.from_numpy(x_all[i : i + self.batch_size]), torch.from_numpy(m_all[i : i + self.batch_size]))
-            for i in range(0, n_out, self.batch_size)
-        ]
-        return out, x_all[n_out:], m_all[n_out:]
-
-    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless training batches, epoch after epoch, deterministic for a given seed.
-
-        Rows enter a shuffle buffer; when it holds ``buffer_tokens`` rows, half of it is emitted
-        in shuffled batches and the rest stays to mix with later rows. At the end of each epoch
-        the buffer is emitted in full batches.
-        """
-        rng = np.random.default_rng(self.seed)
-        buf_x: list[np.ndarray] = []
-        buf_m: list[np.ndarray] = []
-        n = 0
-        while True:
-            order = rng.permutation(len(self.paths))
-            produced = False
-            for x, m in self._rows([self.paths[i] for i in order], heldout=False, train=True):
-                produced = True
-                buf_x.append(x)
-                buf_m.append(m)
-                n += len(x)
-                if n >= self.buffer_tokens:
-                    out, rest_x, rest_m = self._drain(buf_x, buf_m, rng, keep_fraction=0.5)
-                    yield from out
-                    buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
-            if not produced:
-                raise ValueError("the training split is empty (all samples held out or excluded)")
-            out, rest_x, rest_m = self._drain(buf_x, buf_m, rng, keep_fraction=0.0)
-            yield from out
-            buf_x, buf_m, n = [rest_x], [rest_m], len(rest_x)
+    def _epoch(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One epoch: the shards in an order drawn from ``rng``, training rows only (outliers out, scaled)."""
+        order = rng.permutation(len(self.paths))
+        yield from self._rows([self.paths[i] for i in order], heldout=False, train=True)
 
     def heldout(self, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The held-out tokens (at most ``max_tokens``, in shard order, outliers included, unscaled) as

@@ -68,22 +68,43 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     sae, rows = train(mine, manifest["d_model"], cfg, ckpt_dir, progress=rank == 0)
     if rank != 0:
         return None
+    heldout = _stream(paths, cfg, cfg.batch_size, cfg.seed, held, exclude).heldout(cfg.heldout_max_tokens)
+    return finish_training(sae, rows, cfg, opts, d_model=manifest["d_model"], model_name=manifest["model"],
+                           hook_point=manifest["hook_point"], held=held, heldout=heldout, max_norm=max_norm, scale=scale,
+                           token_norms=token_norms, n_excluded=int((norms > max_norm).sum()) if max_norm is not None else None,
+                           extra={"source": "cache"}, out_dir=out_dir, log_path=log_path, world=world)
+
+
+def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, *, d_model: int, model_name: str, hook_point: str,
+                    held: list[str], heldout: tuple[torch.Tensor, torch.Tensor], max_norm: float | None, scale: float,
+                    token_norms: dict, n_excluded: int | None, extra: dict, out_dir: str | os.PathLike,
+                    log_path: str | os.PathLike | None, world: int = 1) -> dict:
+    """Fold the scale into the trained SAE, evaluate it on the held-out rows and write ``cfg.json``,
+    ``sae_weights.safetensors``, ``metrics.json``, ``heldout.json`` and ``log.parquet`` (or ``log_path``);
+    return the metrics. Shared by cached and online training (:mod:`mmsae.sae.online`).
+
+    Args:
+        heldout: ``(x (n, d_model) float32 raw, is_image (n,) bool)``.
+        n_excluded: training tokens above ``max_norm`` (in the rows the threshold came from).
+        extra: merged into the metrics (e.g. ``source``).
+    """
     if scale != 1.0:
         fold_scaling_factor(sae, scale)  # the saved SAE takes raw activations, as SAELens saves it
-    x, is_image = _stream(paths, cfg, cfg.batch_size, cfg.seed, held, exclude).heldout(cfg.heldout_max_tokens)
+    x, is_image = heldout
     metrics = {
-        "d_model": manifest["d_model"], "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "d_model": d_model, "d_sae": cfg.d_sae, "k": cfg.k, "steps": cfg.steps, "batch_size": cfg.batch_size,
         "ranks": world, "tokens_trained": cfg.steps * cfg.batch_size, "train_seconds": round(rows[-1]["elapsed_s"], 2),
         "final_train_fvu": rows[-1]["fvu"], "n_heldout_samples": len(held), "heldout": _heldout_metrics(sae, x, is_image, max_norm),
         **{k: rows[-1][k] for k in ("dead_fraction", "dead_fraction_image", "dead_fraction_text")},
         "token_norms": token_norms,
         "normalize_activations": {"method": cfg.normalize_activations, "scaling_factor": scale},
+        **extra,
     }
     if max_norm is not None:
         metrics["exclude_norm_above"] = {"multiple_of_median": cfg.exclude_norm_above, "threshold": max_norm,
-                                         "n_excluded_train_tokens": int((norms > max_norm).sum())}
+                                         "n_excluded_train_tokens": n_excluded}
     norm_cfg = {"method": cfg.normalize_activations, "scaling_factor": scale, "folded": True}
-    save_sae(sae, out_dir, model_name=manifest["model"], hook_point=manifest["hook_point"],
+    save_sae(sae, out_dir, model_name=model_name, hook_point=hook_point,
              extra={"train": opts, "metrics": metrics, "normalize_activations": norm_cfg})
     write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
     write_json(Path(out_dir) / HELDOUT, held)
