@@ -199,3 +199,24 @@ def scoring_prompt_params():
     from mmsae.evaluate.scoring_prompts import PROMPT_TEXTS, SCORING_VERSION
 
     return {"version": SCORING_VERSION, "text_sha256": hashlib.sha256("".join(PROMPT_TEXTS).encode()).hexdigest()[:16]}
+
+
+def train_sae_inputs(wildcards):
+    """sae.source cache: the activation manifest and samples table (the held-out split groups samples by
+    image, read beside the manifest); online: the model (the demo's directory, nothing for a hub id)."""
+    if config["sae"]["source"] == "online":
+        return {"model": model_input(wildcards)}
+    return {"activations": ACTIVATIONS, "samples": SAMPLES}
+
+
+def train_sae_online_params():
+    """Online, what the activations depend on (extraction's keys); nothing when training reads the cache."""
+    if config["sae"]["source"] != "online":
+        return {}
+    return {
+        "model": model_path(),
+        "dtype": config["model"]["dtype"],
+        "hook_point": config["model"]["hook_point"],
+        "corpus": corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
+        "extract": keys("extract", "batch_size", "max_image_pixels", "token_fraction", "seed"),
+    }

@@ -1,24 +1,3 @@
-def train_sae_inputs(wildcards):
-    """sae.source cache: the activation manifest and samples table (the held-out split groups samples by
-    image, read beside the manifest); online: the model (the demo's directory, nothing for a hub id)."""
-    if config["sae"]["source"] == "online":
-        return {"model": model_input(wildcards)}
-    return {"activations": ACTIVATIONS, "samples": SAMPLES}
-
-
-def train_sae_online_params():
-    """Online, what the activations depend on (extraction's keys); nothing when training reads the cache."""
-    if config["sae"]["source"] != "online":
-        return {}
-    return {
-        "model": model_path(),
-        "dtype": config["model"]["dtype"],
-        "hook_point": config["model"]["hook_point"],
-        "corpus": corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
-        "extract": keys("extract", "batch_size", "max_image_pixels", "token_fraction", "seed"),
-    }
-
-
 rule train_sae:
     """Train a TopK SAE on the activation shards (sae.source cache) or on the model's forward passes
     (online); save it in SAELens's layout."""
