@@ -14,7 +14,7 @@ from mmsae.shards import activation_schema
 
 
 def _samples(n_images=40, n_text=20):
-    """Every image under two prompts, every text prompt in two samples (ids as relative paths)."""
+    """Every image under two prompts, then text-only samples with their own prompts (ids as relative paths)."""
     ids, images, prompts = [], [], []
     for i in range(n_images):
         for p in ("Describe the image.", "What is in it?"):
@@ -22,10 +22,9 @@ def _samples(n_images=40, n_text=20):
             images.append(f"corpus/coco/{i:03d}.jpg")
             prompts.append(p)
     for t in range(n_text):
-        for rep in range(2):
-            ids.append(f"text/{t:03d}-{rep}.txt")
-            images.append(None)
-            prompts.append(f"Tell me about topic {t}.")
+        ids.append(f"text/{t:03d}.txt")
+        images.append(None)
+        prompts.append(f"Tell me about topic {t}.")
     return pa.table({"sample_id": ids, "image_path": images, "prompt": prompts})
 
 
@@ -50,6 +49,17 @@ def test_no_image_or_text_prompt_on_both_sides():
     # the same corpus installed elsewhere is split the same way
     moved = table.set_column(1, "image_path", pa.array([p and p.replace("corpus/", "moved/elsewhere/corpus/") for p in table.column(1).to_pylist()]))
     assert set(heldout_sample_ids(moved, 0.3)) == held
+
+
+def test_passages_answering_one_prompt_are_split_one_by_one():
+    """Text samples that share a prompt (corpus.text_source passages given as answers to it) are different
+    texts: they split by sample, not all onto one side (which held out no passage in the default run)."""
+    n = 60
+    table = pa.table({"sample_id": [f"text-python-topics-{i:05d}" for i in range(n)], "image_path": pa.array([None] * n, pa.string()),
+                      "prompt": ["Tell me about a topic from the Python documentation."] * n})
+    held = heldout_sample_ids(table, 0.3)
+    assert 0 < len(held) < n
+    assert set(held) == {s for s in table.column("sample_id").to_pylist() if zlib.crc32(f"sample:{s}".encode()) / 2**32 < 0.3}
 
 
 def _manifest(tmp_path, table, d=16, tokens_per_sample=12):

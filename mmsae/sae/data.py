@@ -12,6 +12,7 @@ same tokens on both sides.
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from pathlib import Path, PurePath
 from typing import Collection, Iterator
 
@@ -28,7 +29,9 @@ COLUMNS = ("sample_id", "modality", "token_id")
 
 def heldout_sample_ids(samples: pa.Table, fraction: float) -> list[str]:
     """The ids of the held-out samples, sorted: every sample of an image whose file name hashes
-    (CRC32) below ``fraction`` of the range, and every text-only sample whose prompt does.
+    (CRC32) below ``fraction`` of the range, and every text-only sample whose prompt does (or, when
+    several text-only samples share a prompt, e.g. passages given as answers to one prompt, whose
+    sample id does: each is its own text).
 
     The file name, not the full path, is hashed so the split does not depend on where the images
     are installed (``image_path`` is absolute); images of the same name in different folders fall
@@ -48,9 +51,13 @@ def heldout_sample_ids(samples: pa.Table, fraction: float) -> list[str]:
     if fraction <= 0:
         return []
     ids, images, prompts = (samples.column(c).to_pylist() for c in ("sample_id", "image_path", "prompt"))
+    shared = Counter(p for p, image in zip(prompts, images) if image is None)
     held = set()
     for sid, image, prompt in zip(ids, images, prompts):
-        key = f"image:{PurePath(image).name}" if image is not None else f"prompt:{prompt}"
+        if image is not None:
+            key = f"image:{PurePath(image).name}"
+        else:  # a prompt shared by text-only samples (passages answering one prompt) does not identify one text
+            key = f"prompt:{prompt}" if shared[prompt] == 1 else f"sample:{sid}"
         if zlib.crc32(key.encode()) / 2**32 < fraction:
             held.add(sid)
     return sorted(held)
