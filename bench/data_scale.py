@@ -83,8 +83,11 @@ def write_shards(out: Path, d: int, dtype: str, n_tokens: int, shard_tokens: int
     while done < n_tokens:
         n = min(TOKENS_PER_SAMPLE, n_tokens - done)
         x = rng.standard_normal((n, d), dtype=np.float32)
-        x = (x.view(np.uint32) >> 16).astype(np.uint16) if own else x.astype(np.float16 if dtype == "float16" else np.float32)
-        writer.add(*_sample_cols(i, n, x, rng))
+        if dtype == "bfloat16":  # the raw 2-byte values the writer stores (truncated here; the size is what counts)
+            x = (x.view(np.uint32) >> 16).astype(np.uint16)
+        else:
+            x = x.astype(np.float16 if dtype == "float16" else np.float32)
+        writer.add(*_sample_cols(i, n, x, rng), {})
         done, i = done + n, i + 1
     writer.close()
     return sum(p.stat().st_size for p in out.iterdir()), own
