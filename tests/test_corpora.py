@@ -52,7 +52,7 @@ def test_legacy_single_corpus_is_used_for_both_roles():
     cfg, note = _validated(legacy)
     assert cfg["corpus"]["train"] == cfg["corpus"]["interpret"]
     assert cfg["corpus"]["train"] == {"source": "skimage", "names": ["chelsea"], "prompts": ["Hi."], "max_images": 1,
-                                      "path": None, "text_prompts": []}
+                                      "path": None, "text_prompts": [], "text_source": None}
     assert "corpus.train" in note and "corpus.interpret" in note and "train: {" in note
     # a legacy --configfile merged over config.yaml's two roles: the legacy section replaces both
     merged = {"corpus": {"train": {"source": "skimage", "prompts": ["A", "B"]}, "interpret": {"prompts": [""]},
