@@ -45,11 +45,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from mmsae.corpus_summary import image_summary, model_meta, vocab_table, with_token_strings
 from mmsae.data.corpus import Sample
 from mmsae.disk import check_free_space, expected_tokens, project_extraction_bytes
 from mmsae.forward import forward_batches
 from mmsae.io import write_json, write_parquet
-from mmsae.models import SubjectModel, layer_index, resolve_hook_point
+from mmsae.models import SubjectModel, resolve_hook_point
 from mmsae.shards import read_shard_meta, shard_schema
 from mmsae.storage import COUNTS, stored_rows
 from mmsae.subsample import ROLES, fractions_of, is_subsampling
@@ -188,11 +189,6 @@ class _ShardWriter:
         log.info("wrote shard %s: %d tokens, %d samples", name, n, len(samples))
 
 
-def _grid_side(model) -> int | None:
-    vcfg = getattr(model.config, "vision_config", None)
-    return vcfg.image_size // vcfg.patch_size if vcfg is not None else None
-
-
 def complete_units(out_dir: Path, chash: str | None = None) -> list[tuple[Path, Path]]:
     """``(shard, samples)`` pairs in ``out_dir`` that are complete (and made with ``chash``, if given)."""
     units = []
@@ -290,14 +286,9 @@ def extract(
         free = check_free_space(needed, out_dir)
         log.info("disk: about %d bytes to write (x%d parts), %d free", needed, disk_parts, free)
     meta = {
-        "model": subject.name,
-        "revision": getattr(model.config, "_commit_hash", None),
-        "hook_point": cfg.hook_point,
-        "layer": layer_index(cfg.hook_point),
-        "d_model": d_model,
+        **model_meta(subject, cfg.hook_point),
         "dtype": cfg.dtype,
         "config_hash": config_hash,
-        "grid_side": _grid_side(model),
         "token_fraction": fractions,
         "seed": cfg.seed,
     }
@@ -355,12 +346,6 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
                        **{k: unit.get(k, 0) for k in COUNTS if k.startswith("n_float16")}})
     samples = pa.concat_tables([pq.read_table(s).replace_schema_metadata() for _, s in units]) if units else \
         SAMPLES_SCHEMA.empty_table()
-    status = samples.column("image_status").to_pylist()
-    images: dict[str, str] = {}  # each distinct image (a prompt pairs it with several samples) and its status
-    for key, path, st in zip(samples.column("image_key").to_pylist(), samples.column("image_path").to_pylist(), status):
-        if path is not None:
-            images.setdefault(key or path, st)
-    converted = [{"image": k, "reason": st} for k, st in images.items() if st and st.startswith("converted")]
     manifest = {
         **meta,
         "shards": shards,
@@ -369,9 +354,7 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
-        "n_images_used": len(images),
-        "n_images_converted": len(converted),
-        "converted": converted,
+        **image_summary(samples),
         "n_images_skipped": len(skipped),
         "skipped": skipped,
         "special_token_ids": sorted(set(special_ids)),
@@ -380,21 +363,9 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
         **counted,
         **(extra or {}),
     }
-    ids = pc.unique(pc.list_flatten(samples.column("input_ids"))).to_numpy(zero_copy_only=False).astype(np.int64)
-    ids.sort()
-    vocab = pa.table({"token_id": pa.array(ids, pa.int32()), "token": pa.array(decode([[int(i)] for i in ids]), pa.string())})
+    vocab = vocab_table(samples, decode)
     write_parquet(out_dir / "vocab.parquet", vocab)
     write_parquet(out_dir / "samples.parquet", with_token_strings(samples, vocab))
     manifest["actual_bytes"] = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     write_json(out_dir / "manifest.json", manifest)
     return manifest
-
-
-def with_token_strings(samples: pa.Table, vocab: pa.Table) -> pa.Table:
-    """``samples`` with a ``tokens`` column (list<string>, one per input id) looked up in ``vocab``."""
-    flat = pc.list_flatten(samples.column("input_ids"))
-    pos = pc.index_in(flat, value_set=vocab.column("token_id"))
-    strings = pc.take(vocab.column("token"), pos)
-    offsets = samples.column("input_ids").combine_chunks().offsets
-    tokens = pa.ListArray.from_arrays(offsets, strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings)
-    return samples.append_column("tokens", tokens)

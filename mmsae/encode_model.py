@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
-from mmsae.activations import SAMPLES_SCHEMA, with_token_strings
+from mmsae.activations import SAMPLES_SCHEMA
+from mmsae.corpus_summary import image_summary, model_meta, vocab_table, with_token_strings
 from mmsae.data.corpus import Sample
 from mmsae.forward import forward_batches
 from mmsae.io import write_json, write_parquet
-from mmsae.models import SubjectModel, layer_index, resolve_hook_point
+from mmsae.models import SubjectModel, resolve_hook_point
 from mmsae.sae.encode import CODE_ROW_GROUP, code_table
 from mmsae.sae.model import TopKSAE
 
@@ -134,14 +134,8 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     resolve_hook_point(model, cfg.hook_point)
     d_model = model.config.get_text_config().hidden_size
     check_sae(sae, sae_cfg, cfg.hook_point, d_model)
-    vcfg = getattr(model.config, "vision_config", None)
     meta = {
-        "model": subject.name,
-        "revision": getattr(model.config, "_commit_hash", None),
-        "hook_point": cfg.hook_point,
-        "layer": layer_index(cfg.hook_point),
-        "d_model": d_model,
-        "grid_side": vcfg.image_size // vcfg.patch_size if vcfg is not None else None,
+        **model_meta(subject, cfg.hook_point),
         "d_sae": sae.d_sae,
         "k": sae.k,
         "base_view_only": cfg.base_view_only,
@@ -193,8 +187,6 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     samples_table = pa.Table.from_pylist(sample_rows, schema=CODE_SAMPLES_SCHEMA)
     samples_table = with_token_strings(samples_table, vocab_table(samples_table, subject.tokenizer.batch_decode))
     write_parquet(out_dir / "samples.parquet", samples_table)
-    images = _images(samples_table)
-    converted = [{"image": k, "reason": st} for k, st in images.items() if st and st.startswith("converted")]
     manifest = {
         **meta,
         "shards": shards,
@@ -203,9 +195,7 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
-        "n_images_used": len(images),
-        "n_images_converted": len(converted),
-        "converted": converted,
+        **image_summary(samples_table),
         "n_images_skipped": len(skipped),
         "skipped": skipped,
     }
@@ -213,22 +203,4 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     return manifest
 
 
-def vocab_table(samples: pa.Table, decode) -> pa.Table:
-    """``(token_id, token)`` for every distinct id in ``samples.input_ids``, each decoded once by
-    ``decode`` (``tokenizer.batch_decode``); the lookup :func:`mmsae.activations.with_token_strings` reads."""
-    ids = pc.unique(pc.list_flatten(samples.column("input_ids"))).to_numpy(zero_copy_only=False).astype(np.int64)
-    ids.sort()
-    return pa.table({"token_id": pa.array(ids, pa.int32()), "token": pa.array(decode([[int(i)] for i in ids]), pa.string())})
-
-
-def _images(samples: pa.Table) -> dict[str, str | None]:
-    """Each distinct image of the samples (by key, else path) and its read status."""
-    out: dict[str, str | None] = {}
-    for key, path, st in zip(samples.column("image_key").to_pylist(), samples.column("image_path").to_pylist(),
-                             samples.column("image_status").to_pylist()):
-        if path is not None:
-            out.setdefault(key or path, st)
-    return out
-
-
-__all__ = ["CODE_SAMPLES_SCHEMA", "EncodeConfig", "check_sae", "encode_corpus", "kept_tokens", "vocab_table"]
+__all__ = ["CODE_SAMPLES_SCHEMA", "EncodeConfig", "check_sae", "encode_corpus", "kept_tokens"]
