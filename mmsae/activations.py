@@ -297,7 +297,7 @@ def extract(
 
     # Special tokens other than the image placeholder (e.g. <|im_start|>, an attention sink whose norm
     # can be 100x the median) may be left out of SAE training; they are stored unless subsampling.
-    special = [i for i in subject.tokenizer.all_special_ids if i != subject.image_token_id]
+    special = subject.special_token_ids
     drop = np.array(special if is_subsampling(fractions) else [], dtype=np.int64)
     bar = tqdm(total=len(todo), desc="extract", unit="sample", disable=not progress)
     try:

@@ -60,12 +60,6 @@ SPLICED = ("every token (image and text) of the hooked layer's output, special t
            "without them; zero and mean ablation replace the same positions")
 
 
-def special_token_ids(subject: SubjectModel) -> list[int]:
-    """The tokenizer's special tokens other than the image placeholder: the tokens that
-    ``sae.exclude_special_tokens`` leaves out of training (as the activation manifest lists them)."""
-    return sorted({i for i in subject.tokenizer.all_special_ids if i != subject.image_token_id})
-
-
 def scored_positions(token_ids: np.ndarray, roles: np.ndarray, image_token_id: int | None,
                      special_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The positions t whose next-token prediction is scored, as (text, answer) int64 arrays.
@@ -73,7 +67,7 @@ def scored_positions(token_ids: np.ndarray, roles: np.ndarray, image_token_id: i
     Args:
         token_ids: (n,) one sample's input ids (no padding); roles: (n,) ``user``/``assistant``.
         image_token_id: the image placeholder's id (None for a text-only model).
-        special_ids: special token ids (:func:`special_token_ids`).
+        special_ids: special token ids (:attr:`mmsae.models.SubjectModel.special_token_ids`).
 
     Returns:
         text: t in [0, n-2] with tokens t and t+1 both user-side, not image placeholders and not
@@ -221,7 +215,7 @@ def loss_recovered(subject: SubjectModel, sae: TopKSAE, corpus: list[Sample], he
                          f"{unknown[:5]}; was the SAE trained on another corpus configuration?")
     chosen = select_samples(heldout_ids, max_samples)
     samples = [by_id[i] for i in chosen]
-    special = special_token_ids(subject)
+    special = subject.special_token_ids
     model, module = subject.model, resolve_hook_point(subject.model, hook_point)
     skipped: list[dict] = []
     mean, n_mean, layouts = layer_mean(subject, samples, hook_point, special, keep_special, max_image_pixels, skipped)

@@ -11,7 +11,7 @@ from PIL import Image
 from report_inputs import inputs
 
 from mmsae.data.corpus import Sample
-from mmsae.loss_recovered import loss_recovered, scored_positions, select_samples, special_token_ids
+from mmsae.loss_recovered import loss_recovered, scored_positions, select_samples
 from mmsae.models import ActivationCapture, load_subject_model, prepare_inputs, resolve_hook_point, token_roles
 from mmsae.report import build_report
 from mmsae.sae.model import TopKSAE
@@ -87,7 +87,7 @@ def test_zero_sae_recovers_nothing(subject, corpus):
 def test_mean_sae_recovers_nothing_against_mean_ablation(subject, corpus):
     """An SAE whose reconstruction is the held-out mean of the layer equals mean ablation: the mean is
     taken over the same tokens that are replaced (computed here independently, with a capture hook)."""
-    special = special_token_ids(subject)
+    special = subject.special_token_ids
     acts = []
     with ActivationCapture(resolve_hook_point(subject.model, HOOK), stop=True) as cap:
         for s in corpus[:3]:
@@ -111,10 +111,10 @@ def test_mean_sae_recovers_nothing_against_mean_ablation(subject, corpus):
 def test_answer_tokens_are_the_tokenizers_encoding_of_the_answer(subject, corpus):
     s = corpus[1]
     ids = prepare_inputs(subject, [(s, None)])["input_ids"][0]
-    text, answer = scored_positions(ids.numpy(), token_roles(subject, s, ids), subject.image_token_id, special_token_ids(subject))
+    text, answer = scored_positions(ids.numpy(), token_roles(subject, s, ids), subject.image_token_id, subject.special_token_ids)
     assert ids[answer + 1].tolist() == subject.tokenizer.encode(ANSWER, add_special_tokens=False)
     assert not set(text) & set(answer)
-    special = set(special_token_ids(subject))
+    special = set(subject.special_token_ids)
     assert text.size and not special & set(ids[text].tolist()) | special & set(ids[text + 1].tolist())
     # the prompt's tokens are scored as text: each of them is predicted from its predecessor
     prompt = subject.tokenizer.encode("What is the capital of France?", add_special_tokens=False)
@@ -131,7 +131,7 @@ def test_clean_cross_entropy_matches_the_models_own_shifted_loss(subject, corpus
     roles = token_roles(subject, s, ids)
     for part, keep in (("answer", roles == "assistant"), ("text", None)):
         if keep is None:
-            text, _ = scored_positions(ids.numpy(), roles, subject.image_token_id, special_token_ids(subject))
+            text, _ = scored_positions(ids.numpy(), roles, subject.image_token_id, subject.special_token_ids)
             keep = np.zeros(len(ids), bool)
             keep[text + 1] = True
         labels = torch.where(torch.from_numpy(keep), ids, torch.tensor(-100))

@@ -19,7 +19,7 @@ from mmsae.activations import ExtractConfig, extract
 from mmsae.config_check import config_errors
 from mmsae.data import build_corpus
 from mmsae.models import load_subject_model
-from mmsae.sae.online import ModelSource, OnlineStream, special_token_ids, token_fractions, train_online
+from mmsae.sae.online import ModelSource, OnlineStream, token_fractions, train_online
 from mmsae.sae.run import train_from_manifest
 from mmsae.sae.io import load_sae
 
@@ -102,7 +102,7 @@ def test_heldout_samples_are_never_forwarded_for_training(subject):
     """The training stream forwards only training samples; special tokens never reach a batch."""
     samples = build_corpus(CORPUS)
     held = {s.sample_id for s in samples[:2]} | {samples[-1].sample_id}
-    special = special_token_ids(subject)
+    special = subject.special_token_ids
     s = OnlineStream(_source(subject, samples), batch_size=32, seed=0, buffer_tokens=64, heldout_ids=held,
                      exclude_token_ids=special)
     forwarded = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -40,6 +41,13 @@ class SubjectModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @cached_property
+    def special_token_ids(self) -> list[int]:
+        """The tokenizer's special tokens other than the image placeholder (e.g. ``<|im_start|>``, an
+        attention sink whose norm can be 100x the median), sorted: what ``sae.exclude_special_tokens``
+        leaves out of training and what the activation manifest lists."""
+        return sorted({i for i in self.tokenizer.all_special_ids if i != self.image_token_id})
 
 
 def load_subject_model(source: str | os.PathLike, dtype: str = "float32", device: str = "auto") -> SubjectModel:

@@ -45,14 +45,15 @@ import pyarrow as pa
 import torch
 
 from mmsae.data.corpus import Sample
-from mmsae.forward import SampleTokens, forward_batches
+from mmsae.forward import forward_batches
 from mmsae.io import config_hash
 from mmsae.models import SubjectModel
 from mmsae.sae.data import ShuffledStream, heldout_sample_ids
 from mmsae.sae.norms import norm_stats, row_norms, scaling_factor
 from mmsae.sae.run import finish_training
 from mmsae.sae.trainer import TrainConfig, train
-from mmsae.subsample import fractions_of, is_subsampling, token_keep_mask
+from mmsae.storage import stored_rows
+from mmsae.subsample import fractions_of, is_subsampling
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,6 @@ def token_fractions(value: float | dict | None) -> dict | None:
         return None
     fr = fractions_of(value)
     return fr if is_subsampling(fr) else None
-
-
-def special_token_ids(subject: SubjectModel) -> list[int]:
-    """The special tokens left out of training: all but the image placeholder (as extraction's manifest)."""
-    return sorted({i for i in subject.tokenizer.all_special_ids if i != subject.image_token_id})
 
 
 def samples_table(samples: list[Sample]) -> pa.Table:
@@ -165,28 +161,22 @@ class OnlineStream(ShuffledStream):
                 "max_norm": self.max_norm, "scale": self.scale, "fractions": self.source.fractions,
                 "subsample_seed": self.source.subsample_seed}
 
-    def _keep(self, st: SampleTokens) -> np.ndarray:
-        keep = np.ones(st.n, bool)
-        if len(self.exclude):
-            keep &= ~np.isin(st.token_ids, self.exclude)
-        if self.source.fractions is not None:  # subsampled extraction drops excluded special tokens too
-            keep &= ~np.isin(st.token_ids, special_token_ids(self.source.subject))
-            keep &= token_keep_mask(st.sample.sample_id, np.arange(st.n), st.layout["modality"], st.roles,
-                                    self.source.fractions, self.source.subsample_seed)
-        return keep
-
     def _rows(self, samples: list[Sample], train: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Per sample ``(x, is_image)`` of its kept tokens, float32 on the CPU; ``train``: outliers out, scaled."""
+        """Per sample ``(x, is_image)`` of its kept tokens, float32 on the CPU; ``train``: outliers out, scaled.
+
+        The subsample (and, when subsampling, the special tokens dropped with it) is extraction's own
+        selection (:func:`mmsae.storage.stored_rows`), so online and cached training see the same rows."""
+        src = self.source
+        fractions = src.fractions or fractions_of(1.0)
+        drop = np.array(src.subject.special_token_ids if src.fractions is not None else [], dtype=np.int64)
         skipped = []
         try:
             for fb in self._forward(samples, skipped):
-                acts = fb.acts.to(torch.float32).cpu().numpy()
-                for b, st in enumerate(fb.samples):
-                    is_image = st.layout["modality"] == "image"
-                    self.seen.tokens.setdefault(st.sample.sample_id, (st.n, int(is_image.sum())))
+                for st, cols, _ in stored_rows(fb, fractions, src.subsample_seed, drop, "float32"):
+                    self.seen.tokens.setdefault(st.sample.sample_id, (st.n, int((st.layout["modality"] == "image").sum())))
                     self.seen.forwarded += st.n
-                    x = acts[b, : st.n]
-                    keep = self._keep(st)
+                    x, is_image = cols["activation"], cols["modality"] == "image"
+                    keep = ~np.isin(cols["token_id"], self.exclude)
                     if train and self.max_norm is not None:
                         keep &= row_norms(x) <= self.max_norm
                     if keep.any():
@@ -267,7 +257,7 @@ class OnlineStream(ShuffledStream):
         return {"model": subject.name, "hook_point": self.source.hook_point, "d_model": self.source.d_model,
                 "n_samples": len(n), "n_tokens": int(n[:, 0].sum()), "n_image_tokens": int(n[:, 1].sum()),
                 "n_text_tokens": int(n[:, 0].sum() - n[:, 1].sum()), "n_images_skipped": len(self.seen.skipped),
-                "skipped": list(self.seen.skipped.values()), "special_token_ids": special_token_ids(subject),
+                "skipped": list(self.seen.skipped.values()), "special_token_ids": subject.special_token_ids,
                 "n_shards": 0, "epochs_started": self.seen.epochs, "tokens_forwarded": self.seen.forwarded}
 
 
@@ -286,7 +276,7 @@ def train_online(source: ModelSource, opts: dict, device: str, ckpt_dir: str | o
         ValueError: the training split is empty.
     """
     cfg = TrainConfig(**opts, device=device)
-    exclude = special_token_ids(source.subject) if cfg.exclude_special_tokens else None
+    exclude = source.subject.special_token_ids if cfg.exclude_special_tokens else None
     held = heldout_sample_ids(samples_table(source.samples), cfg.heldout_fraction)
 
     def stream(max_norm=None, scale=1.0) -> OnlineStream:
