@@ -4,6 +4,7 @@ and a round trip with images through `transformers serve` serving the demo model
 import asyncio
 import io
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
@@ -121,6 +122,34 @@ msgs = [[{"role": "user", "content": f"{tag} {i}"}] for i in range(8)]
 res = asyncio.run(ex.complete_all(msgs))
 assert all(r["content"] for r in res), res
 """
+
+
+def _open_and_put(path, start_at, results):
+    while time.time() < start_at:
+        pass
+    try:
+        ResponseCache(path).put(f"k{multiprocessing.current_process().pid}", "m", {"content": "x"})
+        results.put("ok")
+    except Exception as e:  # reported to the parent, which asserts on it
+        results.put(repr(e))
+
+
+def test_processes_creating_one_cache_together_all_succeed(tmp_path):
+    """Chunk jobs start together on a new cache file; none may die of "database is locked"
+    (CI once saw exactly that from ``PRAGMA journal_mode=WAL``; 8 of 180 opens failed before the fix)."""
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for trial in range(20):
+        path, results = tmp_path / f"c{trial}.sqlite", ctx.Queue()
+        start_at = time.time() + 0.2
+        procs = [ctx.Process(target=_open_and_put, args=(path, start_at, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=5) for _ in procs]
+        assert len(ResponseCache(path)) == 6
+    assert [o for o in outcomes if o != "ok"] == []
 
 
 def test_concurrency_bounded_across_processes(tmp_path):

@@ -14,6 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
 
 def request_key(model: str, messages: list[dict], params: dict) -> str:
     """SHA-256 over the canonical JSON of (model, messages, sampling parameters)."""
@@ -21,17 +23,32 @@ def request_key(model: str, messages: list[dict], params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
 class ResponseCache:
     """A key -> JSON answer store in one SQLite file.
 
     Args:
         path: the database file (created with its directory if missing).
+
+    Raises:
+        sqlite3.OperationalError: the file stayed locked by other processes for 60 s.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._set_up()
+
+    @retry(retry=retry_if_exception(_locked), wait=wait_random_exponential(0.01, 1), stop=stop_after_delay(60),
+           reraise=True)
+    def _set_up(self) -> None:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is locked"
+        # at once (without its busy handler) when another process is creating the same file, so
+        # several chunk jobs starting together retry here instead of failing.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
