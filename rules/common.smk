@@ -1,5 +1,6 @@
 # Path helpers and params helpers: no logic beyond mapping config to file names and to what each
 # rule's outputs depend on.
+from mmsae.subsample import fractions_of, is_subsampling
 from mmsae.workflow import code_hash
 
 DEMO_MODEL_DIR = "results/models/demo"
@@ -18,6 +19,15 @@ def keys(section, *names):
     """The named keys of a config section: a rule's params carry exactly what its outputs depend on,
     so a new key must be added here by name to the rules that read it."""
     return {k: config[section][k] for k in names}
+
+
+def extract_keys(*names):
+    """``keys("extract", *names)`` without ``seed`` when extract.token_fraction keeps every token:
+    the seed only draws the subsample, so changing it then reruns nothing."""
+    out = keys("extract", *names)
+    if not is_subsampling(fractions_of(config["extract"]["token_fraction"])):
+        out.pop("seed", None)
+    return out
 
 
 def corpus_params(role, *names):
@@ -218,5 +228,5 @@ def train_sae_online_params():
         "dtype": config["model"]["dtype"],
         "hook_point": config["model"]["hook_point"],
         "corpus": corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
-        "extract": keys("extract", "batch_size", "max_image_pixels", "token_fraction", "seed"),
+        "extract": extract_keys("batch_size", "max_image_pixels", "token_fraction", "seed"),
     }

@@ -11,7 +11,7 @@ rule extract:
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
         corpus=corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
-        extract=keys("extract", "batch_size", "shard_tokens", "dtype", "max_image_pixels", "token_fraction", "seed"),
+        extract=extract_keys("batch_size", "shard_tokens", "dtype", "max_image_pixels", "token_fraction", "seed"),
         parts=config["extract"]["parts"],
         code=code("extract.py"),
     wildcard_constraints:

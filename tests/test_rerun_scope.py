@@ -74,7 +74,7 @@ RERUNS: dict[str, set[str]] = {
     "extract.shard_tokens": EXTRACT,
     "extract.dtype": EXTRACT,
     "extract.token_fraction": EXTRACT,
-    "extract.seed": EXTRACT,
+    "extract.seed": NONE,  # draws the subsample only: unused at the default token_fraction 1
     "extract.check_disk": NONE,  # read at run time
     "extract.max_image_pixels": EXTRACT | LIST,
     "sae.name": TRAIN,

@@ -26,7 +26,7 @@ if source == "online":
     ex = p["extract"]
     subject = load_subject_model(p["model"], dtype=p["dtype"], device=sm.params.device)
     model_source = ModelSource(subject, build_corpus(p["corpus"]), p["hook_point"], ex["batch_size"], ex["max_image_pixels"],
-                               token_fractions(ex["token_fraction"]), ex["seed"], identity=p)
+                               token_fractions(ex["token_fraction"]), ex.get("seed", 0), identity=p)  # no seed: nothing subsampled
     metrics = train_online(model_source, opts, resolve_device(sm.params.device), sm.params.checkpoint_dir, out_dir,
                            log_path=sm.output.log_table)
 elif gpus > 1:
