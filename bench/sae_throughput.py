@@ -32,7 +32,6 @@ tokens/s is the median over rounds of each chunk's rate, so a busy shared CPU hi
 On a CPU shared with other jobs prefer ``--threads 1``: with more OpenMP threads than free cores,
 every parallel region waits on a descheduled thread and the figures turn to noise.
     ... --profile    # also print the top operators of two of our steps (torch.profiler)
-    ... --fused-adam # also time ours with torch.optim.Adam(fused=True), a proposed trainer change
 
 Last line (machine-readable): ``sae_throughput d_model= d_sae= k= batch= steps= threads= ours_tok_s=
 saelens_x= sparsify_x= roof_fraction= fvu_ours= fvu_saelens= fvu_sparsify=``, where ``saelens_x``
@@ -105,16 +104,6 @@ class Ours:
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae(x).x_hat
-
-
-class OursFusedAdam(Ours):
-    """Ours with ``torch.optim.Adam(..., fused=True)``: the trainer change this bench argues for."""
-
-    name = "ours_fused_adam"
-
-    def __init__(self, args, first: torch.Tensor):
-        super().__init__(args, first)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
 
 
 class SAELens:
@@ -198,8 +187,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14), for all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="also profile two of our steps")
-    ap.add_argument("--fused-adam", action="store_true",
-                    help="also time ours with fused Adam (not in the last line: the trainer uses plain Adam)")
     args = ap.parse_args()
     args.lr = args.lr or TrainConfig(d_sae=args.d_sae).learning_rate()
     torch.set_num_threads(args.threads)
@@ -208,7 +195,7 @@ def main() -> None:
     heldout = synthetic(4096, args.d_model, seed=1)
     batches = [data[i * args.batch:(i + 1) * args.batch] for i in range(steps)]
 
-    kinds = [Ours, OursFusedAdam] if args.fused_adam else [Ours]
+    kinds = [Ours]
     for kind, missing in ((SAELens, SAELENS_MISSING), (Sparsify, SPARSIFY_MISSING)):
         if missing:
             print(f"{kind.name}: {missing}: reported as nan")
