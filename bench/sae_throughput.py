@@ -112,6 +112,10 @@ class SAELens:
     def __init__(self, args, first: torch.Tensor):
         self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=args.k,
                                                          dtype="float32", device="cpu"))
+        # SAELens initialises b_dec to 0 and leaves a data-dependent init to its runner; without one
+        # its FVU after a few steps measures the activations' offset, not the step: start from the
+        # batch mean, as sparsify's trainer does (ours starts from the geometric median).
+        self.sae.b_dec.data = first.mean(0)
         cfg = SAETrainerConfig(total_training_samples=10**9 * args.batch, train_batch_size_samples=args.batch,
                                lr=args.lr, lr_end=args.lr, lr_warm_up_steps=0, device="cpu")
         self.trainer = SAETrainer(cfg=cfg, sae=self.sae, data_provider=iter(()))
