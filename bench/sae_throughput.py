@@ -24,6 +24,9 @@ of 4*d_model unit directions, plus noise), so that FVU falls as an SAE learns. H
 measured on 4096 tokens never trained on. Timing is interleaved: each round runs ``--chunk`` steps
 of every contestant in turn (ours, SAELens, sparsify, roof), after one untimed warm-up step each;
 tokens/s is the median over rounds of each chunk's rate, so a busy shared CPU hits all alike.
+The process runs under the allocator setting rule train_sae applies
+(:func:`mmsae.sae.malloc.keep_freed_memory`: freed large blocks are reused, not unmapped), which every
+contestant shares; ``--glibc-default`` runs them all without it.
 
     PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --rounds 3 --chunk 3 --threads 1   # demo size
     PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --d-model 2048 --d-sae 32768 --k 64 \
@@ -33,7 +36,7 @@ On a CPU shared with other jobs prefer ``--threads 1``: with more OpenMP threads
 every parallel region waits on a descheduled thread and the figures turn to noise.
     ... --profile    # also print the top operators of two of our steps (torch.profiler)
 
-Last line (machine-readable): ``sae_throughput d_model= d_sae= k= batch= steps= threads= ours_tok_s=
+Last line (machine-readable): ``sae_throughput d_model= d_sae= k= batch= steps= threads= malloc= ours_tok_s=
 saelens_x= sparsify_x= roof_fraction= fvu_ours= fvu_saelens= fvu_sparsify=``, where ``saelens_x``
 and ``sparsify_x`` are our tokens/s over theirs and ``roof_fraction`` ours over the roof's; ``nan``
 where a baseline cannot be imported.
@@ -50,6 +53,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
+from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.model import TopKSAE, fvu
 from mmsae.sae.trainer import TrainConfig, make_optimizer, train_step, update_since_fired
 
@@ -191,7 +195,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14), for all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="also profile two of our steps")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc malloc as it is (train_sae applies mmsae.sae.malloc.keep_freed_memory)")
     args = ap.parse_args()
+    # The process-wide allocator setting train_sae runs under; every contestant shares it.
+    malloc = "glibc default" if args.glibc_default else f"keep_freed_memory {keep_freed_memory()}"
     args.lr = args.lr or TrainConfig(d_sae=args.d_sae).learning_rate()
     torch.set_num_threads(args.threads)
     steps = 1 + args.rounds * args.chunk  # one warm-up step, then rounds x chunk timed steps
@@ -222,7 +230,7 @@ def main() -> None:
 
     load = os.getloadavg()
     print(f"d_model {args.d_model} d_sae {args.d_sae} k {args.k} batch {args.batch} steps {steps} "
-          f"threads {args.threads} lr {args.lr:.3g}  load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"threads {args.threads} lr {args.lr:.3g}  malloc: {malloc}  load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for name, v in rates.items():
         fv = f"held-out FVU {fvus[name]:.4f}" if name in fvus else "(encoder forward matmul only)"
         print(f"{name:15s} {tok_s[name]:>10,.0f} tokens/s  {fv}  rounds: " + " ".join(f"{r:,.0f}" for r in v))
@@ -230,7 +238,7 @@ def main() -> None:
     ours = tok_s["ours"]
     fields = {
         "d_model": args.d_model, "d_sae": args.d_sae, "k": args.k, "batch": args.batch, "steps": steps,
-        "threads": args.threads, "ours_tok_s": f"{ours:.0f}",
+        "threads": args.threads, "malloc": "default" if args.glibc_default else "keep_freed", "ours_tok_s": f"{ours:.0f}",
         "saelens_x": f"{ours / tok_s['saelens']:.3f}" if "saelens" in tok_s else nan,
         "sparsify_x": f"{ours / tok_s['sparsify']:.3f}" if "sparsify" in tok_s else nan,
         "roof_fraction": f"{ours / tok_s['roof']:.3f}",

@@ -9,6 +9,7 @@ import sys
 from mmsae.data import build_corpus
 from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model
+from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.online import ModelSource, token_fractions, train_online
 from mmsae.sae.run import train_from_manifest
 from mmsae.workflow import setup
@@ -16,6 +17,7 @@ from mmsae.workflow import setup
 sm = snakemake  # noqa: F821
 gpus = int(getattr(sm.resources, "gpu", 0))
 log = setup(sm.log[0], sm.threads, gpus)
+keep_freed_memory()  # the CPU step reuses its large blocks instead of faulting fresh pages in each step
 opts = {**sm.params.sae, "checkpoint_every": sm.config["sae"]["checkpoint_every"]}  # how often to save is not a result
 source = opts.pop("source")
 out_dir = sm.output.cfg.rsplit("/", 1)[0]

@@ -21,6 +21,7 @@ from mmsae.io import write_json, write_parquet
 from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.distributed import rank_world
 from mmsae.sae.io import save_sae
+from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.norms import fold_scaling_factor, norm_stats, row_norms, scaling_factor
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
 from mmsae.shards import shard_paths
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(name)s %(message)s")
+    keep_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(args.device)
     if world > 1:
