@@ -87,12 +87,12 @@ def test_auxk_gradient_reaches_dead_latents():
     assert dead.any()
     main = fvu(x, out.x_hat)
     main.backward(retain_graph=True)
-    assert sae.W_enc.grad[:, dead].abs().sum() == 0  # the main loss never reaches them
+    assert sae.W_enc_T.grad.T[:, dead].abs().sum() == 0  # the main loss never reaches them
     sae.zero_grad()
     sae.auxk_loss(x, out, dead, k_aux=8).backward()
-    g = sae.W_enc.grad[:, dead].abs().sum(0)
+    g = sae.W_enc_T.grad.T[:, dead].abs().sum(0)
     assert (g > 0).sum() >= 8 or (g > 0).all()
-    assert sae.W_enc.grad[:, used].abs().sum() == 0  # and only dead latents get AuxK gradient
+    assert sae.W_enc_T.grad.T[:, used].abs().sum() == 0  # and only dead latents get AuxK gradient
 
 
 def test_b_dec_geometric_median_resists_outliers():
@@ -246,9 +246,9 @@ def test_train_step_follows_config():
         selected[res["out"].top_idx.flatten()] = True
         if aux_coef == 0:
             assert res["aux_loss"].item() == 0
-            assert sae.W_enc.grad[:, ~selected].abs().sum() == 0  # no AuxK gradient
+            assert sae.W_enc_T.grad.T[:, ~selected].abs().sum() == 0  # no AuxK gradient
         else:
-            assert res["aux_loss"].item() > 0 and sae.W_enc.grad[:, ~selected].abs().sum() > 0
+            assert res["aux_loss"].item() > 0 and sae.W_enc_T.grad.T[:, ~selected].abs().sum() > 0
             assert grads.norm().item() == pytest.approx(clip, rel=1e-4)  # clipped
         assert res["loss"].item() == pytest.approx(res["fvu"].item() + aux_coef * res["aux_loss"].item())
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))  # unit-norm decoder after the step

@@ -103,7 +103,7 @@ def test_sparse_step_forms_no_dense_latent_gradient():
     assert (8, 512) not in seen
     used = torch.zeros(512, dtype=torch.bool)
     used[out.top_idx.flatten()] = True
-    assert sae.W_enc.grad[:, ~used].abs().sum() == 0
+    assert sae.W_enc_T.grad.T[:, ~used].abs().sum() == 0
 
 
 def test_topk_module():
@@ -121,6 +121,13 @@ def test_topk_module():
 def test_w_enc_layout_and_state_dict_round_trip():
     sae = TopKSAE(16, 64, k=4, seed=2)
     assert sae.W_enc.shape == (16, 64) and sae.W_enc.T.is_contiguous()
+    # every parameter the optimiser steps is contiguous (fused Adam copies a transposed one each step)
+    assert all(p.is_contiguous() for p in sae.parameters())
+    state = sae.state_dict()
+    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec"} and state["W_enc"].shape == (16, 64)  # SAELens's layout
+    x = torch.randn(5, 16)
+    sae(x).x_hat.pow(2).sum().backward()
+    assert sae.W_enc_T.grad.is_contiguous() and sae.W_enc_T.grad.shape == (64, 16)  # no transposed gradient copy
     other = TopKSAE(16, 64, k=4, seed=9)
     other.load_state_dict({k: v.contiguous() for k, v in sae.state_dict().items()})
     x = torch.randn(5, 16)

@@ -33,7 +33,7 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
     steering and attribution read it back (:func:`mmsae.steer.sae_hook_point`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in sae.named_parameters()}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}  # SAELens's names and layout
     with atomic_path(out_dir / WEIGHTS_FILE, ".safetensors") as tmp:
         save_file(tensors, str(tmp))
     cfg = {

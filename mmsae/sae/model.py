@@ -18,9 +18,12 @@ gradient only for the selected (token, latent) pairs; the decoder is an ``embedd
 k selected rows of ``W_dec``, forward and backward. Nothing else of size (n, d_sae) is formed. The
 results equal the dense autograd step's (``tests/test_sae_sparse.py``).
 
-``W_enc`` has shape (d_model, d_sae) but is stored latent-major (its transpose is contiguous, as in
-``nn.Linear``), so the sparse weight gradient is written row by row and never transposed;
-:func:`mmsae.sae.io.save_sae` writes it contiguous in SAELens's layout.
+``W_enc`` has shape (d_model, d_sae) but is stored latent-major: the parameter is ``W_enc_T``
+(d_sae, d_model), contiguous as in ``nn.Linear``, and ``W_enc`` is its transpose (a view). So the
+sparse weight gradient is written row by row and never transposed, and the fused Adam step runs
+over contiguous tensors (on a transposed view it copies each one: 0.15-0.30 s instead of 0.055 s
+per step at d_sae 32768, d_model 2048 on 2 CPU cores). ``state_dict()`` and ``load_state_dict``
+speak SAELens's layout (key ``W_enc``, (d_model, d_sae)), so files and checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -129,6 +132,17 @@ class EncoderGather(torch.autograd.Function):
         return grad_x, grad_W, (grad_b_enc if ctx.needs_input_grad[2] else None), grad_b_dec, None, None
 
 
+def _state_dict_in_saelens_layout(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: ``W_enc_T`` (d_sae, d_model) leaves as ``W_enc`` (d_model, d_sae)."""
+    state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_enc_T").T
+
+
+def _load_state_dict_from_saelens_layout(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: ``W_enc`` (d_model, d_sae) arrives as ``W_enc_T`` (d_sae, d_model)."""
+    if prefix + "W_enc" in state_dict:
+        state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").T
+
+
 class TopKSAE(nn.Module):
     """TopK SAE with ReLU before TopK and unit-norm decoder rows.
 
@@ -162,10 +176,17 @@ class TopKSAE(nn.Module):
         nn.init.kaiming_uniform_(w_enc, a=math.sqrt(5), generator=gen)
         w_dec = w_enc / (w_enc.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
         self.W_dec = nn.Parameter(w_dec.to(dtype))
-        # (d_model, d_sae) view of a contiguous (d_sae, d_model) tensor: latent-major storage.
-        self.W_enc = nn.Parameter(w_enc.to(dtype).T)
+        self.W_enc_T = nn.Parameter(w_enc.to(dtype))  # (d_sae, d_model), contiguous: latent-major storage
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_model, dtype=dtype))
+        self.register_state_dict_post_hook(_state_dict_in_saelens_layout)
+        self.register_load_state_dict_pre_hook(_load_state_dict_from_saelens_layout)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """(d_model, d_sae) encoder weight, SAELens's layout: a view of ``W_enc_T`` (in-place edits
+        reach the parameter; its gradient is ``W_enc_T.grad``, transposed)."""
+        return self.W_enc_T.T
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_model) -> (..., d_sae) encoder pre-activations (dense, differentiable)."""
