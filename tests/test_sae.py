@@ -14,7 +14,7 @@ import yaml
 from mmsae.shards import activation_schema
 from mmsae.io import write_parquet
 from mmsae.sae import TopKSAE, fvu, load_sae, save_sae
-from mmsae.sae.data import ActivationStream
+from mmsae.sae.data import ActivationStream, member_of
 from mmsae.sae.trainer import TrainConfig, evaluate, train
 
 
@@ -252,3 +252,12 @@ def test_train_step_follows_config():
             assert grads.norm().item() == pytest.approx(clip, rel=1e-4)  # clipped
         assert res["loss"].item() == pytest.approx(res["fvu"].item() + aux_coef * res["aux_loss"].item())
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))  # unit-norm decoder after the step
+
+
+def test_member_of_matches_isin_for_any_order_of_ids():
+    rng = np.random.default_rng(0)
+    pool = np.array([f"s{i}" for i in range(40)], dtype=object)
+    held = {f"s{i}" for i in range(0, 40, 3)}
+    contiguous = np.repeat(pool, rng.integers(1, 30, len(pool)))
+    for ids in (contiguous, rng.permutation(contiguous), contiguous[:1], contiguous[:0]):
+        np.testing.assert_array_equal(member_of(ids, held), np.isin(ids, np.array(sorted(held), dtype=object)))
