@@ -41,7 +41,7 @@ from mmsae.sae.schedule import lr_at
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 2  # hashed with the config: checkpoints of another layout are not resumed
+CHECKPOINT_VERSION = 3  # hashed with the config: checkpoints of another layout are not resumed (3: W_enc_T, contiguous Adam moments)
 
 
 @dataclass
