@@ -19,8 +19,6 @@ for _ in range(5):
     make()
 print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
-PAGES = (64 << 20) // 4096
-
 
 def faults_per_block(apply: bool) -> tuple[str, float]:
     out = subprocess.run([sys.executable, "-c", CHILD, "1" if apply else "0"], capture_output=True, text=True, check=True)
@@ -31,11 +29,12 @@ def faults_per_block(apply: bool) -> tuple[str, float]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 def test_freed_block_is_reused_without_page_faults():
     # glibc's default serves a 64 MiB block by mmap and unmaps it on free: every page faults again
+    # (16384 4-KiB pages; fewer where transparent huge pages back every mapping)
     _, default = faults_per_block(False)
-    assert default > 0.9 * PAGES
+    assert default >= 32
     applied, tuned = faults_per_block(True)
     assert applied == "True"
-    assert tuned < 0.01 * PAGES
+    assert tuned <= 0.01 * default
 
 
 def test_other_platforms_are_left_alone(monkeypatch):
