@@ -20,6 +20,7 @@ for _ in range(5):
 print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
+
 def faults_per_block(apply: bool) -> tuple[str, float]:
     out = subprocess.run([sys.executable, "-c", CHILD, "1" if apply else "0"], capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
