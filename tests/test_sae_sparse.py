@@ -130,5 +130,4 @@ def test_w_enc_layout_and_state_dict_round_trip():
     assert sae.W_enc_T.grad.is_contiguous() and sae.W_enc_T.grad.shape == (64, 16)  # no transposed gradient copy
     other = TopKSAE(16, 64, k=4, seed=9)
     other.load_state_dict({k: v.contiguous() for k, v in sae.state_dict().items()})
-    x = torch.randn(5, 16)
     torch.testing.assert_close(other(x).x_hat, sae(x).x_hat)

@@ -171,8 +171,7 @@ class ActivationStream(ShuffledStream):
             raise ValueError("no activation shards to train on")
         self.paths, self.batch_size, self.seed = list(paths), batch_size, seed
         self.buffer_tokens = max(buffer_tokens, 2 * batch_size)
-        self.heldout_ids = np.array(sorted(set(heldout_ids)), dtype=object)
-        self._heldout_set = frozenset(self.heldout_ids.tolist())
+        self.heldout_ids = frozenset(heldout_ids)
         self.exclude = np.array(sorted(set(exclude_token_ids or [])), dtype=np.int64)
         self.max_norm, self.scale = max_norm, scale
         self.read_rows = read_rows
@@ -185,7 +184,7 @@ class ActivationStream(ShuffledStream):
             "batch_size": self.batch_size,
             "seed": self.seed,
             "buffer_tokens": self.buffer_tokens,
-            "heldout_ids": config_hash(self.heldout_ids.tolist()),
+            "heldout_ids": config_hash(sorted(self.heldout_ids)),
             "exclude": self.exclude.tolist(),
             "max_norm": self.max_norm,
             "scale": self.scale,
@@ -194,7 +193,7 @@ class ActivationStream(ShuffledStream):
     def _rows(self, paths: list[Path], heldout: bool, train: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(x, is_image) of one split without excluded token ids; ``train``: also without outliers, scaled."""
         for x, cols in iter_activations(paths, self.read_rows, COLUMNS):
-            keep = member_of(cols["sample_id"], self._heldout_set) == heldout
+            keep = member_of(cols["sample_id"], self.heldout_ids) == heldout
             if len(self.exclude):
                 keep &= ~np.isin(cols["token_id"], self.exclude)
             if train and self.max_norm is not None:
