@@ -5,7 +5,9 @@ Why not one polars query: a (feature, sample_id) group-by over all code rows (th
 implementation) holds one row per active pair, so its memory grows with the rows (1.4 GB at 12.8M
 rows, 7.7 GB at 1e8), and that string-keyed group-by was ~60% of its time (its sorts and a second pass for the tokens
 the rest). Here the rows stream in
-batches through numpy kernels that need no hash or sort over all rows (``bench/select_top.py``).
+batches through numpy kernels that need no hash or sort over all rows, and the running top lists
+are numpy arrays merged in bulk (:mod:`mmsae.top_lists`; a polars merge with string sample ids
+was most of the time before). Figures: ``bench/select_top.py``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from mmsae.top_lists import TopLists
+
 _KIND_BASE, _KIND_IMAGE, _KIND_TEXT = 1, 2, 3  # code row kinds (0: neither image nor text)
-_BATCH_ROWS = 1 << 20  # code rows per streamed batch
+_BATCH_ROWS = 1 << 18  # code rows per streamed batch
 _CELLS = 1 << 20  # dense (sample, feature) cells per aggregation group; bounds memory with the batch
-_PENDING_ROWS = 1 << 16  # candidate rows queued before a merge (frequent merges raise the thresholds sooner)
+_PENDING_ROWS = 1 << 16  # offers queued before a merge into the top lists, at least
 _NO_ROW = -1  # packed value of a (sample, feature) cell without a row of that kind
+_NEVER = np.iinfo(np.int32).max  # threshold bits no activation reaches
 
 
 def _code_batches(codes: pl.LazyFrame):
@@ -29,11 +34,28 @@ def _code_batches(codes: pl.LazyFrame):
         chunk_size=_BATCH_ROWS)
 
 
+def _run_starts(sample_id: pl.Series) -> np.ndarray:
+    """(R + 1,) int64: where each run of equal sample ids starts, then the length."""
+    n, ids = len(sample_id), sample_id.cast(pl.Binary)  # bytes compare faster than strings
+    change = (ids.slice(1).ne_missing(ids.slice(0, n - 1)).arg_true().to_numpy() + 1) if n > 1 else []
+    return np.concatenate([[0], change, [n]]).astype(np.int64)
+
+
 def _pack(a: np.ndarray, tok: np.ndarray) -> np.ndarray:
     """(n,) float32 activations >= 0 and int32 token indices -> (n,) int64 whose maximum is the
     largest activation and, among equal ones, the lowest token: the float32 bits above,
     2^31 - 1 - token below."""
     return (a.view(np.int32).astype(np.int64) << 32) | (0x7FFFFFFF - tok.astype(np.int64))
+
+
+def _unpack(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`_pack`: (activation float32, token int32)."""
+    return (packed >> 32).astype(np.int32).view(np.float32), (0x7FFFFFFF - (packed & 0xFFFFFFFF)).astype(np.int32)
+
+
+def _bits(score: np.ndarray) -> np.ndarray:
+    """float32 thresholds (``-inf``: none yet) as the bits of activations >= 0."""
+    return np.where(np.isfinite(score), score.view(np.int32), 0)
 
 
 def _grow(arr: np.ndarray, size: int, fill) -> np.ndarray:
@@ -46,21 +68,23 @@ def _grow(arr: np.ndarray, size: int, fill) -> np.ndarray:
 
 class CodeAggregate:
     """One streaming pass over the code rows: per-feature statistics and each feature's running
-    top-``n`` samples (image and text), in memory independent of the number of rows.
+    top samples (image and text), in memory independent of the number of rows.
 
     A sample's rows are contiguous in the code shards (extraction writes whole samples, encoding
     keeps row order; checked), so batches are cut at sample boundaries and no hash or sort runs over
     all rows: per-feature counts, sums and maxima are ``bincount``/``maximum.at`` over the rows;
-    n_samples counts the non-empty cells of dense (feature, sample) blocks of at most ``_CELLS``
-    cells. Top samples: each (feature, sample) cell's largest base-view image / text activation is
-    packed with its token (lowest index on ties) into one int64 (the float32 bits of a non-negative
-    activation order as integers). With ``rank_by="max"`` only rows at or above their feature's
-    current n-th best score are kept (a sparse filter: after the first batches almost none pass);
-    with ``"mean"`` the cells of the dense blocks are scored. Candidates are merged into running top
-    lists (polars sort by score, then sample id); an image file keeps only its best sample.
+    n_samples counts the hit cells of dense (feature, sample) blocks of at most ``_CELLS`` cells.
+    Top samples (:class:`mmsae.top_lists.TopLists`, one per modality): each (feature, sample)
+    cell's largest base-view image / text activation is packed with its token (lowest index on
+    ties) into one int64 (the float32 bits of a non-negative activation order as integers). Ranked by
+    the largest activation (text always, base-view images with ``rank_by="max"``) only rows at or
+    above their feature's current list threshold are looked at (after the first batches few
+    pass); with ``"mean"`` the image cells of the dense blocks are scored. An image file counts
+    once: the image lists keep ``n`` times the most samples sharing a file, which hold the ``n``
+    best distinct files; :meth:`top` keeps each file's best sample.
 
-    Memory: one batch of rows, one dense block, the running lists (2 * n rows per feature) and the
-    set of sample ids seen; flat in the number of rows.
+    Memory: one batch of rows, one dense block, the lists (``d_sae`` x ``n`` x per-file entries),
+    and the names of the samples seen; flat in the number of rows.
 
     Args:
         base_view_tokens: ``(sample_id, n_base, image_path)`` (:func:`mmsae.features.base_view_counts`);
@@ -82,14 +106,12 @@ class CodeAggregate:
         self.sums = np.zeros(0, np.float64)
         self.maxs = np.zeros(0, np.float32)
         self.n_samples = np.zeros(0, np.int64)
-        self.thr = {"image": np.zeros(0), "text": np.zeros(0)}  # each feature's n-th best score so far
-        empty = {"feature": pl.Int32, "sample_id": pl.String, "score": pl.Float64, "max_activation": pl.Float32, "token_index": pl.Int32}
-        self.best = {"image": pl.DataFrame(schema={**empty, "image_path": pl.String}), "text": pl.DataFrame(schema=empty)}
-        self.seen: set[str] = set()
-        self.pending: dict[str, list[pl.DataFrame]] = {"image": [], "text": []}
-        self.n_pending = {"image": 0, "text": 0}
         # most samples sharing one image file (a feature's top n images lie in its n * per_file best samples)
-        self.per_file = 1 if base_view_tokens is None else int(base_view_tokens.group_by("image_path").len()["len"].max() or 1)
+        per_file = 1 if base_view_tokens is None else int(base_view_tokens.group_by("image_path").len()["len"].max() or 1)
+        self.lists = {"image": TopLists(max(n, 1) * per_file, _PENDING_ROWS), "text": TopLists(max(n, 1), _PENDING_ROWS)}
+        self.thr4 = np.zeros(0, np.int32)  # (4 * D,) per (feature, kind): bits an activation must reach to be offered
+        self.names: list[str] = []  # every sample seen, in file order (the lists index it)
+        self.seen: set[str] = set()
 
     def run(self, codes: pl.LazyFrame) -> "CodeAggregate":
         """Aggregate all rows of ``codes`` (streamed in file order); returns self.
@@ -97,156 +119,129 @@ class CodeAggregate:
         Raises:
             ValueError: a sample's rows are not contiguous, or an activation is negative or NaN.
         """
-        carry = None
+        carry, carry_id = None, None  # the rows of the last sample seen, which may go on in the next batch
         for batch in _code_batches(codes):
+            if not batch.height:
+                continue
+            cols = [batch[c].to_numpy() for c in ("feature", "activation", "kind", "token_index")]
+            starts = _run_starts(batch["sample_id"])
+            ids = batch["sample_id"].gather(starts[:-1]).to_list()
+            if carry is not None and ids[0] == carry_id:  # the carried sample goes on
+                carry = [np.concatenate([c, x[: starts[1]]]) for c, x in zip(carry, cols)]
+                starts, ids = starts[1:], ids[1:]
+                if not ids:
+                    continue
             if carry is not None:
-                batch = pl.concat([carry, batch])
-            run = batch["sample_id"].rle_id().to_numpy()
-            last = int(np.searchsorted(run, run[-1])) if len(run) else 0  # the last sample may go on
-            if last > 0:
-                self._add(batch.slice(0, last), run[:last])
-            carry = batch.slice(last)
-        if carry is not None and carry.height:
-            self._add(carry, carry["sample_id"].rle_id().to_numpy())
+                self._add(carry, np.array([0, len(carry[0])]), [carry_id])
+            self._add([x[starts[0]: starts[-2]] for x in cols], starts[:-1] - starts[0], ids[:-1])
+            carry, carry_id = [x[starts[-2]:] for x in cols], ids[-1]
+        if carry is not None:
+            self._add(carry, np.array([0, len(carry[0])]), [carry_id])
+        for lists in self.lists.values():
+            lists.flush(self.names)
         return self
 
-    def _add(self, b: pl.DataFrame, run: np.ndarray) -> None:
-        f = b["feature"].to_numpy().astype(np.int64)
-        a = b["activation"].to_numpy()
-        kind = b["kind"].to_numpy()
+    def _add(self, cols: list[np.ndarray], starts: np.ndarray, names: list[str]) -> None:
+        """Aggregate the rows of whole samples: ``cols`` = feature, activation, kind, token (n,);
+        ``starts`` (R + 1,) bound each sample's rows; ``names`` (R,) their ids."""
+        if not names:
+            return
+        f, a, kind, tok = cols
+        f = f.astype(np.int64)
         if not (a >= 0).all():
-            bad = b.filter(~(pl.col("activation") >= 0)).row(0, named=True)
-            raise ValueError(f"codes: activation {bad['activation']} of sample {bad['sample_id']!r} feature {bad['feature']} "
+            i = int(np.flatnonzero(~(a >= 0))[0])
+            raise ValueError(f"codes: activation {a[i]} of sample {names[np.searchsorted(starts, i, 'right') - 1]!r} feature {f[i]} "
                              "is negative or NaN (codes hold ReLU'd TopK values)")
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(run)) + 1, [len(run)]])
-        names = b["sample_id"].gather(starts[:-1]).to_list()
         if self.seen.intersection(names) or len(set(names)) < len(names):
             dup = next(x for i, x in enumerate(names) if x in self.seen or x in names[:i])
             raise ValueError(f"codes: the rows of sample {dup!r} are not contiguous (code shards hold each sample's rows "
                              "together, in one shard)")
+        first = len(self.names)
         self.seen.update(names)
-        D = int(f.max()) + 1
-        self.counts = _grow(self.counts, D, 0)
-        self.sums, self.maxs = _grow(self.sums, D, 0.0), _grow(self.maxs, D, -np.inf)
-        self.n_samples = _grow(self.n_samples, D, 0)
-        for m in self.thr:
-            self.thr[m] = _grow(self.thr[m], D, -np.inf)
-        self.counts[:D] += np.bincount(f * 4 + kind, minlength=4 * D).reshape(D, 4)
-        self.sums[:D] += np.bincount(f, weights=a, minlength=D)
+        self.names += names
+        self._grow(int(f.max()) + 1)
+        D = len(self.maxs)
+        key = f * 4 + kind
+        self.counts += np.bincount(key, minlength=4 * D).reshape(D, 4)
+        self.sums += np.bincount(f, weights=a, minlength=D)
         np.maximum.at(self.maxs, f, a)
-        tok = b["token_index"].to_numpy()
-        if self.tops and self.rank_by == "max":
-            self._add_max(f, a, kind, tok, run - run[0], names)
-        packed = _pack(a, tok) if self.tops and self.rank_by == "mean" else None
+        run = np.repeat(np.arange(len(names)), np.diff(starts))  # (rows,) the row's sample in this call
+        if self.tops:
+            self._add_max(f, a, key, tok, run, first, len(names))
         per_group = max(1, _CELLS // D)
         for r0 in range(0, len(names), per_group):
             r1 = min(r0 + per_group, len(names))
             rows = slice(starts[r0], starts[r1])
-            self._add_group(f[rows], a[rows], kind[rows], None if packed is None else packed[rows],
-                            (run[rows] - run[starts[r0]]).astype(np.int64),
-                            names[r0:r1], D)
+            self._add_group(f[rows], a[rows], kind[rows], tok[rows], run[rows] - r0, first + r0, r1 - r0, D)
 
-    def _add_group(self, f, a, kind, packed, local, names, D) -> None:
-        R = len(names)
-        cell = f * R + local  # (feature, sample) cells, feature-major: a feature's samples are contiguous
-        self.n_samples[:D] += (np.bincount(cell, minlength=D * R).reshape(D, R) > 0).sum(1)
+    def _grow(self, d: int) -> None:
+        if d <= len(self.maxs):
+            return
+        self.counts, self.n_samples = _grow(self.counts, d, 0), _grow(self.n_samples, d, 0)
+        self.sums, self.maxs = _grow(self.sums, d, 0.0), _grow(self.maxs, d, -np.inf)
+        for lists in self.lists.values():
+            lists.grow(d)
+        self._thresholds()
+
+    def _thresholds(self) -> None:
+        """Rebuild ``thr4`` from the lists (kinds other than base-view image and text: never)."""
+        thr = np.full((len(self.maxs), 4), _NEVER, np.int32)
+        if self.rank_by == "max":  # with "mean", image cells are scored in dense blocks (_add_group)
+            thr[:, _KIND_BASE] = _bits(self.lists["image"].threshold)
+        thr[:, _KIND_TEXT] = _bits(self.lists["text"].threshold)
+        self.thr4 = thr.reshape(-1)
+
+    def _add_group(self, f, a, kind, tok, local, first, R, D) -> None:
+        """n_samples over R samples; with ``rank_by="mean"`` their (feature, sample) image cells
+        are scored (base-view sum / n_base) and offered."""
+        cell = f * R + local  # (feature, sample) cells, feature-major
+        hit = np.zeros(D * R, bool)
+        hit[cell] = True
+        self.n_samples += np.count_nonzero(hit.reshape(D, R), axis=1)
         if not self.tops or self.rank_by == "max":
             return
-        base, text = kind == _KIND_BASE, kind == _KIND_TEXT
-        slot = np.where(base, cell * 2, np.where(text, cell * 2 + 1, 2 * R * D))  # (cell, image|text), else a spare slot
-        best = np.full(2 * R * D + 1, _NO_ROW, np.int64)
-        np.maximum.at(best, slot, packed)
-        best = best[:-1].reshape(D, R, 2)
-        info = [self.base.get(x, (None, None)) for x in names]
-        for i, modality in enumerate(("image", "text")):
-            cells = best[..., i]
-            keep = self.n * (self.per_file if modality == "image" else 1)  # a feature's top n lie in its best `keep` cells
-            thr = self.thr[modality][:D]
-            if modality == "image" and self.rank_by == "mean":
-                n_base = np.array([np.nan if nb is None else nb for nb, _ in info], np.float64)
-                score = np.bincount(cell[base], weights=a[base], minlength=D * R).reshape(D, R) / n_base[None, :]
-                score[cells == _NO_ROW] = -np.inf
-                cut = thr if R <= keep else np.maximum(thr, np.partition(score, R - keep, axis=1)[:, R - keep])
-                c, r = np.nonzero(score >= np.maximum(cut, np.finfo(np.float64).min)[:, None])
-            else:  # rank by the largest activation: compare its float32 bits (-1 where no row), ties kept
-                hi = cells >> 32
-                cut = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0).astype(np.int64)
-                if R > keep:
-                    cut = np.maximum(cut, np.partition(hi, R - keep, axis=1)[:, R - keep])
-                c, r = np.nonzero(hi >= cut[:, None])
-                score = None
-            if len(r):
-                top = cells[c, r]
-                top_act = (top >> 32).astype(np.int32).view(np.float32)
-                sc = top_act.astype(np.float64) if score is None else score[c, r]
-                self._offer(modality, r, c, sc, top_act, 0x7FFFFFFF - (top & 0xFFFFFFFF), names, info)
+        base = kind == _KIND_BASE
+        best = np.full(D * R, _NO_ROW, np.int64)
+        np.maximum.at(best, cell[base], _pack(a[base], tok[base]))
+        best = best.reshape(D, R)
+        n_base = np.array([self.base.get(x, (np.nan,))[0] for x in self.names[first: first + R]], np.float64)
+        score = (np.bincount(cell[base], weights=a[base], minlength=D * R).reshape(D, R) / n_base[None, :]).astype(np.float32)
+        score[best == _NO_ROW] = -np.inf
+        lists = self.lists["image"]
+        cut = lists.threshold[:D]
+        if R > lists.keep:
+            cut = np.maximum(cut, np.partition(score, R - lists.keep, axis=1)[:, R - lists.keep])
+        c, r = np.nonzero((score >= cut[:, None]) & np.isfinite(score))
+        act, token = _unpack(best[c, r])
+        lists.offer(c, first + r, score[c, r], act, token, self.names)
 
-    def _add_max(self, f, a, kind, tok, run, names) -> None:
-        """Top samples by the largest activation, sparse: only rows at or above their feature's
-        current n-th best score can matter; the largest per (feature, sample) of those are offered."""
-        n_runs = len(names)
-        bits = a.view(np.int32)  # the activation's float32 bits (ordered as a for a >= 0)
-        for modality, k in (("image", _KIND_BASE), ("text", _KIND_TEXT)):
-            thr = self.thr[modality]
-            thr_bits = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0)
-            sel = np.flatnonzero((bits >= thr_bits[f]) & (kind == k))
-            if not len(sel):
-                continue
-            cell, best = f[sel] * n_runs + run[sel], _pack(a[sel], tok[sel])
-            order = np.argsort(cell)
-            cell, best = cell[order], best[order]
-            first = np.flatnonzero(np.append(True, cell[1:] != cell[:-1]))
-            cell, best = cell[first], np.maximum.reduceat(best, first)  # each cell's largest packed value
-            cell, best = self._tighten(modality, cell, best, n_runs)
-            top_act = (best >> 32).astype(np.int32).view(np.float32)
-            self._offer(modality, cell % n_runs, cell // n_runs, top_act.astype(np.float64), top_act,
-                        0x7FFFFFFF - (best & 0xFFFFFFFF), names, [self.base.get(x, (None, None)) for x in names])
-
-    def _tighten(self, modality, cell, best, n_runs):
-        """Raise each feature's threshold to the ``keep``-th best of these (distinct-sample) cells
-        (n of them, times per_file for images: they cover n distinct images), and keep the cells
-        at or above it (ties kept)."""
-        keep = self.n * (self.per_file if modality == "image" else 1)
-        feat, bits = cell // n_runs, best >> 32
-        order = np.lexsort((-bits, feat))  # by feature, then value descending
-        feat_s, bits_s = feat[order], bits[order]
-        first = np.flatnonzero(np.append(True, feat_s[1:] != feat_s[:-1]))
-        size = np.diff(np.append(first, len(feat_s)))
-        full = size >= keep
-        kth = bits_s[first[full] + keep - 1]
-        thr = self.thr[modality]
-        thr[feat_s[first[full]]] = np.maximum(thr[feat_s[first[full]]], kth.astype(np.int32).view(np.float32))
-        cut = np.where(np.isfinite(thr), thr.astype(np.float32).view(np.int32), 0).astype(np.int64)
-        ok = bits >= cut[feat]
-        return cell[ok], best[ok]
-
-    def _offer(self, modality, r, c, score, top_act, token, names, info) -> None:
-        """Queue candidate cells (sample r, feature c); merged into the top lists in bulk."""
-        cand = {"feature": c.astype(np.int32), "sample_id": pl.Series(names, dtype=pl.String).gather(r), "score": score,
-                "max_activation": top_act, "token_index": token.astype(np.int32)}
-        if modality == "image":
-            cand["image_path"] = pl.Series([p for _, p in info], dtype=pl.String).gather(r)
-        self.pending[modality].append(pl.DataFrame(cand))
-        self.n_pending[modality] += len(r)
-        if self.n_pending[modality] >= _PENDING_ROWS:
-            self._merge(modality)
-
-    def _merge(self, modality) -> None:
-        """Merge the queued candidates into the running top lists of their features (then the
-        thresholds rise: a feature's n-th best score so far)."""
-        if not self.pending[modality]:
+    def _add_max(self, f, a, key, tok, run, first, R) -> None:
+        """Top samples by the largest activation (text always; base-view images with
+        ``rank_by="max"``), sparse: only rows at or above their feature's list threshold can
+        enter; each (feature, sample, modality)'s largest of those is offered."""
+        sel = np.flatnonzero(a.view(np.int32) >= self.thr4[key])
+        if not len(sel):
             return
-        cand = pl.concat(self.pending[modality])
-        self.pending[modality], self.n_pending[modality] = [], 0
-        hit = pl.col("feature").is_in(cand["feature"].unique().implode())
-        merged = pl.concat([self.best[modality].filter(hit), cand]).sort(
-            ["feature", "score", "sample_id"], descending=[False, True, False])
-        if modality == "image":  # an image file counts once: its best sample stands for it
-            merged = merged.unique(subset=["feature", "image_path"], keep="first", maintain_order=True)
-        merged = merged.filter(pl.int_range(pl.len()).over("feature") < self.n)
-        self.best[modality] = pl.concat([self.best[modality].filter(~hit), merged])
-        full = merged.group_by("feature").agg(pl.len(), pl.col("score").last()).filter(pl.col("len") == self.n)
-        self.thr[modality][full["feature"].to_numpy()] = full["score"].to_numpy()
+        slot = (f[sel] * R + run[sel]) * 2 + (key[sel] & 3 == _KIND_TEXT)  # (cell, image|text)
+        packed = _pack(a[sel], tok[sel])
+        n_slots = 2 * len(self.maxs) * R
+        if len(sel) * 16 > n_slots:  # dense: each slot's largest packed value by scatter
+            best = np.full(n_slots, _NO_ROW, np.int64)
+            np.maximum.at(best, slot, packed)
+            slot = np.flatnonzero(best != _NO_ROW)
+            best = best[slot]
+        else:  # sparse: sort the few selected rows by slot
+            order = np.argsort(slot)
+            slot, packed = slot[order], packed[order]
+            head = np.flatnonzero(np.append(True, slot[1:] != slot[:-1]))
+            slot, best = slot[head], np.maximum.reduceat(packed, head)
+        merged, text = False, (slot & 1).astype(bool)
+        for modality, pick in (("image", ~text), ("text", text)):
+            cell, top = slot[pick] >> 1, best[pick]
+            act, token = _unpack(top)
+            merged |= self.lists[modality].offer(cell // R, first + cell % R, act, act, token, self.names)
+        if merged:
+            self._thresholds()
 
     def stats(self, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
         """The feature-stats table (:func:`mmsae.features.feature_stats`), features sorted."""
@@ -272,11 +267,22 @@ class CodeAggregate:
 
     def top(self) -> pl.DataFrame:
         """The top-samples table (:func:`mmsae.features.top_samples`)."""
-        for m in self.pending:
-            self._merge(m)
-        parts = [self.best[m].select("feature", pl.lit(m).alias("modality"), pl.int_range(pl.len()).over("feature").alias("rank"),
-                                     "sample_id", "score", "max_activation", "token_index") for m in ("image", "text")]
-        return pl.concat(parts).select(
-            pl.col("feature").cast(pl.Int32), "modality", pl.col("rank").cast(pl.Int16), "sample_id",
-            pl.col("score").cast(pl.Float32), pl.col("max_activation").cast(pl.Float32), pl.col("token_index").cast(pl.Int32),
-        ).sort("feature", "modality", "rank")
+        names = pl.Series(self.names, dtype=pl.String)
+        path_of = {}
+        path = np.array([path_of.setdefault(self.base.get(x, (None, None))[1], len(path_of)) for x in self.names], np.int64)
+        parts = []
+        for modality in ("image", "text"):
+            lists = self.lists[modality]
+            lists.flush(self.names)
+            c, sample, score, act, token = lists.ranked(self.names) if self.tops else [np.zeros(0, np.int64)] * 5
+            if modality == "image" and lists.keep > self.n:  # an image file counts once: its best sample stands for it
+                once = np.sort(np.unique(c * len(path_of) + path[sample], return_index=True)[1])
+                c, sample, score, act, token = (x[once] for x in (c, sample, score, act, token))
+            first = np.flatnonzero(np.append(True, c[1:] != c[:-1])) if len(c) else np.zeros(0, np.int64)
+            rank = np.arange(len(c)) - np.repeat(first, np.diff(np.append(first, len(c))))
+            top = rank < self.n
+            parts.append(pl.DataFrame({
+                "feature": c[top].astype(np.int32), "modality": pl.Series([modality] * int(top.sum()), dtype=pl.String),
+                "rank": rank[top].astype(np.int16), "sample_id": names.gather(sample[top]), "score": score[top].astype(np.float32),
+                "max_activation": act[top].astype(np.float32), "token_index": token[top].astype(np.int32)}))
+        return pl.concat(parts).sort("feature", "modality", "rank")

@@ -64,7 +64,8 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
     Image ranking uses base-view image tokens (view 0): ``max`` ranks by the largest activation,
     ``mean`` by the activation summed over the base view divided by the sample's number of
     base-view tokens (the reference code's mean, inactive tokens counting 0). Text ranking uses the
-    largest activation on a text token of the sample. Ties rank by sample id.
+    largest activation on a text token of the sample. Scores compare as stored (float32); ties
+    rank by sample id.
 
     Image samples that share an image file count once (their image tokens are identical under
     causal attention when the image precedes the prompt): the best-scoring sample stands for it.

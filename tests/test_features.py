@@ -137,6 +137,7 @@ def _naive(rows, images, n, rank_by):
                 top = max(r["activation"] for r in g)
                 tok = min(r["token_index"] for r in g if r["activation"] == top)
                 score = float(top) if modality == "text" or rank_by == "max" else sum(float(r["activation"]) for r in g) / n_base[sid]
+                score = float(np.float32(score))  # ranked as stored: float32, then sample id
                 cand.append((-score, sid, top, tok))
             cand.sort()
             if modality == "image":
