@@ -100,8 +100,8 @@ class CodeAggregate:
         if rank_by not in ("max", "mean"):
             raise ValueError(f"features.rank_by: {rank_by!r} is not one of max, mean")
         self.n, self.rank_by, self.tops = n, rank_by, base_view_tokens is not None and n > 0
-        self.base = {} if base_view_tokens is None else dict(
-            zip(base_view_tokens["sample_id"].to_list(), zip(base_view_tokens["n_base"].to_list(), base_view_tokens["image_path"].to_list())))
+        self.base = {} if base_view_tokens is None else {  # sample -> (n_base, image file), samples with base-view tokens
+            x: (nb, path) for x, nb, path in base_view_tokens.select("sample_id", "n_base", "image_path").iter_rows() if nb and nb > 0}
         self.counts = np.zeros((0, 4), np.int64)  # rows per (feature, kind)
         self.sums = np.zeros(0, np.float64)
         self.maxs = np.zeros(0, np.float32)
@@ -117,7 +117,8 @@ class CodeAggregate:
         """Aggregate all rows of ``codes`` (streamed in file order); returns self.
 
         Raises:
-            ValueError: a sample's rows are not contiguous, or an activation is negative or NaN.
+            ValueError: a sample's rows are not contiguous; an activation is negative, infinite or NaN;
+                a sample has base-view image rows but no positive ``n_base`` in ``base_view_tokens``.
         """
         carry, carry_id = None, None  # the rows of the last sample seen, which may go on in the next batch
         for batch in _code_batches(codes):
@@ -148,14 +149,23 @@ class CodeAggregate:
             return
         f, a, kind, tok = cols
         f = f.astype(np.int64)
-        if not (a >= 0).all():
-            i = int(np.flatnonzero(~(a >= 0))[0])
+        if not ((a >= 0) & (a < np.inf)).all():
+            i = int(np.flatnonzero(~((a >= 0) & (a < np.inf)))[0])
             raise ValueError(f"codes: activation {a[i]} of sample {names[np.searchsorted(starts, i, 'right') - 1]!r} feature {f[i]} "
-                             "is negative or NaN (codes hold ReLU'd TopK values)")
+                             "is negative, infinite or NaN (codes hold ReLU'd TopK values)")
+        a = a + np.float32(0)  # -0.0 -> +0.0: its float32 bits then order as the value
         if self.seen.intersection(names) or len(set(names)) < len(names):
             dup = next(x for i, x in enumerate(names) if x in self.seen or x in names[:i])
             raise ValueError(f"codes: the rows of sample {dup!r} are not contiguous (code shards hold each sample's rows "
                              "together, in one shard)")
+        run = np.repeat(np.arange(len(names)), np.diff(starts))  # (rows,) the row's sample in this call
+        if self.tops:  # a sample's base-view rows need its n_base and image file
+            has_base = np.zeros(len(names), bool)
+            has_base[run[kind == _KIND_BASE]] = True
+            missing = [x for x, b in zip(names, has_base) if b and x not in self.base]
+            if missing:
+                raise ValueError(f"codes: sample {missing[0]!r} has base-view image rows but no base-view token count in the "
+                                 "codes' samples table (n_base_tokens > 0): pass the samples.parquet written with these codes")
         first = len(self.names)
         self.seen.update(names)
         self.names += names
@@ -165,7 +175,6 @@ class CodeAggregate:
         self.counts += np.bincount(key, minlength=4 * D).reshape(D, 4)
         self.sums += np.bincount(f, weights=a, minlength=D)
         np.maximum.at(self.maxs, f, a)
-        run = np.repeat(np.arange(len(names)), np.diff(starts))  # (rows,) the row's sample in this call
         if self.tops:
             self._add_max(f, a, key, tok, run, first, len(names))
         per_group = max(1, _CELLS // D)

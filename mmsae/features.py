@@ -53,7 +53,8 @@ def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_tex
     with at least one active token. Only features active somewhere have a row.
 
     Raises:
-        ValueError: a sample's rows are not contiguous in ``codes``, or an activation is negative/NaN.
+        ValueError: a sample's rows are not contiguous in ``codes``, or an activation is negative,
+            infinite or NaN.
     """
     return CodeAggregate(None, 0, "max").run(codes).stats(n_tokens, n_image_tokens, n_text_tokens)
 
@@ -81,7 +82,8 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
         the lowest index on ties).
 
     Raises:
-        ValueError: ``rank_by`` is not ``max`` or ``mean``; rows as in :func:`feature_stats`.
+        ValueError: ``rank_by`` is not ``max`` or ``mean``; rows as in :func:`feature_stats`; a
+            sample has base-view image rows but no row (with ``n_base`` > 0) in ``base_view_tokens``.
     """
     return CodeAggregate(base_view_tokens, n, rank_by).run(codes).top()
 

@@ -200,5 +200,34 @@ def test_non_contiguous_or_negative_codes_are_rejected(codes):
     with pytest.raises(ValueError, match="not contiguous"):
         feature_stats(shuffled, n_tokens, 128, n_tokens - 128)
     bad = df.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(-1.0).otherwise(pl.col("activation")).alias("activation")).lazy()
-    with pytest.raises(ValueError, match="negative or NaN"):
+    with pytest.raises(ValueError, match="negative, infinite or NaN"):
         top_samples(bad, images, n=3)
+    inf = df.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(float("inf")).otherwise(pl.col("activation")).alias("activation")).lazy()
+    with pytest.raises(ValueError, match="sample 's0'.* infinite"):
+        feature_stats(inf, n_tokens, 128, n_tokens - 128)
+
+
+@pytest.mark.parametrize("rank_by", ["max", "mean"])
+def test_base_view_rows_of_a_sample_missing_from_the_samples_table_are_refused(codes, rank_by):
+    """Without its n_base and image file such a sample's image score is undefined (mean) and it
+    could not count once per file (max): refused, naming it, rather than ranked or dropped."""
+    _, lazy, images, _ = codes
+    with pytest.raises(ValueError, match="sample 's3' has base-view image rows"):
+        top_samples(lazy, images.filter(pl.col("sample_id") != "s3"), n=3, rank_by=rank_by)
+    with pytest.raises(ValueError, match="sample 's3' has base-view image rows"):  # n_base 0: no base-view tokens
+        top_samples(lazy, images.with_columns(pl.when(pl.col("sample_id") == "s3").then(0).otherwise(pl.col("n_base")).alias("n_base")),
+                    n=3, rank_by=rank_by)
+
+
+@pytest.mark.parametrize("rank_by", ["max", "mean"])
+def test_negative_zero_ranks_as_zero(tmp_path, rank_by):
+    """-0.0 passes the sign check, and must rank as 0.0 (its float32 bits are negative)."""
+    rows = [("a", 0, "text", -1, 0.0), ("b", 0, "text", -1, -0.0), ("d", 0, "image", 0, -0.0), ("d", 1, "image", 0, 0.0),
+            ("e", 0, "image", 0, -0.0)]
+    df = pl.DataFrame([{"sample_id": sid, "token_index": t, "modality": m, "view": v, "patch_row": 0 if v == 0 else -1,
+                        "patch_col": 0 if v == 0 else -1, "feature": 1, "activation": a} for sid, t, m, v, a in rows])
+    write_parquet(tmp_path / "codes.parquet", df.to_arrow().cast(CODE_SCHEMA))
+    images = pl.DataFrame({"sample_id": ["d", "e"], "n_base": [2, 2], "image_path": ["d.png", "e.png"]})
+    tops = top_samples(pl.scan_parquet(tmp_path / "codes.parquet"), images, n=3, rank_by=rank_by)
+    got = [(r["modality"], r["sample_id"], r["score"], r["token_index"]) for r in tops.iter_rows(named=True)]
+    assert got == [("image", "d", 0.0, 0), ("image", "e", 0.0, 0), ("text", "a", 0.0, 0), ("text", "b", 0.0, 0)]
