@@ -55,6 +55,9 @@ class EncodeConfig:
         max_image_pixels: images with more pixels are skipped (``extract.max_image_pixels``); None =
             Pillow's limit.
         stop_at_hook: end each forward at the hooked layer.
+        exclude_token_ids: token ids whose codes are not stored: the model's special tokens when the
+            SAE was trained without them (:func:`mmsae.sae.io.trained_without_special_tokens`), so
+            the statistics and top contexts cover the tokens the SAE was trained on.
     """
 
     hook_point: str
@@ -63,15 +66,19 @@ class EncodeConfig:
     base_view_only: bool
     max_image_pixels: int | None
     stop_at_hook: bool = True
+    exclude_token_ids: tuple[int, ...] = ()
 
 
-def kept_tokens(layout: dict, base_view_only: bool) -> np.ndarray:
+def kept_tokens(layout: dict, base_view_only: bool, token_ids: np.ndarray | None = None,
+                exclude_token_ids: tuple[int, ...] = ()) -> np.ndarray:
     """(n,) bool: the tokens whose codes are stored; with ``base_view_only`` only base-view image
-    tokens (view 0) and text tokens (anyres tiles and image-newline tokens are left out)."""
+    tokens (view 0) and text tokens (anyres tiles and image-newline tokens are left out); tokens
+    whose id (``token_ids``, (n,)) is in ``exclude_token_ids`` never."""
     view = np.asarray(layout["view"])
-    if not base_view_only:
-        return np.ones(len(view), bool)
-    return (view == 0) | (np.asarray(layout["modality"]) == "text")
+    keep = np.ones(len(view), bool) if not base_view_only else (view == 0) | (np.asarray(layout["modality"]) == "text")
+    if len(exclude_token_ids):
+        keep &= ~np.isin(np.asarray(token_ids), exclude_token_ids)
+    return keep
 
 
 def _meta(cols: dict, keep: np.ndarray) -> pa.Table:
@@ -120,7 +127,8 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     Returns:
         The manifest (also written to ``out_dir/manifest.json``): ``shards`` ({path, n_rows, n_tokens}),
         ``n_samples``, ``n_tokens`` / ``n_image_tokens`` / ``n_text_tokens`` (tokens encoded: after
-        ``base_view_only``, so feature frequencies are over what is stored), ``d_sae``, ``k``,
+        ``base_view_only`` and ``exclude_token_ids``, so feature frequencies are over what is stored),
+        ``exclude_token_ids`` and ``n_tokens_excluded`` (tokens left out by id), ``d_sae``, ``k``,
         ``grid_side``, ``model``, ``hook_point``, ``layer``, ``d_model``, ``base_view_only``, the
         skipped and converted images.
 
@@ -147,6 +155,7 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     pending: list[pa.Table] = []
     pending_tokens = 0
     totals = {"image": 0, "text": 0}
+    n_excluded = 0
     enc_device = sae.W_enc.device
 
     def flush() -> None:
@@ -167,7 +176,8 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
             xs, metas = [], []
             for b, st in enumerate(fb.samples):
                 cols = st.columns()
-                keep = kept_tokens(st.layout, cfg.base_view_only)
+                keep = kept_tokens(st.layout, cfg.base_view_only, st.token_ids, cfg.exclude_token_ids)
+                n_excluded += int(np.isin(st.token_ids, cfg.exclude_token_ids).sum()) if cfg.exclude_token_ids else 0
                 xs.append(fb.acts[b, :st.n][torch.from_numpy(keep).to(fb.acts.device)])
                 metas.append(_meta(cols, keep))
                 sample_rows.append({**st.sample_row(), "n_base_tokens": int((np.asarray(st.layout["view"]) == 0).sum())})
@@ -195,6 +205,8 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
+        "exclude_token_ids": sorted(cfg.exclude_token_ids),
+        "n_tokens_excluded": n_excluded,
         **image_summary(samples_table),
         "n_images_skipped": len(skipped),
         "skipped": skipped,

@@ -147,7 +147,7 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
     """
     out = Path(out)
     summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_images_used",
-              "n_shards", "n_special_dropped", "n_float16_overflow", "n_float16_underflow", "projected_bytes", "actual_bytes"}
+              "n_shards", "n_special_dropped", "n_tokens_excluded", "n_float16_overflow", "n_float16_underflow", "projected_bytes", "actual_bytes"}
     summed_by_key = {"tokens_seen", "tokens_written"}  # {role: count}, summed role by role
     merged: dict = {"shards": [], "skipped": [], "converted": [], "parts": []}
     for part in map(Path, parts):

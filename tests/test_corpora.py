@@ -28,7 +28,7 @@ from mmsae.encode_model import EncodeConfig, encode_corpus
 from mmsae.features import CODE_SCHEMA, base_view_counts
 from mmsae.models import load_subject_model
 from mmsae.report import build_report
-from mmsae.sae import TopKSAE
+from mmsae.sae import TopKSAE, trained_without_special_tokens
 from mmsae.sae.encode import encode_shards
 from mmsae.shards import shard_paths
 
@@ -173,6 +173,33 @@ def test_base_view_counts_come_from_the_codes_samples(encoded):
         base_view_counts(pl.read_parquet(d / "acts/samples.parquet"))
 
 
+def test_special_tokens_the_sae_was_trained_without_get_no_codes(encoded, tmp_path):
+    """An SAE trained without special tokens (our default) is not asked to encode them: their codes
+    would be out of distribution (an attention sink such as <|im_start|> tops feature statistics and
+    text contexts). The rows kept are exactly the others'; the manifest counts what was left out."""
+    d, _, manifests, subject, sae, samples = encoded
+    special = tuple(subject.special_token_ids)
+    cfg = EncodeConfig(hook_point=HOOK, batch_size=2, shard_tokens=250, base_view_only=False, max_image_pixels=None,
+                       exclude_token_ids=special)
+    m = encode_corpus(subject, sae, {"hook_name": HOOK}, samples, tmp_path / "codes", cfg, "h", progress=False)
+    ids = pl.read_parquet(d / "model-False" / "samples.parquet").select("sample_id", "input_ids").explode("input_ids").with_columns(
+        token_index=pl.int_range(pl.len()).over("sample_id").cast(pl.Int32))
+    full = _codes(d / "model-False").join(ids, on=["sample_id", "token_index"])
+    is_special = pl.col("input_ids").is_in(list(special))
+    assert full.filter(is_special).height > 0  # the corpus has special tokens: the check below is not vacuous
+    assert _codes(tmp_path / "codes").equals(full.filter(~is_special).drop("input_ids"))
+    n_special = ids.filter(is_special).height
+    assert m["n_tokens_excluded"] == n_special and m["n_tokens"] == manifests[False]["n_tokens"] - n_special
+    assert m["exclude_token_ids"] == sorted(special) and manifests[False]["n_tokens_excluded"] == 0
+
+
+def test_only_an_sae_of_ours_trained_without_special_tokens_excludes_them():
+    assert trained_without_special_tokens({"mmsae": {"train": {"exclude_special_tokens": True}}})
+    assert trained_without_special_tokens({"mmsae": {"train": {}}})  # the default
+    assert not trained_without_special_tokens({"mmsae": {"train": {"exclude_special_tokens": False}}})
+    assert not trained_without_special_tokens({"hook_name": HOOK})  # an SAE from elsewhere: trained on every token
+
+
 def test_encode_rejects_an_sae_of_another_hook_point(encoded, tmp_path):
     _, _, _, subject, sae, samples = encoded
     cfg = EncodeConfig(hook_point=HOOK, batch_size=1, shard_tokens=100, base_view_only=False, max_image_pixels=None)
@@ -199,13 +226,14 @@ def test_report_names_the_corpus_of_each_number(tmp_path):
     args = inputs(tmp_path)
     codes = {"n_samples": 33, "n_tokens": 4321, "n_image_tokens": 4000, "n_text_tokens": 321, "n_shards": 3,
              "n_images_used": 9, "n_images_converted": 0, "skipped": [{"image": "odd.png", "reason": "too small"}],
-             "base_view_only": True}
+             "base_view_only": True, "n_tokens_excluded": 66}
     page = text(build_report(**args, codes=codes))
     train = page[page.index("training corpus (corpus.train)"):page.index("interpretation corpus (corpus.interpret)")]
     interp = page[page.index("interpretation corpus (corpus.interpret)"):page.index("Sparse autoencoder")]
     assert "5000 (3000 image, 2000 text)" in train and "d_sae" in train
     assert "4321 (4000 image, 321 text)" in interp and "base-view image tokens and text only" in interp
     assert "odd.png: too small" in interp and "odd.png" not in train
+    assert "special tokens left out (the SAE was trained without them) 66" in interp
     assert "trained on corpus.train" in page and "over corpus.interpret (33 samples, 9 images" in page
     old = text(build_report(**args))  # a report without the codes' manifest still renders, train side only
     assert "training corpus (corpus.train)" in old and "corpus.interpret (" not in old

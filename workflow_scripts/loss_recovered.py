@@ -8,7 +8,7 @@ from mmsae.gpu import resolve_device
 from mmsae.io import write_json
 from mmsae.loss_recovered import loss_recovered
 from mmsae.models import load_subject_model
-from mmsae.sae import load_sae
+from mmsae.sae import load_sae, trained_without_special_tokens
 from mmsae.steer import sae_hook_point
 from mmsae.workflow import setup
 
@@ -18,10 +18,8 @@ p = sm.params
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(Path(sm.input.cfg).parent, device=resolve_device(p.device))
 hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)
-# special tokens stay unspliced when the SAE was trained without them (sae.exclude_special_tokens, true unless
-# set; an SAE from elsewhere, without our cfg.json section, is spliced everywhere)
-ours = sae_cfg.get("mmsae")
-keep_special = bool(ours is not None and (ours.get("train") or {}).get("exclude_special_tokens", True))
+# special tokens stay unspliced when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)
+keep_special = trained_without_special_tokens(sae_cfg)
 heldout = json.loads(Path(sm.input.heldout).read_text())
 out = loss_recovered(subject, sae, build_corpus(p.corpus), heldout, hook_point, keep_special,
                      p.loss_recovered["max_samples"], p.max_image_pixels)

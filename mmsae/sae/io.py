@@ -82,3 +82,11 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dic
     except RuntimeError as exc:
         raise ValueError(f"{path / WEIGHTS_FILE}: {exc}") from None
     return sae.eval(), cfg
+
+
+def trained_without_special_tokens(cfg: dict) -> bool:
+    """Whether the SAE of ``cfg`` (its ``cfg.json``) was trained without the model's special tokens
+    (``sae.exclude_special_tokens``, true unless set): then splicing and encoding leave them out too.
+    An SAE from elsewhere (no ``mmsae`` section) was trained on every token, as far as we know."""
+    ours = cfg.get("mmsae")
+    return bool(ours is not None and (ours.get("train") or {}).get("exclude_special_tokens", True))
