@@ -7,9 +7,11 @@ import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
+import polars as pl
 from report_inputs import EVIL, inputs
 
 from mmsae.report import build_report
+from mmsae.report.views import curve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +73,16 @@ def test_templates_ship_as_package_data():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mmsae.report"]
     files = [p.relative_to(REPO / "mmsae/report").as_posix() for p in (REPO / "mmsae/report/templates").iterdir()]
     assert files and all(any(fnmatch(f, g) for g in data) for f in files), (files, data)
+
+
+def test_training_curve_breaks_where_a_metric_is_missing(tmp_path):
+    """fvu_image is missing at steps whose batch had no image token: the chart must not draw a line
+    across the gap (which showed a straight ramp over 60 unlogged steps); a lone step is a dot."""
+    log = pl.DataFrame({"step": list(range(10)), "fvu": [1.0 - 0.05 * s for s in range(10)],
+                        "fvu_image": [0.9, 0.8, None, None, 0.7, None, 0.6, 0.5, 0.4, None]})
+    c = curve(log)
+    full, image = c["lines"][0]["segments"], c["lines"][1]["segments"]
+    assert len(full) == 1 and len(full[0]["points"].split()) == 10
+    assert [len(g["points"].split()) if "points" in g else "dot" for g in image] == [2, "dot", 3]
+    svg = build_report(**{**inputs(tmp_path), "log": log})
+    assert svg.count("<polyline") == 3 and svg.count("<circle") == 1

@@ -44,7 +44,9 @@ def data_url(path: str | Path, max_side: int = 224) -> str:
 
 def curve(log: pl.DataFrame, ys=("fvu", "fvu_image", "fvu_text"), width: int = 640, height: int = 220) -> dict | None:
     """Geometry of the training-curve line chart (metric against step; y from 0 to max(1, largest
-    value)); None when the log is empty. Columns of ``ys`` missing from the log are left out."""
+    value)); None when the log is empty. Columns of ``ys`` missing from the log are left out. A line
+    breaks where its metric is missing (e.g. fvu_image at steps without image tokens): each run of
+    logged steps is one ``segments`` polyline, a lone step a dot, never a line across the gap."""
     ys = [y for y in ys if y in log.columns]
     if log.is_empty() or not ys:
         return None
@@ -57,8 +59,17 @@ def curve(log: pl.DataFrame, ys=("fvu", "fvu_image", "fvu_text"), width: int = 6
     def pt(s, v):
         return f"{pad + (s - x0) / max(x1 - x0, 1) * (width - 2 * pad):.1f},{height - pad - v / ymax * (height - 2 * pad):.1f}"
 
-    lines = [{"name": y, "color": CURVE_COLORS.get(y, "#333"), "label_y": pad + 14 * i,
-              "points": " ".join(pt(s, v) for s, v in zip(steps, log[y].to_list()) if not missing(v))}
+    def segments(values):
+        runs, run = [], []
+        for s, v in zip(steps, values):
+            if missing(v):
+                runs, run = runs + [run] if run else runs, []
+            else:
+                run.append(pt(s, v))
+        runs += [run] if run else []
+        return [{"points": " ".join(r)} if len(r) > 1 else {"dot": r[0].split(",")} for r in runs]
+
+    lines = [{"name": y, "color": CURVE_COLORS.get(y, "#333"), "label_y": pad + 14 * i, "segments": segments(log[y].to_list())}
              for i, y in enumerate(ys)]
     return {"width": width, "height": height, "pad": pad, "x0": x0, "x1": x1, "ymax": f"{ymax:.2g}", "lines": lines}
 
