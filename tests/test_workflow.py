@@ -153,7 +153,9 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     assert manifest["n_samples"] == 5 and manifest["n_image_tokens"] > 0 and manifest["n_text_tokens"] > 0
     assert manifest["parts"] == ["part-0", "part-1"]  # extraction fanned out over 2 jobs
     codes = json.loads((wd / "results/codes/manifest.json").read_text())
-    assert codes["n_tokens"] == manifest["n_tokens"] and codes["parts"] == ["part-0", "part-1"]
+    assert codes["parts"] == ["part-0", "part-1"]
+    # the same corpus: every extracted token is encoded but the special tokens the SAE was trained without
+    assert codes["n_tokens_excluded"] > 0 and codes["n_tokens"] + codes["n_tokens_excluded"] == manifest["n_tokens"]
     metrics = json.loads((wd / "results/sae/default/metrics.json").read_text())
     assert metrics["heldout"]["l0"] <= 8 and 0 < metrics["heldout"]["fvu"] < 2
     cfg = json.loads((wd / "results/sae/default/cfg.json").read_text())
