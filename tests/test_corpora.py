@@ -191,6 +191,9 @@ def test_special_tokens_the_sae_was_trained_without_get_no_codes(encoded, tmp_pa
     n_special = ids.filter(is_special).height
     assert m["n_tokens_excluded"] == n_special and m["n_tokens"] == manifests[False]["n_tokens"] - n_special
     assert m["exclude_token_ids"] == sorted(special) and manifests[False]["n_tokens_excluded"] == 0
+    dense = encode_shards(sae, shard_paths(d / "acts/manifest.json"), tmp_path / "dense", progress=False, exclude_token_ids=special)
+    assert _codes(tmp_path / "dense").select(KEY).equals(_codes(tmp_path / "codes").select(KEY))  # the dense path leaves out the same
+    assert dense["n_tokens_excluded"] == n_special and dense["n_tokens"] == m["n_tokens"]
 
 
 def test_only_an_sae_of_ours_trained_without_special_tokens_excludes_them():

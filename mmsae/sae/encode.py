@@ -56,23 +56,30 @@ def code_table(vals: np.ndarray, idx: np.ndarray, meta: pa.Table | pa.RecordBatc
 
 
 @torch.no_grad()
-def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, batch_rows: int = 4096, progress: bool = True) -> dict:
+def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, batch_rows: int = 4096, progress: bool = True,
+                  exclude_token_ids: tuple[int, ...] = ()) -> dict:
     """Encode every activation shard into a code shard ``codes-NNNNN.parquet`` in ``out_dir``.
 
-    Each token contributes up to k rows ``(…, feature, activation)``; zero activations are dropped.
+    Each token contributes up to k rows ``(…, feature, activation)``; zero activations are dropped,
+    and so are tokens whose ``token_id`` is in ``exclude_token_ids`` (the special tokens the SAE was
+    trained without, as :func:`mmsae.encode_model.encode_corpus` leaves them out).
     Returns a manifest ``{"shards": [{"path", "n_rows", "n_tokens"}], "n_tokens", "n_image_tokens",
-    "n_text_tokens"}`` (also written to ``out_dir/manifest.json``).
+    "n_text_tokens", "n_tokens_excluded"}`` (also written to ``out_dir/manifest.json``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = sae.W_enc.device
-    entries, totals = [], {"image": 0, "text": 0}
+    entries, totals, n_excluded = [], {"image": 0, "text": 0}, 0
     for shard in tqdm(shards, desc="encode", unit="shard", disable=not progress):
         pf = pq.ParquetFile(shard)
         dtype = activation_dtype(pf.schema_arrow, str(shard))
         parts = []
         n_tokens = 0
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=META_COLS + ["activation"]):
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=META_COLS + ["token_id"] * bool(exclude_token_ids) + ["activation"]):
+            if exclude_token_ids:
+                drop = np.isin(rb.column("token_id").to_numpy(zero_copy_only=False), exclude_token_ids)
+                n_excluded += int(drop.sum())
+                rb = rb.filter(pa.array(~drop))
             x = torch.from_numpy(decode_activations(rb.column("activation"), dtype))
             vals, idx = sae.encode(x.to(device))
             parts.append(code_table(vals.cpu().numpy(), idx.cpu().numpy(), rb))
@@ -89,6 +96,7 @@ def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, 
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
+        "n_tokens_excluded": n_excluded,
         "d_sae": sae.d_sae,
         "k": sae.k,
     }
