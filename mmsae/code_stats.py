@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from mmsae.top_lists import TopLists
+from mmsae.top_lists import TopLists, runs
 
 _KIND_BASE, _KIND_IMAGE, _KIND_TEXT = 1, 2, 3  # code row kinds (0: neither image nor text)
 _BATCH_ROWS = 1 << 18  # code rows per streamed batch
@@ -242,7 +242,7 @@ class CodeAggregate:
         else:  # sparse: sort the few selected rows by slot
             order = np.argsort(slot)
             slot, packed = slot[order], packed[order]
-            head = np.flatnonzero(np.append(True, slot[1:] != slot[:-1]))
+            head = runs(slot)[0]
             slot, best = slot[head], np.maximum.reduceat(packed, head)
         merged, text = False, (slot & 1).astype(bool)
         for modality, pick in (("image", ~text), ("text", text)):
@@ -281,14 +281,12 @@ class CodeAggregate:
         path = np.array([path_of.setdefault(self.base.get(x, (None, None))[1], len(path_of)) for x in self.names], np.int64)
         parts = []
         for modality in ("image", "text"):
-            lists = self.lists[modality]
-            lists.flush(self.names)
+            lists = self.lists[modality]  # flushed at the end of run()
             c, sample, score, act, token = lists.ranked(self.names) if self.tops else [np.zeros(0, np.int64)] * 5
             if modality == "image" and lists.keep > self.n:  # an image file counts once: its best sample stands for it
                 once = np.sort(np.unique(c * len(path_of) + path[sample], return_index=True)[1])
                 c, sample, score, act, token = (x[once] for x in (c, sample, score, act, token))
-            first = np.flatnonzero(np.append(True, c[1:] != c[:-1])) if len(c) else np.zeros(0, np.int64)
-            rank = np.arange(len(c)) - np.repeat(first, np.diff(np.append(first, len(c))))
+            rank = runs(c)[2]
             top = rank < self.n
             parts.append(pl.DataFrame({
                 "feature": c[top].astype(np.int32), "modality": pl.Series([modality] * int(top.sum()), dtype=pl.String),

@@ -17,6 +17,14 @@ import numpy as np
 _LOW = 0x7FFFFFFF  # key = feature << 32 | (_LOW - score bits): ascending key = feature, then score descending
 
 
+def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal adjacent values in ``keys`` (n,): ``first`` (R,) where each starts, ``size``
+    (R,) its length, ``pos`` (n,) each element's position within its run."""
+    first = np.flatnonzero(np.append(True, keys[1:] != keys[:-1])) if len(keys) else np.zeros(0, np.int64)
+    size = np.diff(np.append(first, len(keys)))
+    return first, size, np.arange(len(keys)) - np.repeat(first, size)
+
+
 class TopLists:
     """Per feature, the ``keep`` best (sample, score) entries offered so far.
 
@@ -80,13 +88,11 @@ class TopLists:
         sample = np.concatenate([self.sample, sample[new]])
         ks = key[order]
         f = ks >> 32
-        first = np.flatnonzero(np.append(True, f[1:] != f[:-1]))
-        size = np.diff(np.append(first, len(ks)))
+        first, size, pos = runs(f)
         long = np.flatnonzero(size > self.keep)
         for j in long[ks[first[long] + self.keep - 1] == ks[first[long] + self.keep]]:  # a tie across the cut
             g0, g1 = first[j], first[j] + size[j]
             order[g0:g1] = sorted(order[g0:g1], key=lambda i: (key[i], names[sample[i]]))  # names decide
-        pos = np.arange(len(order)) - np.repeat(first, size)
         kept = order[pos < self.keep]
         self.key, self.sample = key[kept], sample[kept]
         self.act = np.concatenate([self.act, act[new]])[kept]
@@ -99,12 +105,9 @@ class TopLists:
         """``(feature, sample, score, act, token)`` of every entry (after :meth:`flush`), by
         feature, score descending, then sample name."""
         order = np.arange(len(self.key))
-        tie = np.flatnonzero(self.key[1:] == self.key[:-1])
-        for g0 in tie[np.diff(tie, prepend=-2) > 1]:  # each run of equal keys: names decide
-            g1 = g0 + 1
-            while g1 < len(self.key) and self.key[g1] == self.key[g0]:
-                g1 += 1
-            order[g0:g1] = sorted(order[g0:g1], key=lambda i: names[self.sample[i]])
+        first, size, _ = runs(self.key)
+        for g0, n in zip(first[size > 1], size[size > 1]):  # each run of equal keys: names decide
+            order[g0:g0 + n] = sorted(order[g0:g0 + n], key=lambda i: names[self.sample[i]])
         key = self.key[order]
         score = (_LOW - (key & 0xFFFFFFFF)).astype(np.int32).view(np.float32)
         return key >> 32, self.sample[order], score, self.act[order], self.token[order]
