@@ -36,6 +36,7 @@ from mmsae.forward import forward_batches
 from mmsae.io import write_json, write_parquet
 from mmsae.models import SubjectModel, resolve_hook_point
 from mmsae.sae.encode import CODE_ROW_GROUP, code_table
+from mmsae.sae.io import trained_without_special_tokens
 from mmsae.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,6 @@ class EncodeConfig:
         max_image_pixels: images with more pixels are skipped (``extract.max_image_pixels``); None =
             Pillow's limit.
         stop_at_hook: end each forward at the hooked layer.
-        exclude_token_ids: token ids whose codes are not stored: the model's special tokens when the
-            SAE was trained without them (:func:`mmsae.sae.io.trained_without_special_tokens`), so
-            the statistics and top contexts cover the tokens the SAE was trained on.
     """
 
     hook_point: str
@@ -66,19 +64,15 @@ class EncodeConfig:
     base_view_only: bool
     max_image_pixels: int | None
     stop_at_hook: bool = True
-    exclude_token_ids: tuple[int, ...] = ()
 
 
-def kept_tokens(layout: dict, base_view_only: bool, token_ids: np.ndarray | None = None,
-                exclude_token_ids: tuple[int, ...] = ()) -> np.ndarray:
+def kept_tokens(layout: dict, base_view_only: bool) -> np.ndarray:
     """(n,) bool: the tokens whose codes are stored; with ``base_view_only`` only base-view image
-    tokens (view 0) and text tokens (anyres tiles and image-newline tokens are left out); tokens
-    whose id (``token_ids``, (n,)) is in ``exclude_token_ids`` never."""
+    tokens (view 0) and text tokens (anyres tiles and image-newline tokens are left out)."""
     view = np.asarray(layout["view"])
-    keep = np.ones(len(view), bool) if not base_view_only else (view == 0) | (np.asarray(layout["modality"]) == "text")
-    if len(exclude_token_ids):
-        keep &= ~np.isin(np.asarray(token_ids), exclude_token_ids)
-    return keep
+    if not base_view_only:
+        return np.ones(len(view), bool)
+    return (view == 0) | (np.asarray(layout["modality"]) == "text")
 
 
 def _meta(cols: dict, keep: np.ndarray) -> pa.Table:
@@ -118,7 +112,9 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     Args:
         subject: the loaded model (:func:`mmsae.models.load_subject_model`).
         sae: the trained SAE, on the model's device (its encoder runs in its own dtype, float32 as saved).
-        sae_cfg: the SAE's ``cfg.json`` (checked against the hook point).
+        sae_cfg: the SAE's ``cfg.json`` (checked against the hook point). When it says the SAE was
+            trained without the model's special tokens (:func:`mmsae.sae.io.trained_without_special_tokens`),
+            they get no codes, so the statistics and top contexts cover the tokens the SAE learned.
         samples: the corpus part to encode.
         out_dir: a fresh folder (files already there with the same names are overwritten).
         cfg: encoding settings.
@@ -127,8 +123,8 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     Returns:
         The manifest (also written to ``out_dir/manifest.json``): ``shards`` ({path, n_rows, n_tokens}),
         ``n_samples``, ``n_tokens`` / ``n_image_tokens`` / ``n_text_tokens`` (tokens encoded: after
-        ``base_view_only`` and ``exclude_token_ids``, so feature frequencies are over what is stored),
-        ``exclude_token_ids`` and ``n_tokens_excluded`` (tokens left out by id), ``d_sae``, ``k``,
+        ``base_view_only`` and without the excluded special tokens, so feature frequencies are over what
+        is stored), ``exclude_token_ids`` and ``n_tokens_excluded`` (tokens left out by id), ``d_sae``, ``k``,
         ``grid_side``, ``model``, ``hook_point``, ``layer``, ``d_model``, ``base_view_only``, the
         skipped and converted images.
 
@@ -155,6 +151,7 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
     pending: list[pa.Table] = []
     pending_tokens = 0
     totals = {"image": 0, "text": 0}
+    exclude = subject.special_token_ids if trained_without_special_tokens(sae_cfg) else []
     n_excluded = 0
     enc_device = sae.W_enc.device
 
@@ -176,8 +173,9 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
             xs, metas = [], []
             for b, st in enumerate(fb.samples):
                 cols = st.columns()
-                keep = kept_tokens(st.layout, cfg.base_view_only, st.token_ids, cfg.exclude_token_ids)
-                n_excluded += int(np.isin(st.token_ids, cfg.exclude_token_ids).sum()) if cfg.exclude_token_ids else 0
+                special = np.isin(st.token_ids, exclude)
+                keep = kept_tokens(st.layout, cfg.base_view_only) & ~special
+                n_excluded += int(special.sum())
                 xs.append(fb.acts[b, :st.n][torch.from_numpy(keep).to(fb.acts.device)])
                 metas.append(_meta(cols, keep))
                 sample_rows.append({**st.sample_row(), "n_base_tokens": int((np.asarray(st.layout["view"]) == 0).sum())})
@@ -205,7 +203,7 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
         "n_tokens": sum(totals.values()),
         "n_image_tokens": totals["image"],
         "n_text_tokens": totals["text"],
-        "exclude_token_ids": sorted(cfg.exclude_token_ids),
+        "exclude_token_ids": sorted(exclude),
         "n_tokens_excluded": n_excluded,
         **image_summary(samples_table),
         "n_images_skipped": len(skipped),

@@ -179,9 +179,9 @@ def test_special_tokens_the_sae_was_trained_without_get_no_codes(encoded, tmp_pa
     text contexts). The rows kept are exactly the others'; the manifest counts what was left out."""
     d, _, manifests, subject, sae, samples = encoded
     special = tuple(subject.special_token_ids)
-    cfg = EncodeConfig(hook_point=HOOK, batch_size=2, shard_tokens=250, base_view_only=False, max_image_pixels=None,
-                       exclude_token_ids=special)
-    m = encode_corpus(subject, sae, {"hook_name": HOOK}, samples, tmp_path / "codes", cfg, "h", progress=False)
+    cfg = EncodeConfig(hook_point=HOOK, batch_size=2, shard_tokens=250, base_view_only=False, max_image_pixels=None)
+    ours = {"hook_name": HOOK, "mmsae": {"train": {}}}  # our cfg.json: sae.exclude_special_tokens defaults to true
+    m = encode_corpus(subject, sae, ours, samples, tmp_path / "codes", cfg, "h", progress=False)
     ids = pl.read_parquet(d / "model-False" / "samples.parquet").select("sample_id", "input_ids").explode("input_ids").with_columns(
         token_index=pl.int_range(pl.len()).over("sample_id").cast(pl.Int32))
     full = _codes(d / "model-False").join(ids, on=["sample_id", "token_index"])

@@ -13,7 +13,7 @@ from mmsae.data import build_corpus, corpus_part
 from mmsae.encode_model import EncodeConfig, encode_corpus
 from mmsae.io import config_hash
 from mmsae.models import load_subject_model
-from mmsae.sae import load_sae, trained_without_special_tokens
+from mmsae.sae import load_sae
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
@@ -27,9 +27,7 @@ tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
 samples = corpus_part(build_corpus(p.corpus), part, p.parts)
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=str(subject.device))
-# the special tokens the SAE was trained without get no codes either (their statistics would be out of distribution)
-exclude = tuple(subject.special_token_ids) if trained_without_special_tokens(sae_cfg) else ()
-cfg = EncodeConfig(hook_point=p.hook_point, max_image_pixels=p.max_image_pixels, exclude_token_ids=exclude, **p.encode)
+cfg = EncodeConfig(hook_point=p.hook_point, max_image_pixels=p.max_image_pixels, **p.encode)
 chash = config_hash({"model": p.model, "dtype": p.dtype, "hook_point": p.hook_point, "corpus": p.corpus, "encode": p.encode,
                      "max_image_pixels": p.max_image_pixels, "sae": sae_cfg, "part": part, "parts": p.parts})
 try:
