@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from itertools import groupby
 from pathlib import Path
 
 import polars as pl
@@ -60,14 +61,12 @@ def curve(log: pl.DataFrame, ys=("fvu", "fvu_image", "fvu_text"), width: int = 6
         return f"{pad + (s - x0) / max(x1 - x0, 1) * (width - 2 * pad):.1f},{height - pad - v / ymax * (height - 2 * pad):.1f}"
 
     def segments(values):
-        runs, run = [], []
-        for s, v in zip(steps, values):
-            if missing(v):
-                runs, run = runs + [run] if run else runs, []
-            else:
-                run.append(pt(s, v))
-        runs += [run] if run else []
-        return [{"points": " ".join(r)} if len(r) > 1 else {"dot": r[0].split(",")} for r in runs]
+        out = []
+        for gap, run in groupby(zip(steps, values), key=lambda sv: missing(sv[1])):
+            if not gap:
+                pts = [pt(s, v) for s, v in run]
+                out.append({"points": " ".join(pts)} if len(pts) > 1 else {"dot": pts[0].split(",")})
+        return out
 
     lines = [{"name": y, "color": CURVE_COLORS.get(y, "#333"), "label_y": pad + 14 * i, "segments": segments(log[y].to_list())}
              for i, y in enumerate(ys)]
