@@ -29,6 +29,16 @@ runs once here).
 :func:`ablation_effects` is the truth both are checked against: the effect m - m(f zeroed at every
 position, error term kept) of each of the top features (:func:`agreement`: Pearson r and sign
 agreement).
+
+Special tokens the SAE was trained without (``sae.exclude_special_tokens``, SAELens's
+``exclude_special_tokens``) are not decomposed by either method (``skip``, :func:`run_case`'s
+``keep_special``): no latent is active there, so their whole activation is the error node (ours)
+or stays as it is (reference; the released code splices every position, its SAE having seen them).
+On those positions the SAE's latents are out of distribution: LLaVA-NeXT-style chat templates open
+with ``<|im_start|>``, an attention sink whose norm is far above a word's, and in the demo run
+those positions held about half of all |A| and every one of the top text features. Loss recovered
+(:mod:`mmsae.loss_recovered`) and the codes (:func:`mmsae.sae.encode.encode_corpus`) leave them
+out the same way.
 """
 
 from __future__ import annotations
@@ -71,13 +81,14 @@ class SAESplice:
     The layer output x (batch, seq, d_model) becomes x_hat(z) + eps with eps = x - x_hat(x)
     detached, so the forward is unchanged. With ``track`` the (batch*seq, k) TopK values are grad
     leaves (``vals``) and the new output keeps its grad (``x_out``); with ``ablate`` = f, feature f's
-    value is set to 0 wherever it is in the top k (zero-ablation, error term kept).
+    value is set to 0 wherever it is in the top k (zero-ablation, error term kept). ``skip``
+    (batch*seq,) bool: positions left undecomposed (no latent active: x_hat = b_dec, the rest is eps).
 
     Attributes set by each call: vals, idx (n, k); x_out (batch, seq, d_model); eps (n, d_model).
     """
 
-    def __init__(self, sae: TopKSAE, ablate: int | None = None, track: bool = True):
-        self.sae, self.ablate, self.track = sae, ablate, track
+    def __init__(self, sae: TopKSAE, ablate: int | None = None, track: bool = True, skip: torch.Tensor | None = None):
+        self.sae, self.ablate, self.track, self.skip = sae, ablate, track, skip
         self.vals = self.idx = self.x_out = self.eps = None
 
     def __call__(self, _module, _inputs, output):
@@ -85,6 +96,8 @@ class SAESplice:
         flat = x.reshape(-1, x.shape[-1]).to(self.sae.W_enc.dtype)
         with torch.no_grad():
             vals, idx = self.sae.encode(flat)
+            if self.skip is not None:
+                vals = vals.masked_fill(self.skip.to(vals.device)[:, None], 0.0)
             x_hat = self.sae.decode(vals, idx)
             eps = flat - x_hat
             if self.ablate is not None:
@@ -103,15 +116,18 @@ def logit_diff(model: nn.Module, inputs: dict, answer_id: int, baseline_id: int)
     return logits[answer_id].float() - logits[baseline_id].float()
 
 
-def attribute(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int, baseline_id: int) -> AttributionResult:
+def attribute(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int, baseline_id: int,
+              skip: torch.Tensor | None = None) -> AttributionResult:
     """Attribution of m to every active feature at every position, in one forward and one backward.
 
     Args:
         model: the subject model; module: its hooked layer; sae: the SAE of that layer.
         inputs: processor outputs for one sample (batch 1).
         answer_id, baseline_id: token ids of the answer and the baseline.
+        skip: (seq,) bool positions left undecomposed (:class:`SAESplice`): no feature attribution
+            there; their whole activation (less b_dec) is in the error node.
     """
-    splice = SAESplice(sae)
+    splice = SAESplice(sae, skip=skip)
     handle = module.register_forward_hook(splice)
     try:
         with torch.enable_grad():
@@ -136,14 +152,15 @@ def attribute(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, a
 
 @torch.no_grad()
 def ablation_effects(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int, baseline_id: int,
-                     features: list[int]) -> tuple[float, dict[int, float]]:
+                     features: list[int], skip: torch.Tensor | None = None) -> tuple[float, dict[int, float]]:
     """The true effect m(spliced) - m(feature zeroed everywhere) for each feature, one re-run each.
 
     Returns (m with the SAE spliced, {feature: effect}). The splice keeps the error term, so the
-    first value equals the unmodified model's metric.
+    first value equals the unmodified model's metric. ``skip``: as in :func:`attribute` (a feature
+    is not active there, so not ablated there).
     """
     def run(ablate):
-        splice = SAESplice(sae, ablate=ablate, track=False)
+        splice = SAESplice(sae, ablate=ablate, track=False, skip=skip)
         handle = module.register_forward_hook(splice)
         try:
             return logit_diff(model, inputs, answer_id, baseline_id).item()
@@ -157,16 +174,19 @@ def ablation_effects(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: 
 class ReconstructionSplice:
     """Forward hook of the released code (``get_model_forward_cache_with_sae``): the layer output
     becomes ``decode(select_topk(ReLU(pre_acts(x)) * mask))``, error term dropped; ``off`` = f masks
-    feature f to 0 before TopK. With ``track`` the new output is a grad leaf (``out``)."""
+    feature f to 0 before TopK. With ``track`` the new output is a grad leaf (``out``). ``skip``
+    (batch*seq,) bool: positions whose output stays as it is."""
 
-    def __init__(self, sae: TopKSAE, off: int | None = None, track: bool = False):
+    def __init__(self, sae: TopKSAE, off: int | None = None, track: bool = False, skip: torch.Tensor | None = None):
         # the same map as steering's reference mode with f clamped to 0 (one implementation of it)
         self.recon = SteeringHook(sae, [] if off is None else [Clamp(off, 0.0)], mode="reference", positions="all")
-        self.track, self.out = track, None
+        self.track, self.out, self.skip = track, None, skip
 
     def __call__(self, _module, _inputs, output):
         x = output[0] if isinstance(output, tuple) else output
         new = self.recon.steer(x)
+        if self.skip is not None:
+            new = torch.where(self.skip.to(x.device).view(*x.shape[:-1], 1), x.detach(), new)
         if self.track:
             new.requires_grad_(True)
         self.out = new
@@ -174,14 +194,17 @@ class ReconstructionSplice:
 
 
 def reference_attribution(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int, baseline_id: int,
-                          features: list[int]) -> tuple[float, dict[int, np.ndarray]]:
+                          features: list[int], skip: torch.Tensor | None = None) -> tuple[float, dict[int, np.ndarray]]:
     """The released code's attribution (module docstring) of m to each of ``features``.
+
+    Args:
+        skip: (seq,) bool positions left as they are (:class:`ReconstructionSplice`); they get 0.
 
     Returns:
         (m with the reconstruction spliced in, {feature: (seq,) per-position attribution}) for batch
         element 0; the positions where f is not in the top k get 0.
     """
-    clean = ReconstructionSplice(sae)
+    clean = ReconstructionSplice(sae, skip=skip)
     handle = module.register_forward_hook(clean)
     try:
         with torch.no_grad():
@@ -190,7 +213,7 @@ def reference_attribution(model: nn.Module, module: nn.Module, sae: TopKSAE, inp
         handle.remove()
     out = {}
     for f in features:
-        abl = ReconstructionSplice(sae, off=f, track=True)
+        abl = ReconstructionSplice(sae, off=f, track=True, skip=skip)
         handle = module.register_forward_hook(abl)
         try:
             with torch.enable_grad():
@@ -251,7 +274,7 @@ def _totals(features: np.ndarray, values: np.ndarray) -> dict[int, float]:
 
 
 def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, validate_top: int, how: str,
-             method: str) -> tuple[list[dict], dict, dict]:
+             method: str, keep_special: bool = False) -> tuple[list[dict], dict, dict]:
     """Attribution for one configured case, with both methods validated against zero-ablation.
 
     Args:
@@ -263,6 +286,8 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
         how: pooling over positions (``attribution.pool``).
         method: ``ours`` or ``reference`` (module docstring; ``attribution.method``); reference runs
             one forward and one backward per active feature.
+        keep_special: leave the special-token positions undecomposed, in both methods and the
+            ablations (the SAE was trained without them; :func:`mmsae.sae.trained_without_special_tokens`).
 
     Returns:
         (rows, summary, grids): rows of the nonzero A[t, f] of ``method`` (position, token, modality,
@@ -272,6 +297,7 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
         ``features`` and their true ``ablation_effect``; ``ours`` and ``reference``, each
         :func:`agreement` plus its ``attribution`` (totals over positions) of those features;
         ``pearson`` and ``attribution`` repeat ``ours`` for readers of the older layout.
+        ``special_tokens_spliced`` (not ``keep_special``) and ``n_positions_unspliced``.
 
     Raises:
         ValueError: an unknown method, the answer or baseline is not a single token, or the image
@@ -298,14 +324,15 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     layout = token_layout(subject, input_ids, coords, case["name"])
 
     model, answer, baseline = subject.model, ids["answer"], ids["baseline"]
+    skip = torch.from_numpy(np.isin(input_ids.numpy(), subject.special_token_ids)) if keep_special else None
     t0 = time.perf_counter()
-    ours = attribute(model, module, sae, inputs, answer, baseline)
+    ours = attribute(model, module, sae, inputs, answer, baseline, skip)
     t_attr = time.perf_counter() - t0
     ours_totals = _totals(ours.features, ours.values)
     t_ref, m_recon, ref_values = 0.0, None, {}
     if method == "reference":
         t0 = time.perf_counter()
-        m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, sorted(ours_totals))
+        m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, sorted(ours_totals), skip)
         t_ref = time.perf_counter() - t0
         pos = [np.nonzero(a)[0] for a in ref_values.values()] or [np.zeros(0, np.int64)]
         res = AttributionResult(metric=ours.metric, positions=np.concatenate(pos).astype(np.int64),
@@ -318,11 +345,11 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     pooled = pool(res, layout["modality"], how)
     check = sorted(totals, key=lambda f: -abs(totals[f]))[:validate_top]
     t0 = time.perf_counter()
-    m_spliced, effects = ablation_effects(model, module, sae, inputs, answer, baseline, check)
+    m_spliced, effects = ablation_effects(model, module, sae, inputs, answer, baseline, check, skip)
     t_abl = time.perf_counter() - t0
     if method == "ours":
         t0 = time.perf_counter()
-        m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, check)
+        m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, check, skip)
         t_ref = time.perf_counter() - t0
     y = [effects[f] for f in check]
     x_ours = [ours_totals.get(f, 0.0) for f in check]
@@ -360,5 +387,6 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
         "seconds": {"attribution": t_attr, "ablation_per_feature": t_abl / max(len(check), 1),
                     "reference_per_feature": t_ref / max(len(ref_values), 1)},
         "n_active_features": len(totals),
+        "special_tokens_spliced": not keep_special, "n_positions_unspliced": int(skip.sum()) if skip is not None else 0,
     }
     return rows, summary, grids

@@ -49,6 +49,8 @@ def inputs(tmp: Path, new: bool = True) -> dict:
             "top_image": [{"feature": 7, "attribution": 0.8}], "top_text": [{"feature": 9, "attribution": -0.1}],
             "maps": [{"png": _png(tmp / "a0.png", 4), "feature": 7, "view": 0, "sum": 0.8}],
             "text_tokens": ["What", " colour", "?"], "text_attribution": [0.1, -0.3, 0.05]}
+    if new:
+        case |= {"special_tokens_spliced": False, "n_positions_unspliced": 5}
     case["validation"] = ({"ours": {"pearson_r": 0.91, "sign_agreement": 0.875, "n_features": 8},
                            "reference": {"pearson_r": 0.88, "sign_agreement": 0.75, "n_features": 8}}
                           if new else {"pearson": 0.9, "features": [7, 9]})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmsae.models import prepare_inputs
-from mmsae.attribution import ablation_effects, agreement, reference_attribution, run_case
+from mmsae.attribution import ablation_effects, agreement, attribute, reference_attribution, run_case
 from mmsae.data import Sample
 from mmsae.models import ActivationCapture, load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
@@ -105,3 +105,35 @@ def test_run_case_validates_both_methods_against_zero_ablation(tiny, method):
     np.testing.assert_allclose([by_feature[f] for f in v["features"]], chosen, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="attribution.method"):
         run_case(s, module, sae, case, 3, 6, "sum", "released")
+
+
+def test_special_tokens_the_sae_was_trained_without_are_left_undecomposed(tiny):
+    """keep_special (an SAE trained with exclude_special_tokens): no feature is attributed or ablated at a
+    special-token position, in either method; elsewhere ours is unchanged (the forward is the same), and
+    at a special position the error node takes what the features had: <x - b_dec, dm/dx>."""
+    s, module, sae = tiny
+    case = {"name": "c", "prompt": "What is the capital of France?", "answer_prefix": "The capital is", "answer": " Paris",
+            "baseline": " London"}
+    inputs = dict(prepare_inputs(s, [(Sample("c", case["prompt"]), None)], suffix=case["answer_prefix"]))
+    special = np.isin(inputs["input_ids"][0].numpy(), s.special_token_ids)
+    assert special.any() and not special.all()  # the chat template's specials: the check is not vacuous
+    a, b = (s.tokenizer.encode(case[k], add_special_tokens=False)[0] for k in ("answer", "baseline"))
+    skip = torch.from_numpy(special)
+    every, kept = attribute(s.model, module, sae, inputs, a, b), attribute(s.model, module, sae, inputs, a, b, skip)
+    assert kept.metric == pytest.approx(every.metric, abs=1e-5)
+    assert special[every.positions].any() and not special[kept.positions].any()
+    dense = lambda r: np.bincount(r.positions * sae.d_sae + r.features, r.values, len(special) * sae.d_sae)  # noqa: E731
+    np.testing.assert_allclose(dense(kept), dense(every) * ~special.repeat(sae.d_sae), atol=1e-6)
+    per_pos = np.bincount(every.positions, every.values, len(special))
+    np.testing.assert_allclose(kept.error, every.error + per_pos * special, rtol=1e-4, atol=1e-4)
+
+    rows, summary, _ = run_case(s, module, sae, case, top_k=3, validate_top=6, how="sum", method="ours", keep_special=True)
+    assert rows and not any(special[r["position"]] for r in rows)
+    assert summary["special_tokens_spliced"] is False and summary["n_positions_unspliced"] == int(special.sum())
+    v = summary["validation"]
+    _, effects = ablation_effects(s.model, module, sae, inputs, a, b, v["features"], skip)
+    np.testing.assert_allclose(v["ablation_effect"], [effects[f] for f in v["features"]], rtol=1e-4, atol=1e-6)
+    _, ref = reference_attribution(s.model, module, sae, inputs, a, b, v["features"], skip)
+    assert all((ref[f][special] == 0).all() for f in v["features"])
+    np.testing.assert_allclose(v["reference"]["attribution"], [ref[f].sum() for f in v["features"]], rtol=1e-4, atol=1e-6)
+    assert run_case(s, module, sae, case, 3, 6, "sum", "ours")[1]["special_tokens_spliced"] is True

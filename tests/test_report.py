@@ -55,6 +55,7 @@ def test_causal_sweep_and_attribution_validation(tmp_path):
     assert "noun removed by noise" not in neurons  # the old causal keys are gone: their rows too
     attr = _text(page[page.index("id=attribution"):page.index("id=neurons")])
     assert "attribution pearson_r sign_agreement n_features ours 0.91 0.875 8 reference 0.88 0.75 8" in attr
+    assert "5 special-token positions left undecomposed (the SAE was trained without them" in attr
 
 
 def test_older_outputs_without_the_new_keys_still_render(tmp_path):
@@ -62,7 +63,7 @@ def test_older_outputs_without_the_new_keys_still_render(tmp_path):
     text = _text(page)
     assert "Token norms" not in page and "held-out samples" not in text and "class=chosen" not in page
     assert "Pearson r = 0.90 over 2 features" in text and "noun removed by noise on the top-k neurons 0.4" in text
-    assert "✓" not in page and "(changed," not in page and "ppl ×" not in page
+    assert "✓" not in page and "(changed," not in page and "ppl ×" not in page and "left undecomposed" not in page
     minimal = {**inputs(tmp_path / "m", new=False), "explanations": None, "steering": None, "attribution": None,
                "neurons": None, "evaluation": None, "metrics": {}}
     page = build_report(**minimal)

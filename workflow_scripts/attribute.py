@@ -13,7 +13,7 @@ from mmsae.io import write_bytes, write_json, write_parquet
 from mmsae.maps import heatmap, png_bytes
 from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
-from mmsae.sae import load_sae
+from mmsae.sae import load_sae, trained_without_special_tokens
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821
@@ -24,10 +24,13 @@ sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.
 hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
 module = resolve_hook_point(subject.model, hook_point)
 out_dir = Path(sm.output.summary).parent
+# special tokens stay undecomposed when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)
+keep_special = trained_without_special_tokens(sae_cfg)
 all_rows, summaries = [], []
 for case in cfg["cases"]:
     case = {**case, "image": resolve_image_ref(case.get("image"))}
-    rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"], cfg["method"])
+    rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"], cfg["method"],
+                                   keep_special)
     image = load_image(case["image"])[0] if case["image"] else None
     summary["maps"] = []
     for (f, view), grid in sorted(grids.items()):
