@@ -18,16 +18,19 @@ position, i.e. the first forward of a cached ``generate``). ``positions`` then p
 applies (default ``prompt``, the released code); the reconstruction is applied everywhere.
 
 Positions: ``all``, ``prompt`` (the first forward of ``generate``, which covers the prompt) or
-``generated`` (the later single-token forwards).
+``generated`` (the later single-token forwards). Special tokens the SAE was trained without
+(``sae.exclude_special_tokens``; :func:`steering_sweep`'s ``keep_special``) are never steered, in
+either mode: the SAE's latents there are out of distribution (``<|im_start|>`` is an attention sink
+with a norm far above a word's), and a clamp ``c - z_f(x)`` would subtract whatever the latent
+happens to read there. The codes, loss recovered and attribution leave them out the same way.
 
-Evaluation of a steered generation (:func:`evaluate_generation`): its perplexity under the
-unsteered model (teacher-forced), whether it moved *toward the feature* (:func:`toward_feature`),
-and ``success`` = changed AND ppl_after / ppl_before <= max ratio AND toward the feature.
+Evaluation of a steered generation (:mod:`mmsae.steer_verdict`): its perplexity under the
+unsteered model (teacher-forced), whether it moved *toward the feature*, and ``success`` = changed
+AND ppl_after / ppl_before <= max ratio AND toward the feature.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,7 @@ from torch import nn
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import prepare_inputs
 from mmsae.sae.model import TopKSAE
+from mmsae.steer_verdict import continuation_perplexity, is_success, prompt_state, toward_feature
 
 
 def select_topk(latents: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +94,16 @@ class SteeringHook:
             by the SAE reconstruction, no error term).
         positions: where the clamp applies: ``all``, ``prompt`` or ``generated``; None = the mode's
             own (``all`` for error_term, ``prompt`` for reference, as in the released code).
+        skip_token_ids: token ids whose positions are left as they are (no clamp; in reference
+            mode no reconstruction either). :func:`generate` tells the hook each forward's
+            ``input_ids`` (:attr:`token_ids`); :meth:`steer` also takes a mask.
 
     Raises:
         ValueError: unknown positions or mode, or a feature outside the SAE.
     """
 
-    def __init__(self, sae: TopKSAE, clamps: list[Clamp] | list[list[Clamp] | None], mode: str, positions: str | None):
+    def __init__(self, sae: TopKSAE, clamps: list[Clamp] | list[list[Clamp] | None], mode: str, positions: str | None,
+                 skip_token_ids: list[int] | None = None):
         if mode not in ("error_term", "reference"):
             raise ValueError(f"steer.mode: {mode!r} is not one of error_term, reference")
         if positions is None:
@@ -107,6 +115,8 @@ class SteeringHook:
             if not 0 <= c.feature < sae.d_sae:
                 raise ValueError(f"steer: feature {c.feature} is outside the SAE (d_sae={sae.d_sae})")
         self.sae, self.clamps, self.positions, self.mode = sae, list(clamps), positions, mode
+        self.skip_token_ids = None if skip_token_ids is None else torch.as_tensor(list(skip_token_ids), dtype=torch.long)
+        self.token_ids: torch.Tensor | None = None  # (batch, seq) of the forward under way (generate sets it)
         self.calls = 0
 
     def _active(self) -> bool:
@@ -114,30 +124,40 @@ class SteeringHook:
         return self.positions == "all" or (self.positions == "prompt") == first
 
     @torch.no_grad()
-    def steer(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """(..., d_model) layer output -> steered output of the same shape and dtype.
+    def steer(self, x: torch.Tensor, clamp: bool = True, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, seq, d_model) layer output -> steered output of the same shape and dtype.
 
         ``clamp=False``: no clamp (error_term: x itself; reference: the plain reconstruction).
+        ``skip`` (batch, seq) bool: positions left as they are; None = those of
+        :attr:`skip_token_ids` in :attr:`token_ids` when both are set.
 
         Raises:
-            ValueError: per-row clamps for another batch size than x's.
+            ValueError: per-row clamps for another batch size than x's; ``skip_token_ids`` without
+                the forward's token ids, or ids of another shape than x's positions.
         """
+        if skip is None and self.skip_token_ids is not None:
+            if self.token_ids is None or tuple(self.token_ids.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"steer: skip_token_ids needs the forward's input_ids of shape {tuple(x.shape[:-1])}, "
+                                 f"got {None if self.token_ids is None else tuple(self.token_ids.shape)}")
+            skip = torch.isin(self.token_ids, self.skip_token_ids.to(self.token_ids.device))
         if not self.per_row:
-            return self._apply(x, self.clamps, clamp)
+            return self._apply(x, self.clamps, clamp, skip)
         if len(self.clamps) != x.shape[0]:
             raise ValueError(f"steer: {len(self.clamps)} per-row clamp lists for a batch of {x.shape[0]}")
-        return torch.cat([x[b: b + 1] if row is None else self._apply(x[b: b + 1], row, clamp)
+        return torch.cat([x[b: b + 1] if row is None else self._apply(x[b: b + 1], row, clamp, None if skip is None else skip[b: b + 1])
                           for b, row in enumerate(self.clamps)])
 
-    def _apply(self, x: torch.Tensor, clamps: list[Clamp], clamp: bool) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, clamps: list[Clamp], clamp: bool, skip: torch.Tensor | None) -> torch.Tensor:
         sae = self.sae
         flat = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
+        keep = None if skip is None else skip.reshape(-1, 1).to(flat.device)
         if self.mode == "reference":
             pre = sae.pre_acts(flat).relu()
             for c in clamps if clamp else ():
                 pre[:, c.feature] = c.value
             vals, idx = select_topk(pre, sae.k)
-            return sae.decode(vals, idx).to(x.dtype).reshape(x.shape)
+            new = sae.decode(vals, idx).to(x.dtype).reshape(x.shape)
+            return new if keep is None else torch.where(keep.reshape(*x.shape[:-1], 1), x, new)
         if not clamps or not clamp:
             return x
         vals, idx = sae.encode(flat)
@@ -145,6 +165,8 @@ class SteeringHook:
         for c in clamps:
             z_f = (vals * (idx == c.feature)).sum(-1)  # current value (0 when not in the top k)
             delta += (c.value - z_f)[:, None] * sae.W_dec[c.feature]
+        if keep is not None:
+            delta = delta.masked_fill(keep, 0.0)
         return x + delta.to(x.dtype).reshape(x.shape)
 
     def __call__(self, _module, _inputs, output):
@@ -158,16 +180,23 @@ class SteeringHook:
 
 @torch.no_grad()
 def generate(model: nn.Module, inputs: dict, module: nn.Module, hook: SteeringHook | None, max_new_tokens: int) -> torch.Tensor:
-    """Greedy generation with ``hook`` on ``module`` (None: no hook). Returns the new token ids (batch, n)."""
-    handle = None
+    """Greedy generation with ``hook`` on ``module`` (None: no hook). Returns the new token ids (batch, n).
+    A hook with ``skip_token_ids`` is told each forward's ``input_ids`` (a pre-hook on ``model``)."""
+    handles = []
+
+    def ids_of(_model, args, kwargs):
+        hook.token_ids = kwargs.get("input_ids", args[0] if args else None)
+
     if hook is not None:
         hook.calls = 0
-        handle = module.register_forward_hook(hook)
+        handles.append(module.register_forward_hook(hook))
+        if hook.skip_token_ids is not None:
+            handles.append(model.register_forward_pre_hook(ids_of, with_kwargs=True))
     try:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in handles:
+            h.remove()
     return out[:, inputs["input_ids"].shape[1]:]
 
 
@@ -198,125 +227,6 @@ def features_matching(explanations, words: list[str]) -> list[int]:
     return sorted(set(out))
 
 
-# Function words, and words that describe a feature rather than what it is about; never "feature words".
-STOPWORDS = frozenset("""
-a about above after again all also an and any are as at be because been before being below between both but by can
-could did do does doing down during each either etc even few for from further had has have having he her here hers him
-his how however i if in into is it its itself just like may me might more most much must my no nor not now of off on
-once only or other our ours out over own same she should so some such than that the their theirs them then there these
-they this those through to too under until up upon very was we were what when where which while who whom why will with
-within would you your yours
-activate activates activated activation activations captures concept concepts context contexts denote denotes detect
-detects especially example examples explanation feature features fires including indicate indicates mention mentions
-often pattern patterns refer refers related relates represent represents sequence specific text texts token tokens
-typically usually various word words
-""".split())
-
-
-def content_words(text: str) -> list[str]:
-    """Lower-cased alphabetic words of ``text`` with at least 3 letters, minus :data:`STOPWORDS`, in order, unique."""
-    out = []
-    for w in re.findall(r"[a-z]+", (text or "").lower()):
-        if len(w) >= 3 and w not in STOPWORDS and w not in out:
-            out.append(w)
-    return out
-
-
-def feature_words(feature: int, contexts=None, explanations=None) -> list[str]:
-    """The words that stand for a feature: its top activating tokens and its explanation's content words.
-
-    Args:
-        contexts: ``results/features/maps/contexts.parquet`` (feature, tokens, focus, ...): the token
-            at ``focus`` of each of the feature's top text contexts; None = not available.
-        explanations: ``explanations.parquet`` (feature, explanation); None = not available.
-
-    Returns:
-        :func:`content_words` of those tokens, then of the explanation, unique; empty when the
-        feature has neither (then nothing can be said about its direction).
-    """
-    words: list[str] = []
-    if contexts is not None:
-        for row in contexts.filter(contexts["feature"] == feature).iter_rows(named=True):
-            words += content_words(row["tokens"][row["focus"]])
-    if explanations is not None:
-        for row in explanations.filter(explanations["feature"] == feature).iter_rows(named=True):
-            words += content_words(row.get("explanation") or "")
-    return list(dict.fromkeys(words))
-
-
-def toward_feature(text_before: str, text_after: str, words: list[str]) -> tuple[bool | None, list[str]]:
-    """Did steering move the text toward the feature?
-
-    Definition: True when some word of ``text_after`` begins with one of the feature's ``words``
-    (:func:`feature_words`; so the word "ocean" matches "oceans", the sub-word token "phot" matches
-    "photosynthesis") while no word of ``text_before`` begins with it. Words are compared
-    lower-cased, as :func:`content_words` splits them.
-
-    Returns:
-        (toward, matched words); toward is None when ``words`` is empty (the feature has no top
-        tokens or explanation to judge by).
-    """
-    if not words:
-        return None, []
-    before, after = set(re.findall(r"[a-z]+", text_before.lower())), set(re.findall(r"[a-z]+", text_after.lower()))
-    hit = [w for w in words if any(a.startswith(w) for a in after) and not any(b.startswith(w) for b in before)]
-    return bool(hit), hit
-
-
-def is_success(changed: bool, ppl_before: float, ppl_after: float, toward: bool | None, max_ppl_ratio: float) -> bool:
-    """The steering success rule: changed AND ppl_after / ppl_before <= max_ppl_ratio AND toward the feature.
-
-    ``ppl_*`` are perplexities under the unsteered model (:func:`continuation_perplexity`); a
-    ``toward`` of None (unknown) is not a success.
-    """
-    return bool(changed and toward is True and ppl_after <= max_ppl_ratio * ppl_before)
-
-
-@torch.no_grad()
-def prompt_state(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, object]:
-    """Run the prompt once through ``model`` as it is (no hook) for :func:`continuation_perplexity`.
-
-    Returns:
-        (logits at the last prompt position (vocab,), the prompt's KV cache).
-    """
-    out = model(**inputs, use_cache=True)
-    return out.logits[0, -1].float(), out.past_key_values
-
-
-@torch.no_grad()
-def continuation_perplexity(model: nn.Module, inputs: dict, continuation: torch.Tensor, state=None) -> float:
-    """Perplexity of ``continuation`` given the prompt under ``model`` as it is (no hook), teacher-forced.
-
-    Args:
-        inputs: processor outputs of the prompt, batch 1 (input_ids (1, n), attention_mask,
-            pixel_values, image_sizes as present).
-        continuation: (m,) generated token ids, m >= 1.
-        state: :func:`prompt_state` of the same model and inputs, to score many continuations of one
-            prompt without re-running it (its cache is cropped back to the prompt afterwards).
-
-    Returns:
-        exp(mean over the m tokens of -log p(token | prompt, previous tokens)).
-
-    Raises:
-        ValueError: an empty continuation.
-    """
-    if continuation.numel() == 0:
-        raise ValueError("continuation_perplexity: empty continuation")
-    last, cache = state if state is not None else prompt_state(model, inputs)
-    n = cache.get_seq_length()
-    cont = continuation.reshape(1, -1).to(inputs["input_ids"].device, inputs["input_ids"].dtype)
-    logits = [last[None]]
-    if cont.shape[1] > 1:
-        try:
-            out = model(input_ids=cont[:, :-1], attention_mask=torch.ones(1, n + cont.shape[1] - 1, dtype=torch.long, device=cont.device),
-                        past_key_values=cache, use_cache=True)
-        finally:
-            cache.crop(n - cache.get_seq_length())  # negative: drop what this call appended
-        logits.append(out.logits[0].float())
-    nll = torch.nn.functional.cross_entropy(torch.cat(logits), cont[0], reduction="mean")
-    return float(nll.exp())
-
-
 def _until_eos(ids: torch.Tensor, eos: set[int]) -> torch.Tensor:
     """(n,) generated ids up to and including the first end-of-sequence token (batch rows are padded after it)."""
     for i, t in enumerate(ids.tolist()):
@@ -327,7 +237,8 @@ def _until_eos(ids: torch.Tensor, eos: set[int]) -> torch.Tensor:
 
 def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int], prompts: list[dict],
                    values: list[float], scale: str, max_activation: dict[int, float], positions: str | None,
-                   mode: str, max_new_tokens: int, max_ppl_ratio: float, words: dict[int, list[str]]) -> list[dict]:
+                   mode: str, max_new_tokens: int, max_ppl_ratio: float, words: dict[int, list[str]],
+                   keep_special: bool = False) -> list[dict]:
     """Greedy text before and after clamping each feature to each value, for each prompt, judged.
 
     Per prompt, one batched greedy ``generate``: row 0 unhooked (the "before" text), one row per
@@ -340,14 +251,17 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         values: clamp values, in ``scale`` units (``absolute`` or ``max_multiple``).
         max_activation: feature -> max activation (from the feature statistics).
         positions, mode, max_new_tokens: see :class:`SteeringHook` and ``steer`` in config/schema.yaml.
-        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`is_success`).
-        words: feature -> :func:`feature_words` (missing = none known).
+        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.steer_verdict.is_success`).
+        words: feature -> :func:`mmsae.steer_verdict.feature_words` (missing = none known).
+        keep_special: never steer at special-token positions (the SAE was trained without them;
+            :func:`mmsae.sae.trained_without_special_tokens`).
 
     Returns:
         One row per (feature, prompt, value): feature, prompt, image, scale, value, clamp_value,
         positions, mode, text_before, text_after, changed, ppl_before, ppl_after (perplexities of the
         unsteered / steered continuation under the unsteered model), feature_words,
-        toward_words (those that newly appear), toward_feature (None: no words known), success.
+        toward_words (those that newly appear), toward_feature (None: no words known), success,
+        special_tokens_steered (not ``keep_special``).
     """
     rows = []
     decode = subject.tokenizer.decode
@@ -362,7 +276,8 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         inputs = dict(prepare_inputs(subject, [(Sample("steer", p["prompt"], p.get("image")), image)]).to(subject.device))
         # one batched generate: row 0 unsteered, then every (feature, value); the rows share their numerics
         runs = [(f, v, resolve_clamp_value(v, scale, max_activation.get(f))) for f in features for v in values]
-        hook = SteeringHook(sae, [None] + [[Clamp(f, c)] for f, _, c in runs], mode=mode, positions=positions)
+        hook = SteeringHook(sae, [None] + [[Clamp(f, c)] for f, _, c in runs], mode=mode, positions=positions,
+                            skip_token_ids=subject.special_token_ids if keep_special else None)
         batch = {k: t.repeat(len(runs) + 1, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
         out = [_until_eos(ids, eos) for ids in generate(subject.model, batch, module, hook, max_new_tokens)]
         before = decode(out[0], skip_special_tokens=True)
@@ -377,5 +292,6 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
                          "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
                          "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
                          "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
-                         "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio)})
+                         "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio),
+                         "special_tokens_steered": not keep_special})
     return rows

@@ -129,3 +129,26 @@ def test_run_case_with_an_image_and_bad_answers(tiny_llava_dir, image_dir):
     assert len(summary["validation"]["features"]) == 5
     with pytest.raises(ValueError, match="not one"):
         run_case(s, module, sae, {**case, "answer": " Yes indeed"}, 3, 5, "sum", "ours")
+
+
+def test_skipped_positions_are_never_steered(demo):
+    """skip (special tokens the SAE was trained without): those positions keep x in both modes, the
+    others are steered as before; in generate the hook learns every forward's input_ids, so skipping
+    every id of the vocabulary leaves the generation unsteered, and skipping the specials does not."""
+    s, module, sae = demo
+    x = torch.randn(1, 5, 576) * 3
+    skip = torch.tensor([[True, False, False, True, False]])
+    f = int(sae.encode(x[0])[1][1, 0])
+    for mode in ("error_term", "reference"):
+        hook = SteeringHook(sae, [Clamp(f, 50.0)], mode=mode, positions="all")
+        full, part = hook.steer(x), hook.steer(x, skip=skip)
+        assert torch.equal(part[skip], x[skip]) and torch.equal(part[~skip], full[~skip])
+        assert not torch.equal(full[skip], x[skip])
+    inputs = _inputs(s, "Tell me about your favourite food.")
+    plain = generate(s.model, inputs, module, None, 10)
+    every = SteeringHook(sae, [Clamp(3, 200.0)], mode="error_term", positions="all", skip_token_ids=range(len(s.tokenizer)))
+    assert torch.equal(generate(s.model, inputs, module, every, 10), plain)
+    special = SteeringHook(sae, [Clamp(3, 200.0)], mode="error_term", positions="all", skip_token_ids=s.special_token_ids)
+    assert not torch.equal(generate(s.model, inputs, module, special, 10), plain)
+    with pytest.raises(ValueError, match="input_ids"):
+        SteeringHook(sae, [Clamp(3, 1.0)], mode="error_term", positions="all", skip_token_ids=[0]).steer(x)

@@ -23,8 +23,8 @@ from mmsae.models import prepare_inputs
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
-from mmsae.steer import (Clamp, SteeringHook, content_words, continuation_perplexity, feature_words, generate, is_success,
-                         prompt_state, steering_sweep, toward_feature)
+from mmsae.steer import Clamp, SteeringHook, generate, steering_sweep
+from mmsae.steer_verdict import content_words, continuation_perplexity, feature_words, is_success, prompt_state, toward_feature
 
 
 class _Toy(nn.Module):

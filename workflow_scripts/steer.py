@@ -11,8 +11,9 @@ from mmsae.data.corpus import resolve_image_ref
 from mmsae.io import write_parquet
 from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
-from mmsae.sae import load_sae
-from mmsae.steer import feature_words, features_matching, sae_hook_point, steering_sweep
+from mmsae.sae import load_sae, trained_without_special_tokens
+from mmsae.steer import features_matching, sae_hook_point, steering_sweep
+from mmsae.steer_verdict import feature_words
 from mmsae.features import TEXT_DOMINANT
 from mmsae.workflow import setup
 
@@ -38,12 +39,14 @@ prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} f
 rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, st["values"],
                       st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],
                       st["max_new_tokens"], st["success_max_ppl_ratio"],
-                      {f: feature_words(f, contexts, expl) for f in features})
+                      {f: feature_words(f, contexts, expl) for f in features},
+                      keep_special=trained_without_special_tokens(sae_cfg))  # special tokens the SAE never saw: unsteered
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
                     ("value", pa.float64()), ("clamp_value", pa.float64()), ("positions", pa.string()), ("mode", pa.string()),
                     ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_()),
                     ("ppl_before", pa.float64()), ("ppl_after", pa.float64()), ("feature_words", pa.list_(pa.string())),
-                    ("toward_words", pa.list_(pa.string())), ("toward_feature", pa.bool_()), ("success", pa.bool_())])
+                    ("toward_words", pa.list_(pa.string())), ("toward_feature", pa.bool_()), ("success", pa.bool_()),
+                    ("special_tokens_steered", pa.bool_())])
 write_parquet(sm.output[0], pa.Table.from_pylist(rows, schema=schema))
 log.info("steered %d features x %d prompts x %d values; of %d generations %d changed, %d toward the feature, "
          "%d fluent (ppl ratio <= %g), %d successes", len(features), len(prompts), len(st["values"]), len(rows),

@@ -127,7 +127,8 @@ def steering_view(steering: pl.DataFrame) -> dict:
         groups.append({"feature": f, "prompt": prompt, "image": Path(image).name if image else None,
                        "before": g["text_before"][0], "rows": rows})
     return {"groups": groups, "mode": steering["mode"][0], "positions": steering["positions"][0],
-            "has_verdict": "success" in steering.columns}
+            "has_verdict": "success" in steering.columns,
+            "special_unsteered": "special_tokens_steered" in steering.columns and not steering["special_tokens_steered"][0]}
 
 
 def attribution_view(summary: dict, attr_dir: Path) -> dict:
