@@ -97,7 +97,7 @@ class SAESplice:
         with torch.no_grad():
             vals, idx = self.sae.encode(flat)
             if self.skip is not None:
-                vals = vals.masked_fill(self.skip.to(vals.device)[:, None], 0.0)
+                vals = vals.masked_fill(self.skip.reshape(-1, 1).to(vals.device), 0.0)
             x_hat = self.sae.decode(vals, idx)
             eps = flat - x_hat
             if self.ablate is not None:
@@ -139,10 +139,10 @@ def attribute(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, a
     g = splice.x_out.grad.reshape(-1, splice.x_out.shape[-1]).float()
     err = (splice.eps.float() * g).sum(-1)
     nz = a != 0
-    pos = torch.arange(a.shape[0])[:, None].expand_as(a)[nz]
+    pos = torch.arange(a.shape[0], device=a.device)[:, None].expand_as(a)[nz]  # on a's device: a CUDA mask cannot index a CPU tensor
     return AttributionResult(
         metric=m.item(),
-        positions=pos.numpy(),
+        positions=pos.cpu().numpy(),
         features=splice.idx[nz].cpu().numpy(),
         values=a[nz].cpu().numpy(),
         error=err.detach().cpu().numpy(),
@@ -199,8 +199,8 @@ def reference_attribution(model: nn.Module, module: nn.Module, sae: TopKSAE, inp
         skip: (seq,) bool positions left as they are (:class:`ReconstructionSplice`); they get 0.
 
     Returns:
-        (m with the reconstruction spliced in, {feature: (seq,) per-position attribution}) for batch
-        element 0; the positions where f is not in the top k get 0.
+        (m with the reconstruction spliced in (at the positions not skipped), {feature: (seq,)
+        per-position attribution}) for batch element 0; the positions where f is not in the top k get 0.
     """
     clean = ReconstructionSplice(sae, skip=skip)
     handle = module.register_forward_hook(clean)

@@ -197,6 +197,8 @@ def generate(model: nn.Module, inputs: dict, module: nn.Module, hook: SteeringHo
     finally:
         for h in handles:
             h.remove()
+        if hook is not None:
+            hook.token_ids = None  # not to be read by a later direct steer()
     return out[:, inputs["input_ids"].shape[1]:]
 
 

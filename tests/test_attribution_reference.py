@@ -133,6 +133,10 @@ def test_special_tokens_the_sae_was_trained_without_are_left_undecomposed(tiny):
     v = summary["validation"]
     _, effects = ablation_effects(s.model, module, sae, inputs, a, b, v["features"], skip)
     np.testing.assert_allclose(v["ablation_effect"], [effects[f] for f in v["features"]], rtol=1e-4, atol=1e-6)
+    _, nowhere = ablation_effects(s.model, module, sae, inputs, a, b, v["features"], torch.ones_like(skip))
+    assert all(e == 0 for e in nowhere.values())  # skipping every position: no feature is active to ablate
+    _, everywhere = ablation_effects(s.model, module, sae, inputs, a, b, v["features"])
+    assert any(e != 0 for e in everywhere.values())
     _, ref = reference_attribution(s.model, module, sae, inputs, a, b, v["features"], skip)
     assert all((ref[f][special] == 0).all() for f in v["features"])
     np.testing.assert_allclose(v["reference"]["attribution"], [ref[f].sum() for f in v["features"]], rtol=1e-4, atol=1e-6)

@@ -56,6 +56,8 @@ def test_causal_sweep_and_attribution_validation(tmp_path):
     attr = _text(page[page.index("id=attribution"):page.index("id=neurons")])
     assert "attribution pearson_r sign_agreement n_features ours 0.91 0.875 8 reference 0.88 0.75 8" in attr
     assert "5 special-token positions left undecomposed (the SAE was trained without them" in attr
+    steering = _text(page[page.index("id=steering"):page.index("id=attribution")])
+    assert "positions: all but special tokens, which the SAE was trained without;" in steering
 
 
 def test_older_outputs_without_the_new_keys_still_render(tmp_path):
@@ -64,6 +66,7 @@ def test_older_outputs_without_the_new_keys_still_render(tmp_path):
     assert "Token norms" not in page and "held-out samples" not in text and "class=chosen" not in page
     assert "Pearson r = 0.90 over 2 features" in text and "noun removed by noise on the top-k neurons 0.4" in text
     assert "✓" not in page and "(changed," not in page and "ppl ×" not in page and "left undecomposed" not in page
+    assert "but special tokens" not in page
     minimal = {**inputs(tmp_path / "m", new=False), "explanations": None, "steering": None, "attribution": None,
                "neurons": None, "evaluation": None, "metrics": {}}
     page = build_report(**minimal)

@@ -144,6 +144,10 @@ def test_skipped_positions_are_never_steered(demo):
         full, part = hook.steer(x), hook.steer(x, skip=skip)
         assert torch.equal(part[skip], x[skip]) and torch.equal(part[~skip], full[~skip])
         assert not torch.equal(full[skip], x[skip])
+        rows = SteeringHook(sae, [None, [Clamp(f, 50.0)], [Clamp(f, 50.0)]], mode=mode, positions="all")  # per-row, as the sweep
+        x3, skip3 = x.repeat(3, 1, 1), skip.repeat(3, 1)
+        out = rows.steer(x3, skip=skip3)
+        assert torch.equal(out[0], x3[0]) and torch.equal(out[skip3], x3[skip3]) and torch.equal(out[1:][~skip3[1:]], full[~skip].repeat(2, 1))
     inputs = _inputs(s, "Tell me about your favourite food.")
     plain = generate(s.model, inputs, module, None, 10)
     every = SteeringHook(sae, [Clamp(3, 200.0)], mode="error_term", positions="all", skip_token_ids=range(len(s.tokenizer)))

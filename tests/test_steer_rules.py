@@ -15,6 +15,7 @@ def test_hook_point_comes_from_the_sae_cfg():
     assert sae_hook_point({}, "a.b", "x") == "a.b"  # an SAE without hook_name: nothing to disagree with
 
 
+import numpy as np
 import polars as pl
 import torch
 from torch import nn
@@ -173,3 +174,27 @@ def test_sweep_rows_carry_the_judgement(tiny_llava_dir):
     for r in rows:
         assert r["positions"] == "all" and r["ppl_before"] > 0 and r["ppl_after"] > 0
         assert r["toward_feature"] is False and r["success"] is False and r["feature_words"] == ["zzzz"]
+
+
+def test_sweep_with_keep_special_leaves_special_positions_unsteered(tiny_llava_dir):
+    """The sweep's batched generate (row 0 unsteered, then one row per clamp): with keep_special the
+    steered rows equal the unsteered row at the special-token positions of the prompt pass (read at the
+    next layer's input) and differ elsewhere; without it they differ there too."""
+    s = load_subject_model(tiny_llava_dir)
+    module = resolve_hook_point(s.model, "model.language_model.layers.2")
+    after = resolve_hook_point(s.model, "model.language_model.layers.3")
+    sae = TopKSAE(64, 128, k=8, seed=1)
+    prompt = [{"prompt": "Tell me about your day.", "image": None}]
+    special = np.isin(prepare_inputs(s, [(Sample("p", prompt[0]["prompt"]), None)])["input_ids"][0].numpy(), s.special_token_ids)
+    assert special.any() and not special.all()
+    for keep in (True, False):
+        seen = []
+        h = after.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()) if not seen else None)
+        try:
+            rows = steering_sweep(s, module, sae, [5], prompt, [50.0], "absolute", {}, None, "error_term", 3, 2.0, {}, keep_special=keep)
+        finally:
+            h.remove()
+        x = seen[0]  # (2, seq, d): the prompt pass, unsteered row then the clamped one
+        assert rows[0]["special_tokens_steered"] is (not keep)
+        assert torch.equal(x[0, special], x[1, special]) is keep
+        assert not torch.equal(x[0, ~special], x[1, ~special])
