@@ -81,7 +81,8 @@ class CodeAggregate:
     above their feature's current list threshold are looked at (after the first batches few
     pass); with ``"mean"`` the image cells of the dense blocks are scored. An image file counts
     once: the image lists keep ``n`` times the most samples sharing a file, which hold the ``n``
-    best distinct files; :meth:`top` keeps each file's best sample.
+    best distinct files; :meth:`top` keeps each file's best sample. A text context counts once: the text lists
+    keep one sample per (score, token) (:class:`mmsae.top_lists.TopLists` ``distinct_token``).
 
     Memory: one batch of rows, one dense block, the lists (``d_sae`` x ``n`` x per-file entries),
     and the names of the samples seen; flat in the number of rows.
@@ -108,7 +109,7 @@ class CodeAggregate:
         self.n_samples = np.zeros(0, np.int64)
         # most samples sharing one image file (a feature's top n images lie in its n * per_file best samples)
         per_file = 1 if base_view_tokens is None else int(base_view_tokens.group_by("image_path").len()["len"].max() or 1)
-        self.lists = {"image": TopLists(max(n, 1) * per_file, _PENDING_ROWS), "text": TopLists(max(n, 1), _PENDING_ROWS)}
+        self.lists = {"image": TopLists(max(n, 1) * per_file, _PENDING_ROWS), "text": TopLists(max(n, 1), _PENDING_ROWS, distinct_token=True)}
         self.thr4 = np.zeros(0, np.int32)  # (4 * D,) per (feature, kind): bits an activation must reach to be offered
         self.names: list[str] = []  # every sample seen, in file order (the lists index it)
         self.seen: set[str] = set()

@@ -70,6 +70,8 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
 
     Image samples that share an image file count once (their image tokens are identical under
     causal attention when the image precedes the prompt): the best-scoring sample stands for it.
+    Text samples whose best token has the same score at the same position count once too (the same
+    prefix up to that token, e.g. a shared chat template): the smallest sample id stands for them.
 
     Args:
         codes: the code rows (:func:`scan_codes`); each sample's rows contiguous, as written.

@@ -25,6 +25,21 @@ def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return first, size, np.arange(len(keys)) - np.repeat(first, size)
 
 
+def _distinct(order: np.ndarray, key: np.ndarray, sample: np.ndarray, token: np.ndarray, names: list[str]) -> np.ndarray:
+    """``order`` (sorted by key) without the entries whose (key, token) an entry with a smaller
+    name also has. Only runs of equal keys are looked at (rare but for shared contexts)."""
+    ks = key[order]
+    first, size, _ = runs(ks)
+    drop = []
+    for g0, n in zip(first[size > 1], size[size > 1]):
+        seen = {}
+        for i in sorted(order[g0:g0 + n], key=lambda i: names[sample[i]]):
+            if token[i] in seen:
+                drop.append(i)
+            seen.setdefault(token[i], i)
+    return order[~np.isin(order, drop)] if drop else order
+
+
 class TopLists:
     """Per feature, the ``keep`` best (sample, score) entries offered so far.
 
@@ -35,13 +50,19 @@ class TopLists:
     entries: a merge's cost grows with the entries held, a stale threshold only lets a few more
     offers in.
 
+    With ``distinct_token``, entries of one feature with the same score and token are one entry
+    (the one with the smallest name stands for them): for text, the same activation at the same
+    position means the same prefix up to it under causal attention (e.g. a shared chat template),
+    so the lists hold distinct contexts instead of ``keep`` copies of one.
+
     Args:
         keep: entries kept per feature (> 0).
         pending: offers queued before a merge, at least.
+        distinct_token: keep one entry per (score, token) of a feature.
     """
 
-    def __init__(self, keep: int, pending: int = 1 << 16):
-        self.keep, self.pending = keep, pending
+    def __init__(self, keep: int, pending: int = 1 << 16, distinct_token: bool = False):
+        self.keep, self.pending, self.distinct_token = keep, pending, distinct_token
         self.key = np.zeros(0, np.int64)
         self.sample = np.zeros(0, np.int64)
         self.act = np.zeros(0, np.float32)
@@ -86,6 +107,9 @@ class TopLists:
         key = np.concatenate([self.key, key[new]])
         order = np.argsort(key, kind="stable")  # two sorted runs: a linear merge
         sample = np.concatenate([self.sample, sample[new]])
+        act, token = np.concatenate([self.act, act[new]]), np.concatenate([self.token, token[new]])
+        if self.distinct_token:
+            order = _distinct(order, key, sample, token, names)
         ks = key[order]
         f = ks >> 32
         first, size, pos = runs(f)
@@ -94,9 +118,7 @@ class TopLists:
             g0, g1 = first[j], first[j] + size[j]
             order[g0:g1] = sorted(order[g0:g1], key=lambda i: (key[i], names[sample[i]]))  # names decide
         kept = order[pos < self.keep]
-        self.key, self.sample = key[kept], sample[kept]
-        self.act = np.concatenate([self.act, act[new]])[kept]
-        self.token = np.concatenate([self.token, token[new]])[kept]
+        self.key, self.sample, self.act, self.token = key[kept], sample[kept], act[kept], token[kept]
         self.grow(int(f[-1]) + 1)
         full = first[size >= self.keep] + self.keep - 1  # each full list's last entry, in ks
         self.threshold[f[full]] = (_LOW - (ks[full] & 0xFFFFFFFF)).astype(np.int32).view(np.float32)

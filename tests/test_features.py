@@ -140,13 +140,13 @@ def _naive(rows, images, n, rank_by):
                 score = float(np.float32(score))  # ranked as stored: float32, then sample id
                 cand.append((-score, sid, top, tok))
             cand.sort()
-            if modality == "image":
-                seen, kept = set(), []
-                for c in cand:
-                    if path[c[1]] not in seen:
-                        seen.add(path[c[1]])
-                        kept.append(c)
-                cand = kept
+            seen, kept = set(), []
+            for c in cand:  # one image per file; one text sample per (score, token): the same context
+                same = path[c[1]] if modality == "image" else (c[0], c[3])
+                if same not in seen:
+                    seen.add(same)
+                    kept.append(c)
+            cand = kept
             tops += [(f, modality, i, sid, np.float32(-s), top, tok) for i, (s, sid, top, tok) in enumerate(cand[:n])]
     return stats, tops
 
@@ -222,7 +222,7 @@ def test_base_view_rows_of_a_sample_missing_from_the_samples_table_are_refused(c
 @pytest.mark.parametrize("rank_by", ["max", "mean"])
 def test_negative_zero_ranks_as_zero(tmp_path, rank_by):
     """-0.0 passes the sign check, and must rank as 0.0 (its float32 bits are negative)."""
-    rows = [("a", 0, "text", -1, 0.0), ("b", 0, "text", -1, -0.0), ("d", 0, "image", 0, -0.0), ("d", 1, "image", 0, 0.0),
+    rows = [("a", 0, "text", -1, 0.0), ("b", 1, "text", -1, -0.0), ("d", 0, "image", 0, -0.0), ("d", 1, "image", 0, 0.0),
             ("e", 0, "image", 0, -0.0)]
     df = pl.DataFrame([{"sample_id": sid, "token_index": t, "modality": m, "view": v, "patch_row": 0 if v == 0 else -1,
                         "patch_col": 0 if v == 0 else -1, "feature": 1, "activation": a} for sid, t, m, v, a in rows])
@@ -230,4 +230,4 @@ def test_negative_zero_ranks_as_zero(tmp_path, rank_by):
     images = pl.DataFrame({"sample_id": ["d", "e"], "n_base": [2, 2], "image_path": ["d.png", "e.png"]})
     tops = top_samples(pl.scan_parquet(tmp_path / "codes.parquet"), images, n=3, rank_by=rank_by)
     got = [(r["modality"], r["sample_id"], r["score"], r["token_index"]) for r in tops.iter_rows(named=True)]
-    assert got == [("image", "d", 0.0, 0), ("image", "e", 0.0, 0), ("text", "a", 0.0, 0), ("text", "b", 0.0, 0)]
+    assert got == [("image", "d", 0.0, 0), ("image", "e", 0.0, 0), ("text", "a", 0.0, 0), ("text", "b", 0.0, 1)]

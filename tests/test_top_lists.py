@@ -57,3 +57,27 @@ def test_offers_wait_until_the_queue_is_long_enough():
     assert lists.ranked(names)[0].size == 0  # queued, not merged
     assert _offer(lists, names, [0], [2], [5.0])
     assert lists.ranked(names)[0].tolist() == [0, 0, 1]
+
+
+def test_distinct_token_keeps_one_entry_per_score_and_token():
+    """Text lists (distinct_token): samples with the same score at the same token share one context
+    (a shared prompt prefix); the smallest name stands for them, even when it arrives after the others
+    were merged, and the freed slots go to the next distinct contexts."""
+    names = ["t3", "t1", "t2", "u", "v"]
+    lists = TopLists(2, pending=1, distinct_token=True)
+
+    def offer(sample, score, token):
+        score = np.asarray(score, np.float32)
+        lists.offer(np.zeros(len(sample), np.int64), np.asarray(sample), score, score, np.asarray(token), names)
+
+    offer([0, 2], [5.0, 5.0], [7, 7])  # t3, t2: one context
+    offer([3], [4.0], [2])  # u
+    offer([1], [5.0], [7])  # t1 comes last, same context: it stands for it
+    offer([4], [5.0], [8])  # v: the same score at another token is another context
+    lists.flush(names)
+    _, sample, score, _, token = lists.ranked(names)
+    assert [names[s] for s in sample] == ["t1", "v"] and token.tolist() == [7, 8]
+    plain = TopLists(2, pending=1)
+    plain.offer(np.zeros(3, np.int64), np.array([0, 2, 1]), np.full(3, 5.0, np.float32), np.full(3, 5.0, np.float32),
+                np.full(3, 7), names)
+    assert [names[s] for s in plain.ranked(names)[1]] == ["t1", "t2"]  # without it: copies of one context
