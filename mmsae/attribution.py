@@ -340,7 +340,8 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     else:
         res = ours
     totals = _totals(res.features, res.values)
-    pooled = pool(res, layout["modality"], how)
+    modality = layout["modality"] if skip is None else np.where(skip.numpy(), "special", layout["modality"])
+    pooled = pool(res, modality, how)  # "mean": over the decomposed positions of a modality
     check = sorted(totals, key=lambda f: -abs(totals[f]))[:validate_top]
     t0 = time.perf_counter()
     m_spliced, effects = ablation_effects(model, module, sae, inputs, answer, baseline, check, skip)

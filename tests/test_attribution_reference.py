@@ -141,3 +141,7 @@ def test_special_tokens_the_sae_was_trained_without_are_left_undecomposed(tiny):
     assert all((ref[f][special] == 0).all() for f in v["features"])
     np.testing.assert_allclose(v["reference"]["attribution"], [ref[f].sum() for f in v["features"]], rtol=1e-4, atol=1e-6)
     assert run_case(s, module, sae, case, 3, 6, "sum", "ours")[1]["special_tokens_spliced"] is True
+    rows, summary, _ = run_case(s, module, sae, case, top_k=3, validate_top=6, how="mean", method="ours", keep_special=True)
+    n_text = int(((s.model.config.image_token_id != inputs["input_ids"][0]).numpy() & ~special).sum())  # text positions decomposed
+    for t in summary["top_text"]:  # a mean over the decomposed text positions, not over the specials too
+        assert t["attribution"] == pytest.approx(sum(r["attribution"] for r in rows if r["feature"] == t["feature"]) / n_text, rel=1e-5)
