@@ -184,7 +184,7 @@ class ReconstructionSplice:
 
     def __call__(self, _module, _inputs, output):
         x = output[0] if isinstance(output, tuple) else output
-        new = self.recon.steer(x.detach(), skip=None if self.skip is None else self.skip.to(x.device).view(x.shape[:-1]))
+        new = self.recon.steer(x, skip=None if self.skip is None else self.skip.to(x.device).view(x.shape[:-1]))
         if self.track:
             new.requires_grad_(True)
         self.out = new

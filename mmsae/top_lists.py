@@ -32,11 +32,11 @@ def _distinct(order: np.ndarray, key: np.ndarray, sample: np.ndarray, token: np.
     first, size, _ = runs(ks)
     drop = []
     for g0, n in zip(first[size > 1], size[size > 1]):
-        seen = {}
+        seen = set()
         for i in sorted(order[g0:g0 + n], key=lambda i: names[sample[i]]):
             if token[i] in seen:
                 drop.append(i)
-            seen.setdefault(token[i], i)
+            seen.add(token[i])
     return order[~np.isin(order, drop)] if drop else order
 
 
