@@ -7,7 +7,7 @@ extraction speed.
    writer when the shard schema knows it; otherwise the raw 2-byte values are written as uint16 in the
    same schema and the figure is marked ``bf16_own=1`` (the storage the issue specifies, not the
    project's writer).
-2. Bytes per token of sparse code shards (:data:`mmsae.features.CODE_SCHEMA`, k rows per token, written
+2. Bytes per token of sparse code shards (:data:`mmsae.codes.CODE_SCHEMA`, k rows per token, written
    as :func:`mmsae.sae.encode.encode_shards` writes them) at k 32 and 256, d_sae 131072.
 3. Peak RSS of train_sae (``python -m mmsae.sae.run``, the rule's entry into
    :func:`mmsae.sae.run.train_from_manifest`, in a child process; ``ru_maxrss`` of the child) streaming
@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from mmsae.activations import ExtractConfig, _ShardWriter, extract, write_manifest
 from mmsae.data import build_corpus
-from mmsae.features import CODE_SCHEMA
+from mmsae.codes import CODE_SCHEMA
 from mmsae.io import write_parquet
 from mmsae.models import load_subject_model
 from mmsae.models.demo import build_demo_model

@@ -53,7 +53,7 @@ from torch import nn
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import image_token_coordinates, prepare_inputs, token_layout
 from mmsae.sae.model import TopKSAE
-from mmsae.steer import Clamp, SteeringHook
+from mmsae.clamp import Clamp, SteeringHook
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One streaming pass over code rows (schema :data:`mmsae.features.CODE_SCHEMA`): per-feature
+"""One streaming pass over code rows (schema :data:`mmsae.codes.CODE_SCHEMA`): per-feature
 statistics and each feature's top samples, for :func:`mmsae.features.stats_and_top_samples`.
 
 Why not one polars query: a (feature, sample_id) group-by over all code rows (the previous

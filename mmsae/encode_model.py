@@ -5,7 +5,7 @@ through the model with the SAE at the hook point and only each token's nonzero l
 the model runs over the samples through :func:`mmsae.forward.forward_batches`, the SAE's encoder is
 applied to the hooked layer's output on the model's device in float32, and a folder gets:
 
-* ``codes-NNNNN.parquet``: the k nonzero latents of each token (:data:`mmsae.features.CODE_SCHEMA`,
+* ``codes-NNNNN.parquet``: the k nonzero latents of each token (:data:`mmsae.codes.CODE_SCHEMA`,
   rows made by :func:`mmsae.sae.encode.code_table`, as :func:`~mmsae.sae.encode.encode_shards` makes
   them from dense shards);
 * ``samples.parquet``: one row per sample, the columns of extraction's samples table
@@ -76,7 +76,7 @@ def kept_tokens(layout: dict, base_view_only: bool) -> np.ndarray:
 
 
 def _meta(cols: dict, keep: np.ndarray) -> pa.Table:
-    """The :data:`~mmsae.features.META_COLS` of a sample's kept tokens; patch coordinates are null
+    """The :data:`~mmsae.codes.META_COLS` of a sample's kept tokens; patch coordinates are null
     off the image grid (view < 0), as in the activation shards."""
     view = np.asarray(cols["view"])[keep]
     null = view < 0

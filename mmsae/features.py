@@ -1,7 +1,7 @@
 """Paper step 3: sparse codes per token, per-feature statistics, each feature's top samples.
 
-* :data:`CODE_SCHEMA` is the schema of the code shards (``codes`` in ``shared/DESIGN.md``) that
-  :func:`mmsae.encode_model.encode_corpus` (and :func:`mmsae.sae.encode.encode_shards`) write.
+* The code shards' schema and reader live in :mod:`mmsae.codes`; they are written by
+  :func:`mmsae.encode_model.encode_corpus` (and :func:`mmsae.sae.encode.encode_shards`).
 * :func:`feature_stats` and :func:`top_samples` (together: :func:`stats_and_top_samples`) stream
   the code rows once in batches and aggregate them in dense (sample, feature) blocks, so memory does
   not grow with the number of rows or shards.
@@ -11,38 +11,13 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 
 from mmsae.code_stats import CodeAggregate
-from mmsae.io import write_parquet
+from mmsae.codes import TEXT_DOMINANT
 
 log = logging.getLogger(__name__)
-
-CODE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("token_index", pa.int32()),
-        ("modality", pa.string()),
-        ("view", pa.int16()),
-        ("patch_row", pa.int16()),
-        ("patch_col", pa.int16()),
-        ("feature", pa.int32()),
-        ("activation", pa.float32()),
-    ]
-)
-# A feature is text-dominant when it is active on a larger share of text tokens than of image tokens.
-TEXT_DOMINANT = pl.col("frequency_text") > pl.col("frequency_image")
-
-META_COLS = ["sample_id", "token_index", "modality", "view", "patch_row", "patch_col"]
-
-
-def scan_codes(paths: list[Path]) -> pl.LazyFrame:
-    """A lazy frame over code shards."""
-    return pl.scan_parquet([str(p) for p in paths])
 
 
 def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
@@ -74,7 +49,7 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
     prefix up to that token, e.g. a shared chat template): the smallest sample id stands for them.
 
     Args:
-        codes: the code rows (:func:`scan_codes`); each sample's rows contiguous, as written.
+        codes: the code rows (:func:`mmsae.codes.scan_codes`); each sample's rows contiguous, as written.
         base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
             sample and its image file (see :func:`base_view_counts`).
 
@@ -165,8 +140,3 @@ def base_view_counts(samples: pl.DataFrame) -> pl.DataFrame:
         samples.select("sample_id", pl.col("n_base_tokens").cast(pl.UInt32).alias("n_base"), "image_path")
         .filter(pl.col("n_base") > 0)
     )
-
-
-def write_table(path: str | os.PathLike, df: pl.DataFrame) -> None:
-    """Write a polars frame to Parquet atomically."""
-    write_parquet(path, df.to_arrow())

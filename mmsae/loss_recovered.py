@@ -4,7 +4,7 @@ The downstream metric of SAELens (``sae_lens/evals.py``: ``get_recons_loss`` and
 ``get_downstream_reconstruction_metrics``, reported as ``ce_loss_score`` and ``kl_div_score``) and
 SAEBench's core eval. Each held-out sample is run through the FULL model four times (the forward is
 not stopped at the hook): clean, with the hooked layer's output replaced by the SAE reconstruction
-``x_hat = decode(TopK(ReLU(pre_acts(x))))`` (error term dropped; :class:`mmsae.steer.SteeringHook`
+``x_hat = decode(TopK(ReLU(pre_acts(x))))`` (error term dropped; :class:`mmsae.clamp.SteeringHook`
 in reference mode with no clamp), zero-ablated (replaced by 0) and mean-ablated (replaced by the mean
 of the layer's output over the held-out tokens, see :func:`layer_mean`). Then, over a set of scored
 tokens (token t+1 predicted from position t)::
@@ -48,7 +48,7 @@ from mmsae.data.corpus import Sample
 from mmsae.forward import forward_batches, image_batches
 from mmsae.models import OutputReplacement, SubjectModel, prepare_inputs, resolve_hook_point
 from mmsae.sae.model import TopKSAE
-from mmsae.steer import SteeringHook
+from mmsae.clamp import SteeringHook
 
 log = logging.getLogger(__name__)
 

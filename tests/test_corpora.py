@@ -25,7 +25,8 @@ from mmsae.activations import ExtractConfig, extract
 from mmsae.config_check import config_errors, normalise_corpus
 from mmsae.data import build_corpus, corpus_part
 from mmsae.encode_model import EncodeConfig, encode_corpus
-from mmsae.features import CODE_SCHEMA, base_view_counts
+from mmsae.codes import CODE_SCHEMA
+from mmsae.features import base_view_counts
 from mmsae.models import load_subject_model
 from mmsae.report import build_report
 from mmsae.sae import TopKSAE, trained_without_special_tokens

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from mmsae import code_stats
-from mmsae.features import CODE_SCHEMA, feature_stats, select_features, stats_and_top_samples, top_samples
+from mmsae.codes import CODE_SCHEMA
+from mmsae.features import feature_stats, select_features, stats_and_top_samples, top_samples
 from mmsae.io import write_parquet
 from mmsae.maps import activation_mask, highlight, patch_grid
 

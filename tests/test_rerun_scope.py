@@ -363,6 +363,8 @@ def test_each_leaf_reruns_exactly_its_rules(complete):
     ("mmsae/explain/prompts.py", EXPLAIN | {"gather_explanations"}),
     ("mmsae/report/sections.py", REPORT),
     ("mmsae/neurons/edit.py", FIND),
+    ("mmsae/top_lists.py", SELECT),  # the selection's aggregation: not the encoding, nor what only reads codes
+    ("mmsae/steer.py", {"steer"} | REPORT),  # the steering sweep: not attribution or loss recovered (mmsae/clamp.py)
 ])
 def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rules):
     root, wd, _ = complete

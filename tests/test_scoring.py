@@ -112,7 +112,7 @@ def make_tables(root: Path, n_per_word: int = 5, n_neutral: int = 8, seed: int =
 
 def load_tasks(root: Path, n_examples: int = 6, seed: int = 0):
     """The scorer requests for the synthetic tables (what the rule's script does before sending)."""
-    from mmsae.features import scan_codes
+    from mmsae.codes import scan_codes
     from mmsae.shards import shard_paths
     explained = explained_features(pl.read_parquet(root / "explanations.parquet"), True, None)
     maps = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int16, "sample_id": pl.String, "highlight": pl.String,

@@ -8,7 +8,8 @@ from mmsae.attribution import ablation_effects, attribute, pool, run_case
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import TopKSAE
-from mmsae.steer import Clamp, SteeringHook, generate, resolve_clamp_value
+from mmsae.clamp import Clamp, SteeringHook
+from mmsae.steer import generate, resolve_clamp_value
 
 HOOK = "model.language_model.layers.15"
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 from PIL import Image
 
 from mmsae.attribution import run_case
-from mmsae.steer import sae_hook_point
+from mmsae.clamp import sae_hook_point
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.io import write_bytes, write_json, write_parquet
 from mmsae.maps import heatmap, png_bytes

@@ -13,7 +13,7 @@ from mmsae.shards import shard_paths  # noqa: E402
 from mmsae.evaluate import score_features, summary_table  # noqa: E402
 from mmsae.evaluate.backends import ClipScorer, GroundedSegmenter, try_load  # noqa: E402
 from mmsae.evaluate.refine import CATEGORIES  # noqa: E402
-from mmsae.features import scan_codes, write_table  # noqa: E402
+from mmsae.codes import scan_codes, write_table  # noqa: E402
 from mmsae.io import atomic_path, write_json  # noqa: E402
 from mmsae.models import resolve_device  # noqa: E402
 from mmsae.workflow import setup  # noqa: E402

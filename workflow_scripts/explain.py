@@ -8,7 +8,7 @@ import polars as pl
 from mmsae.explain import Explainer, build_requests, endpoint_session, explain_features
 from mmsae.explain.cache import ResponseCache
 from mmsae.io import write_parquet
-from mmsae.features import TEXT_DOMINANT
+from mmsae.codes import TEXT_DOMINANT
 from mmsae.workflow import endpoint_runtime, setup
 
 sm = snakemake  # noqa: F821

@@ -9,7 +9,7 @@ from mmsae.io import write_json
 from mmsae.loss_recovered import loss_recovered
 from mmsae.models import load_subject_model
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.steer import sae_hook_point
+from mmsae.clamp import sae_hook_point
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821

@@ -5,7 +5,7 @@ import json
 import polars as pl
 
 from mmsae.shards import shard_paths
-from mmsae.features import scan_codes, write_table
+from mmsae.codes import scan_codes, write_table
 from mmsae.maps import render_feature_maps
 from mmsae.workflow import setup
 

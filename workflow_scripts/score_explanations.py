@@ -10,7 +10,7 @@ from mmsae.evaluate.scoring import all_cached, build_tasks, explained_features, 
 from mmsae.evaluate.scoring_examples import collect_examples
 from mmsae.explain import EndpointConfig, Explainer, endpoint_session
 from mmsae.explain.cache import ResponseCache
-from mmsae.features import scan_codes
+from mmsae.codes import scan_codes
 from mmsae.io import write_json, write_parquet
 from mmsae.shards import shard_paths
 from mmsae.workflow import endpoint_runtime, setup

@@ -6,7 +6,8 @@ import json
 import polars as pl
 
 from mmsae.shards import shard_paths
-from mmsae.features import base_view_counts, scan_codes, select_features, stats_and_top_samples, write_table
+from mmsae.codes import scan_codes, write_table
+from mmsae.features import base_view_counts, select_features, stats_and_top_samples
 from mmsae.io import write_json
 from mmsae.workflow import setup
 

@@ -12,9 +12,10 @@ from mmsae.io import write_parquet
 from mmsae.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.steer import features_matching, sae_hook_point, steering_sweep
+from mmsae.clamp import sae_hook_point
+from mmsae.steer import features_matching, steering_sweep
 from mmsae.steer_verdict import feature_words
-from mmsae.features import TEXT_DOMINANT
+from mmsae.codes import TEXT_DOMINANT
 from mmsae.workflow import setup
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Paper step 3, first half: sparse codes per token.
 
 :func:`code_table` turns the SAE encoder's top-k output for a batch of tokens into code rows (only
-the nonzero latents, schema :data:`mmsae.features.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``);
+the nonzero latents, schema :data:`mmsae.codes.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``);
 both encoders use it: :func:`encode_shards` here (from dense activation shards, e.g. to encode
 cached training activations) and :func:`mmsae.encode_model.encode_corpus` (from the model's forward
 passes, what rule ``encode`` runs). This module needs torch but not transformers; the statistics
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mmsae.features import CODE_SCHEMA, META_COLS
+from mmsae.codes import CODE_SCHEMA, META_COLS
 from mmsae.io import write_json, write_parquet
 from mmsae.sae.model import TopKSAE
 from mmsae.shards import activation_dtype, decode_activations
@@ -33,10 +33,10 @@ def code_table(vals: np.ndarray, idx: np.ndarray, meta: pa.Table | pa.RecordBatc
     Args:
         vals: (n, k) float latent values from :meth:`TopKSAE.encode` (post-ReLU, so >= 0).
         idx: (n, k) int latent ids.
-        meta: n rows holding :data:`mmsae.features.META_COLS` (``modality`` plain or dictionary string).
+        meta: n rows holding :data:`mmsae.codes.META_COLS` (``modality`` plain or dictionary string).
 
     Returns:
-        A table with :data:`~mmsae.features.CODE_SCHEMA`, tokens in order, each token's latents in
+        A table with :data:`~mmsae.codes.CODE_SCHEMA`, tokens in order, each token's latents in
         top-k order; zero latents (a ReLU'd top-k value) are dropped.
     """
     keep = vals > 0
