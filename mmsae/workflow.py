@@ -4,9 +4,11 @@ tracebacks, run-time (non-result) settings, and the code hash each rule carries 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import sys
+import tokenize
 from pathlib import Path
 
 from mmsae.gpu import lease
@@ -137,10 +139,48 @@ def module_files(script: str | Path, root: str | Path, package: str = "mmsae") -
     return sorted(seen)
 
 
+_STATEMENT_START = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+_CODE: dict[tuple, bytes] = {}
+
+
+def code_tokens(path: Path) -> bytes:
+    """The tokens of a Python file that can change what it does, one per line as ``type string``:
+    comments, blank lines, line continuations, spacing, indentation width and string statements (docstrings, and any
+    bare string literal that is a whole statement, which Python evaluates and drops) are left out;
+    f-strings are kept (their expressions run). Token types by name, so one Python version gives one
+    result (3.12 splits f-strings into more tokens). Memoised by path, size and modification time.
+
+    Raises:
+        tokenize.TokenError, SyntaxError: the file does not tokenize.
+    """
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _CODE:
+        return _CODE[key]
+    toks = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+            if t.type not in (tokenize.COMMENT, tokenize.NL)]
+    kept: list[tuple[int, str]] = []
+    i = 0
+    while i < len(toks):
+        j = i
+        while j < len(toks) and toks[j].type == tokenize.STRING:
+            j += 1
+        plain = all("f" not in t.string[: len(t.string) - len(t.string.lstrip("rRbBuUfF"))].lower() for t in toks[i:j])
+        if (j > i and plain and (not kept or kept[-1][0] in _STATEMENT_START)
+                and (j == len(toks) or toks[j].type in (tokenize.NEWLINE, tokenize.ENDMARKER))):
+            i = j + (j < len(toks) and toks[j].type == tokenize.NEWLINE)  # the string statement and its end
+            continue
+        kept += [(t.type, t.string) for t in toks[i: max(j, i + 1)]]
+        i = max(j, i + 1)
+    _CODE[key] = "\n".join(f"{tokenize.tok_name[t]} {'' if t == tokenize.INDENT else repr(s)}" for t, s in kept).encode()
+    return _CODE[key]
+
+
 def code_hash(script: str | Path, root: str | Path, package: str = "mmsae") -> str:
-    """SHA-256 (16 hex digits) over the contents of the package modules ``script`` imports (see
-    :func:`module_files`), so that editing one reruns the rules whose scripts reach it."""
+    """SHA-256 (16 hex digits) over the code of the package modules ``script`` imports (see
+    :func:`module_files`; each module's :func:`code_tokens`, so an edit of its comments, docstrings or
+    layout changes nothing), so that editing one reruns the rules whose scripts reach it."""
     h = hashlib.sha256()
     for f in module_files(script, root, package):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+        h.update(str(f.relative_to(root)).encode() + b"\0" + code_tokens(f) + b"\0")
     return h.hexdigest()[:16]

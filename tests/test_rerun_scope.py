@@ -371,7 +371,7 @@ def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rule
     path = root / module
     text = path.read_text()
     try:
-        path.write_text(text + "\n# edited\n")
+        path.write_text(text + "\n_EDITED = True\n")
         rerun, _ = dry_run(wd, root / "Snakefile")
     finally:
         path.write_text(text)
@@ -379,3 +379,18 @@ def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rule
     assert rerun == rules
     rerun, _ = dry_run(wd, root / "Snakefile")
     assert rerun <= {"all"}  # restoring the module restores the state
+
+
+def test_editing_prose_in_a_module_reruns_nothing(complete):
+    """Comments, docstrings and line layout are not code: a rule's code hash leaves them out
+    (:func:`mmsae.workflow.code_tokens`), so an edit of them keeps hours of training."""
+    root, wd, _ = complete
+    path = root / "mmsae/sae/trainer.py"
+    text = path.read_text()
+    doc = text.index('"""') + 3
+    try:
+        path.write_text(text[:doc] + "Reworded. " + text[doc:] + "\n# a comment\n")
+        rerun, _ = dry_run(wd, root / "Snakefile")
+    finally:
+        path.write_text(text)
+    assert rerun <= {"all"}

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from markupsafe import escape
 
+from mmsae.workflow import code_hash
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -302,3 +304,30 @@ def test_failed_encode_leaves_no_code_folder(tmp_path, tiny_llava_dir):
     assert not codes.exists(), f"a failed encode left {sorted(p.name for p in codes.iterdir())}"
     assert not list(codes.parent.glob(".part-0.tmp-*"))
     assert "encode" in jobs(smk(wd, "-n", "results/codes/part-0"))
+
+
+def test_code_hash_ignores_prose_and_layout_but_not_code(tmp_path):
+    """A rule's code hash: editing comments, docstrings, string statements or line layout of a module
+    its script imports changes nothing; changing code (a value, a string literal in use, an f-string
+    statement, whose expressions run) changes it."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    script = tmp_path / "script.py"
+    script.write_text("from pkg.mod import f\n")
+    mod = tmp_path / "pkg" / "mod.py"
+    base = '"""Module doc."""\nimport os\n\n\ndef f(x):\n    """Doc."""\n    return x + 1  # one\n\n\nS = "a"\n'
+    same = ['"""Another doc,\non two lines."""\nimport os\n# a comment\n\ndef f(x):\n  return x \\\n      + 1\n\n\nS = "a"\n',
+            'import os\n\n\ndef f(x):\n    "a string statement"\n    return x + 1\n\n\nS = "a"\n',
+            base.replace("def f(x):\n", "def f(x):\n    'two' 'parts'\n")]
+    other = [base.replace("x + 1", "x + 2"), base.replace('S = "a"', 'S = "b"'),
+             base.replace('    """Doc."""\n', '    f"{print(x)}"\n'), base.replace("import os", "import sys")]
+
+    def digest(text):
+        mod.write_text(text)
+        os.utime(mod, ns=(0, len(digest.seen)))  # a new mtime each time: the memo must not answer
+        digest.seen.append(text)
+        return code_hash(script, tmp_path, package="pkg")
+    digest.seen = []
+    h = digest(base)
+    assert [digest(t) for t in same] == [h] * len(same)
+    assert all(digest(t) != h for t in other)
