@@ -21,7 +21,7 @@ from mmsae.clamp import Clamp, SteeringHook
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import prepare_inputs
 from mmsae.sae.model import TopKSAE
-from mmsae.steer_verdict import continuation_perplexity, is_success, prompt_state, toward_feature
+from mmsae.steer_verdict import continuation_perplexity, control_feature, is_success, prompt_state, toward_feature
 
 
 @torch.no_grad()
@@ -100,7 +100,10 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         max_activation: feature -> max activation (from the feature statistics).
         positions, mode, max_new_tokens: see :class:`SteeringHook` and ``steer`` in config/schema.yaml.
         max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.steer_verdict.is_success`).
-        words: feature -> :func:`mmsae.steer_verdict.feature_words` (missing = none known).
+        words: feature -> :func:`mmsae.steer_verdict.feature_words` (missing = none known), for the
+            steered features and the other features that can serve as their controls (e.g. every
+            selected feature): each steered feature's control is
+            :func:`mmsae.steer_verdict.control_feature` among those with words.
         keep_special: never steer at special-token positions (the SAE was trained without them;
             :func:`mmsae.sae.trained_without_special_tokens`).
 
@@ -109,9 +112,12 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         positions, mode, text_before, text_after, changed, ppl_before, ppl_after (perplexities of the
         unsteered / steered continuation under the unsteered model), feature_words,
         toward_words (those that newly appear), toward_feature (None: no words known), success,
+        control_feature (None: no other feature has words), control_toward_words,
+        control_toward and control_success (the same text judged by the control feature's words),
         special_tokens_steered (not ``keep_special``).
     """
     rows = []
+    control = {f: control_feature(f, [g for g, w in words.items() if w]) for f in features}
     decode = subject.tokenizer.decode
     eos = subject.model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
@@ -136,10 +142,13 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             ppl_after = continuation_perplexity(subject.model, inputs, ids_after, state)
             toward, hit = toward_feature(before, after, words.get(f, []))
             changed = after != before
+            c_toward, c_hit = toward_feature(before, after, words.get(control[f], [])) if control[f] is not None else (None, [])
             rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": scale, "value": float(v),
                          "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
                          "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
                          "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
                          "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio),
+                         "control_feature": control[f], "control_toward_words": c_hit, "control_toward": c_toward,
+                         "control_success": is_success(changed, ppl_before, ppl_after, c_toward, max_ppl_ratio),
                          "special_tokens_steered": not keep_special})
     return rows

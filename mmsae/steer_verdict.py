@@ -1,6 +1,11 @@
 """The verdict on a steered generation (:func:`mmsae.steer.steering_sweep`): did it move toward the
 feature (:func:`toward_feature`, by the feature's words: :func:`feature_words`), and did it stay
 fluent (:func:`continuation_perplexity` under the unsteered model); :func:`is_success` combines them.
+
+The control beside it (:func:`control_feature`): the same steered text judged by another feature's
+words. Any change in the text can bring in new words, and a feature with many words is more likely
+to be matched by chance; a success rate judged by a different feature's words is what chance
+and a changed text give, and the real rate means something only above it.
 """
 
 from __future__ import annotations
@@ -74,6 +79,23 @@ def toward_feature(text_before: str, text_after: str, words: list[str]) -> tuple
     before, after = set(re.findall(r"[a-z]+", text_before.lower())), set(re.findall(r"[a-z]+", text_after.lower()))
     hit = [w for w in words if any(a.startswith(w) for a in after) and not any(b.startswith(w) for b in before)]
     return bool(hit), hit
+
+
+def control_feature(feature: int, candidates) -> int | None:
+    """The control feature for ``feature``: the next of ``candidates`` after it in ascending order,
+    wrapping around (a cyclic shift, so no feature is its own control and each candidate serves as
+    at most one feature's control); None when no other candidate exists.
+
+    Args:
+        feature: the steered feature.
+        candidates: features whose words can judge a text (:func:`feature_words` non-empty), e.g. the
+            selected features; ``feature`` may be among them.
+    """
+    others = sorted(set(candidates) - {feature})
+    if not others:
+        return None
+    later = [g for g in others if g > feature]
+    return later[0] if later else others[0]
 
 
 def is_success(changed: bool, ppl_before: float, ppl_after: float, toward: bool | None, max_ppl_ratio: float) -> bool:

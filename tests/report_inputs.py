@@ -43,7 +43,8 @@ def inputs(tmp: Path, new: bool = True) -> dict:
     if new:
         steer_cols |= {"ppl_before": [10.0, 10.0, 10.0, 10.0], "ppl_after": [10.0, 15.0, 90.0, 12.0],
                        "toward_feature": [False, True, True, False], "success": [False, True, False, False],
-                       "special_tokens_steered": [False] * 4}
+                       "control_feature": [7] * 4, "control_toward": [False, False, True, True],
+                       "control_success": [False, False, False, True], "special_tokens_steered": [False] * 4}
     case = {"case": "color", "answer": "red", "baseline": "blue", "image": "/x/rocket.png", "prompt": "What colour?",
             "metric": 1.234, "feature_attribution": 1.0, "error_attribution": 0.2, "pool": "sum",
             "seconds": {"attribution": 0.5, "ablation_per_feature": 0.3},

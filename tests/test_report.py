@@ -45,6 +45,9 @@ def test_steering_verdicts_and_perplexity(tmp_path):
     assert "(unchanged)" in rows[0]
     assert "(changed but not fluent)" in rows[2] and "ppl ×9.00" in rows[2]
     assert "(changed, not toward feature)" in rows[3] and "ppl ×1.20" in rows[3]
+    tally = _text(steer)
+    assert "Of 4 steered generations, 1 succeeded (2 moved toward the feature)." in tally
+    assert "another selected feature's words (9→7): 1 successes (2 toward)." in tally
 
 
 def test_causal_sweep_and_attribution_validation(tmp_path):
@@ -66,7 +69,7 @@ def test_older_outputs_without_the_new_keys_still_render(tmp_path):
     assert "Token norms" not in page and "held-out samples" not in text and "class=chosen" not in page
     assert "Pearson r = 0.90 over 2 features" in text and "noun removed by noise on the top-k neurons 0.4" in text
     assert "✓" not in page and "(changed," not in page and "ppl ×" not in page and "left undecomposed" not in page
-    assert "but special tokens" not in page
+    assert "but special tokens" not in page and "Control:" not in page
     minimal = {**inputs(tmp_path / "m", new=False), "explanations": None, "steering": None, "attribution": None,
                "neurons": None, "evaluation": None, "metrics": {}}
     page = build_report(**minimal)

@@ -24,13 +24,13 @@ p, st = sm.params, sm.params.steer
 stats = pl.read_parquet(sm.input.stats)
 expl = pl.read_parquet(sm.input.explanations) if "explanations" in sm.input.keys() else None
 contexts = pl.read_parquet(sm.input.contexts)
+selected = json.loads(Path(sm.input.selected).read_text())["features"]
 if st["features"]:
     features = list(st["features"])
 elif st["match"]:
     features = features_matching(expl, st["match"])
     log.info("features whose explanation matches %s: %s", st["match"], features)
 else:
-    selected = json.loads(Path(sm.input.selected).read_text())["features"]
     text_dom = set(stats.filter(TEXT_DOMINANT)["feature"])
     features = [f for f in selected if f in text_dom][: st["auto"]]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
@@ -40,17 +40,19 @@ prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} f
 rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, st["values"],
                       st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],
                       st["max_new_tokens"], st["success_max_ppl_ratio"],
-                      {f: feature_words(f, contexts, expl) for f in features},
+                      {f: feature_words(f, contexts, expl) for f in {*features, *selected}},  # selected: the controls
                       keep_special=trained_without_special_tokens(sae_cfg))  # special tokens the SAE never saw: unsteered
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
                     ("value", pa.float64()), ("clamp_value", pa.float64()), ("positions", pa.string()), ("mode", pa.string()),
                     ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_()),
                     ("ppl_before", pa.float64()), ("ppl_after", pa.float64()), ("feature_words", pa.list_(pa.string())),
                     ("toward_words", pa.list_(pa.string())), ("toward_feature", pa.bool_()), ("success", pa.bool_()),
-                    ("special_tokens_steered", pa.bool_())])
+                    ("control_feature", pa.int32()), ("control_toward_words", pa.list_(pa.string())),
+                    ("control_toward", pa.bool_()), ("control_success", pa.bool_()), ("special_tokens_steered", pa.bool_())])
 write_parquet(sm.output[0], pa.Table.from_pylist(rows, schema=schema))
 log.info("steered %d features x %d prompts x %d values; of %d generations %d changed, %d toward the feature, "
-         "%d fluent (ppl ratio <= %g), %d successes", len(features), len(prompts), len(st["values"]), len(rows),
+         "%d fluent (ppl ratio <= %g), %d successes; judged by another selected feature's words (the control): %d toward, "
+         "%d successes", len(features), len(prompts), len(st["values"]), len(rows),
          sum(r["changed"] for r in rows), sum(bool(r["toward_feature"]) for r in rows),
          sum(r["ppl_after"] <= st["success_max_ppl_ratio"] * r["ppl_before"] for r in rows), st["success_max_ppl_ratio"],
-         sum(r["success"] for r in rows))
+         sum(r["success"] for r in rows), sum(bool(r["control_toward"]) for r in rows), sum(r["control_success"] for r in rows))

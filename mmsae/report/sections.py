@@ -113,9 +113,24 @@ def steering_verdict(r: dict) -> dict:
     return {"mark": mark, "ppl_ratio": ratio}
 
 
+def steering_tally(steering: pl.DataFrame) -> dict | None:
+    """Counts over the steered generations beside their control (the same texts judged by another
+    feature's words, :func:`mmsae.steer_verdict.control_feature`): ``n``, ``success``, ``toward``,
+    ``control_success``, ``control_toward``, ``n_control`` (generations that have a control) and
+    ``pairs`` (``"f→g"`` each); None for outputs without a control column."""
+    if "control_success" not in steering.columns:
+        return None
+    pairs = steering.select("feature", "control_feature").unique(maintain_order=True).drop_nulls()
+    return {"n": steering.height, "success": int(steering["success"].sum()), "toward": int(steering["toward_feature"].fill_null(False).sum()),
+            "control_success": int(steering["control_success"].sum()),
+            "control_toward": int(steering["control_toward"].fill_null(False).sum()),
+            "n_control": int(steering["control_feature"].is_not_null().sum()),
+            "pairs": [f"{f}→{g}" for f, g in pairs.iter_rows()]}
+
+
 def steering_view(steering: pl.DataFrame) -> dict:
     """One group per (feature, prompt, image): the unclamped text, then each clamp value's text
-    with its verdict."""
+    with its verdict; and the tally beside its control (:func:`steering_tally`)."""
     if steering.is_empty():
         return {"groups": []}
     groups = []
@@ -126,7 +141,7 @@ def steering_view(steering: pl.DataFrame) -> dict:
             rows.append({"label": label, "text": r["text_after"], "empty": not r["text_after"].strip(), **steering_verdict(r)})
         groups.append({"feature": f, "prompt": prompt, "image": Path(image).name if image else None,
                        "before": g["text_before"][0], "rows": rows})
-    return {"groups": groups, "mode": steering["mode"][0], "positions": steering["positions"][0],
+    return {"groups": groups, "mode": steering["mode"][0], "positions": steering["positions"][0], "tally": steering_tally(steering),
             "has_verdict": "success" in steering.columns,
             "special_unsteered": "special_tokens_steered" in steering.columns and not steering["special_tokens_steered"][0]}
 
