@@ -19,6 +19,15 @@ CFG = dict(prompt_prefix="An image of", max_new_tokens=12, coefficient="down_pro
            top_tokens=5, causal_k=20, noise_scales=[0.3, 3.0], fluency_tolerance=0.1, causal_cases=3, seed=0)
 
 
+def test_a_noun_counts_once_per_caption_at_its_first_occurrence(tiny_llava_dir):
+    tok = load_subject_model(tiny_llava_dir).tokenizer
+    ids = tok.encode("Describe: A scarf on a cat and a Scarf on a dog", add_special_tokens=False)
+    targets = noun_targets(tok, ids, 2)
+    assert [t.noun for t in targets] == ["scarf", "cat", "dog"]
+    first = [t.position + 1 for t in targets]
+    assert tok.decode(ids[first[0]:]).strip().startswith("scarf on a cat")  # the first scarf, not the second
+
+
 def test_noun_lexicon():
     words = "An image of a person with a scarf on their head and its fur sitting red cat dogs running".split()
     assert [w for w in words if is_noun(w)] == ["image", "person", "scarf", "head", "fur", "red", "cat", "dogs"]

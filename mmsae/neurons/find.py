@@ -68,7 +68,11 @@ class Target:
 def noun_targets(tokenizer, ids: list[int], start: int) -> list[Target]:
     """Nouns among the generated tokens ``ids[start:]``, with the position that predicts each.
 
-    A word's first sub-token is the token where the word's first letter appears.
+    A word's first sub-token is the token where the word's first letter appears. Each noun counts
+    once per caption, at its first occurrence (lower-cased), as in the released code
+    (opanhw/MM_Neurons ``trainer.find_mm_neurons``: a set of the caption's nouns, each at
+    ``output_tokens.index``): a caption that repeats a noun would otherwise weigh it twice in every
+    statistic over cases and give the same (image, noun) two top-neuron sets.
     """
     targets, text, spans = [], "", []
     for pos in range(start, len(ids)):
@@ -76,7 +80,7 @@ def noun_targets(tokenizer, ids: list[int], start: int) -> list[Target]:
         spans.append((len(text), len(text) + len(piece), pos))
         text += piece
     for m in re.finditer(r"[A-Za-z]+", text):
-        if not is_noun(m.group()):
+        if not is_noun(m.group()) or m.group().lower() in {t.noun for t in targets}:
             continue
         pos = next(p for a, b, p in spans if a <= m.start() < b)
         targets.append(Target(m.group().lower(), ids[pos], pos - 1))
