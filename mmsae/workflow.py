@@ -4,7 +4,6 @@ tracebacks, run-time (non-result) settings, and the code hash each rule carries 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import re
 import sys
@@ -147,18 +146,23 @@ def code_tokens(path: Path) -> bytes:
     """The tokens of a Python file that can change what it does, one per line as ``type string``:
     comments, blank lines, line continuations, spacing, indentation width and string statements (docstrings, and any
     bare string literal that is a whole statement, which Python evaluates and drops) are left out;
-    f-strings are kept (their expressions run). Token types by name, so one Python version gives one
-    result (3.12 splits f-strings into more tokens). Memoised by path, size and modification time.
-
-    Raises:
-        tokenize.TokenError, SyntaxError: the file does not tokenize.
+    f-strings are kept (their expressions run). Read as Python reads it (its coding cookie or BOM,
+    else UTF-8; :func:`tokenize.open`), token types by name, so one Python version gives one result
+    (3.12 splits f-strings into more tokens). A file that does not tokenize (half edited, or not
+    Python) is taken as its bytes, so that the Snakefile still loads and the rules reaching it rerun
+    (and fail there, naming it). Memoised by path, size and modification time.
     """
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key in _CODE:
         return _CODE[key]
-    toks = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
-            if t.type not in (tokenize.COMMENT, tokenize.NL)]
+    try:
+        with tokenize.open(path) as f:
+            toks = [t for t in tokenize.generate_tokens(f.readline) if t.type not in (tokenize.COMMENT, tokenize.NL)]
+    except (tokenize.TokenError, SyntaxError, UnicodeDecodeError) as e:
+        logging.getLogger("mmsae").warning("%s does not tokenize (%s): its code hash is over its bytes", path, e)
+        _CODE[key] = b"bytes\0" + path.read_bytes()
+        return _CODE[key]
     kept: list[tuple[int, str]] = []
     i = 0
     while i < len(toks):

@@ -318,16 +318,26 @@ def test_code_hash_ignores_prose_and_layout_but_not_code(tmp_path):
     base = '"""Module doc."""\nimport os\n\n\ndef f(x):\n    """Doc."""\n    return x + 1  # one\n\n\nS = "a"\n'
     same = ['"""Another doc,\non two lines."""\nimport os\n# a comment\n\ndef f(x):\n  return x \\\n      + 1\n\n\nS = "a"\n',
             'import os\n\n\ndef f(x):\n    "a string statement"\n    return x + 1\n\n\nS = "a"\n',
-            base.replace("def f(x):\n", "def f(x):\n    'two' 'parts'\n")]
+            base.replace("def f(x):\n", "def f(x):\n    'two' 'parts'\n    rb'bytes'\n"),
+            "\ufeff" + base, base.replace("\n", "\r\n")]
     other = [base.replace("x + 1", "x + 2"), base.replace('S = "a"', 'S = "b"'),
-             base.replace('    """Doc."""\n', '    f"{print(x)}"\n'), base.replace("import os", "import sys")]
+             base.replace('    """Doc."""\n', '    f"{print(x)}"\n'), base.replace("import os", "import sys"),
+             base.replace('    """Doc."""\n', '    "-".join(x)\n'), base.replace('    """Doc."""\n', '    "%s" % x\n'),
+             base.replace('    """Doc."""\n', '    "a"; x = 2\n'),
+             base.replace("    return x + 1  # one\n", "    if x:\n        x = 2\n    return x + 1\n"),
+             base.replace("    return x + 1  # one\n", "    if x:\n        x = 2\n        return x + 1\n"),
+             "# -*- coding: latin-1 -*-\n" + base.replace('S = "a"', 'S = "é"')]
 
     def digest(text):
-        mod.write_text(text)
+        mod.write_bytes(text.encode("utf-8"))
         os.utime(mod, ns=(0, len(digest.seen)))  # a new mtime each time: the memo must not answer
         digest.seen.append(text)
         return code_hash(script, tmp_path, package="pkg")
     digest.seen = []
     h = digest(base)
     assert [digest(t) for t in same] == [h] * len(same)
-    assert all(digest(t) != h for t in other)
+    hashes = [digest(t) for t in other]
+    assert h not in hashes and len(set(hashes)) == len(other)
+    utf8 = digest(base.replace('S = "a"', 'S = "é"'))
+    assert utf8 not in hashes  # the same bytes read as latin-1 are other code
+    assert digest("def f(:\n") != digest("def g(:\n")  # does not tokenize: its bytes count, and the load goes on
