@@ -1,5 +1,5 @@
 """The code table between rules: the schema of the code shards (``codes`` in ``shared/DESIGN.md``),
-how a rule reads them, and the feature-stats predicate the explain and steer rules share.
+how a rule reads them, and the feature-stats predicate the selection, explain and steer rules share.
 
 Its own module so that the rules which only read or write codes (encode, maps, evaluation,
 scoring, explanations, steering) do not import the selection's aggregation
@@ -38,7 +38,7 @@ META_COLS = ["sample_id", "token_index", "modality", "view", "patch_row", "patch
 
 TEXT_DOMINANT = pl.col("frequency_text") > pl.col("frequency_image")
 """Over the feature-stats table: a feature is text-dominant when it is active on a larger share of
-text tokens than of image tokens."""
+text tokens than of image tokens (the selection's split, and the explain and steer rules')."""
 
 
 def scan_codes(paths: list[Path]) -> pl.LazyFrame:

@@ -21,7 +21,7 @@ from mmsae.clamp import Clamp, SteeringHook
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import prepare_inputs
 from mmsae.sae.model import TopKSAE
-from mmsae.steer_verdict import continuation_perplexity, control_feature, is_success, prompt_state, toward_feature
+from mmsae.steer_verdict import continuation_perplexity, control_features, is_success, prompt_state, toward_feature
 
 
 @torch.no_grad()
@@ -101,9 +101,8 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         positions, mode, max_new_tokens: see :class:`SteeringHook` and ``steer`` in config/schema.yaml.
         max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.steer_verdict.is_success`).
         words: feature -> :func:`mmsae.steer_verdict.feature_words` (missing = none known), for the
-            steered features and the other features that can serve as their controls (e.g. every
-            selected feature): each steered feature's control is
-            :func:`mmsae.steer_verdict.control_feature` among those with words.
+            steered features and the other features whose words serve as controls (e.g. every
+            selected feature; :func:`mmsae.steer_verdict.control_features`).
         keep_special: never steer at special-token positions (the SAE was trained without them;
             :func:`mmsae.sae.trained_without_special_tokens`).
 
@@ -112,12 +111,13 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         positions, mode, text_before, text_after, changed, ppl_before, ppl_after (perplexities of the
         unsteered / steered continuation under the unsteered model), feature_words,
         toward_words (those that newly appear), toward_feature (None: no words known), success,
-        control_feature (None: no other feature has words), control_toward_words,
-        control_toward and control_success (the same text judged by the control feature's words),
+        control_features (the others with words; empty when this feature or every other has
+        none), control_toward and control_success (the fractions of those whose words, in place
+        of the feature's, make the same text toward / a success; None without controls),
         special_tokens_steered (not ``keep_special``).
     """
     rows = []
-    control = {f: control_feature(f, [g for g, w in words.items() if w]) for f in features}
+    control = {f: control_features(f, words) for f in features}
     decode = subject.tokenizer.decode
     eos = subject.model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
@@ -142,13 +142,14 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             ppl_after = continuation_perplexity(subject.model, inputs, ids_after, state)
             toward, hit = toward_feature(before, after, words.get(f, []))
             changed = after != before
-            c_toward, c_hit = toward_feature(before, after, words.get(control[f], [])) if control[f] is not None else (None, [])
+            c_toward = [bool(toward_feature(before, after, words[g])[0]) for g in control[f]]
+            c_success = [is_success(changed, ppl_before, ppl_after, t, max_ppl_ratio) for t in c_toward]
             rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": scale, "value": float(v),
                          "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
                          "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
                          "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
                          "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio),
-                         "control_feature": control[f], "control_toward_words": c_hit, "control_toward": c_toward,
-                         "control_success": is_success(changed, ppl_before, ppl_after, c_toward, max_ppl_ratio),
+                         "control_features": control[f], "control_toward": sum(c_toward) / len(c_toward) if c_toward else None,
+                         "control_success": sum(c_success) / len(c_success) if c_success else None,
                          "special_tokens_steered": not keep_special})
     return rows

@@ -2,10 +2,10 @@
 feature (:func:`toward_feature`, by the feature's words: :func:`feature_words`), and did it stay
 fluent (:func:`continuation_perplexity` under the unsteered model); :func:`is_success` combines them.
 
-The control beside it (:func:`control_feature`): the same steered text judged by another feature's
-words. Any change in the text can bring in new words, and a feature with many words is more likely
-to be matched by chance; a success rate judged by a different feature's words is what chance
-and a changed text give, and the real rate means something only above it.
+The control beside it (:func:`control_features`): the same steered text judged by every other
+feature's words in turn. Any change in the text can bring in new words, so some verdicts are
+"toward" by chance; the control's mean rate is what chance and a changed text give, and the
+feature's own rate means something only above it.
 """
 
 from __future__ import annotations
@@ -81,21 +81,18 @@ def toward_feature(text_before: str, text_after: str, words: list[str]) -> tuple
     return bool(hit), hit
 
 
-def control_feature(feature: int, candidates) -> int | None:
-    """The control feature for ``feature``: the next of ``candidates`` after it in ascending order,
-    wrapping around (a cyclic shift, so no feature is its own control and each candidate serves as
-    at most one feature's control); None when no other candidate exists.
+def control_features(feature: int, words: dict[int, list[str]]) -> list[int]:
+    """The controls for ``feature``: every other feature that has words (:func:`feature_words`),
+    ascending; none when ``feature`` has no words itself (its own verdict is then unknown, so
+    there is nothing to compare).
 
-    Args:
-        feature: the steered feature.
-        candidates: features whose words can judge a text (:func:`feature_words` non-empty), e.g. the
-            selected features; ``feature`` may be among them.
+    A steered text judged by each control's words instead of the feature's gives the rate at which
+    a changed text meets some feature's words by chance; averaging over all the controls, rather
+    than drawing one, keeps that rate from hanging on which feature was drawn.
     """
-    others = sorted(set(candidates) - {feature})
-    if not others:
-        return None
-    later = [g for g in others if g > feature]
-    return later[0] if later else others[0]
+    if not words.get(feature):
+        return []
+    return sorted(g for g, w in words.items() if w and g != feature)
 
 
 def is_success(changed: bool, ppl_before: float, ppl_after: float, toward: bool | None, max_ppl_ratio: float) -> bool:

@@ -43,8 +43,8 @@ def inputs(tmp: Path, new: bool = True) -> dict:
     if new:
         steer_cols |= {"ppl_before": [10.0, 10.0, 10.0, 10.0], "ppl_after": [10.0, 15.0, 90.0, 12.0],
                        "toward_feature": [False, True, True, False], "success": [False, True, False, False],
-                       "control_feature": [7] * 4, "control_toward": [False, False, True, True],
-                       "control_success": [False, False, False, True], "special_tokens_steered": [False] * 4}
+                       "control_features": [[], [3, 7], [3, 7, 8, 11], [3, 7]], "control_toward": [None, 0.5, 0.25, 1.0],
+                       "control_success": [None, 0.0, 0.25, 0.5], "special_tokens_steered": [False] * 4}
     case = {"case": "color", "answer": "red", "baseline": "blue", "image": "/x/rocket.png", "prompt": "What colour?",
             "metric": 1.234, "feature_attribution": 1.0, "error_attribution": 0.2, "pool": "sum",
             "seconds": {"attribution": 0.5, "ablation_per_feature": 0.3},

@@ -28,7 +28,7 @@ from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
 from mmsae.clamp import Clamp, SteeringHook
 from mmsae.steer import generate, steering_sweep
-from mmsae.steer_verdict import (content_words, continuation_perplexity, control_feature, feature_words, is_success, prompt_state,
+from mmsae.steer_verdict import (content_words, continuation_perplexity, control_features, feature_words, is_success, prompt_state,
                                   toward_feature)
 
 
@@ -168,10 +168,11 @@ def test_toward_the_feature_and_the_success_rule():
     assert not is_success(True, 2.0, 2.0, None, 2.0)
 
 
-def test_control_feature_is_a_cyclic_shift():
-    assert [control_feature(f, [3, 9, 5]) for f in (3, 5, 9)] == [5, 9, 3]  # each candidate one feature's control
-    assert control_feature(4, [3, 9, 5]) == 5 and control_feature(10, [3, 9]) == 3  # steered outside the candidates
-    assert control_feature(3, [3]) is None and control_feature(3, []) is None
+def test_control_features_are_every_other_feature_with_words():
+    words = {3: ["sea"], 9: ["dog"], 5: ["cat"], 7: []}
+    assert control_features(5, words) == [3, 9] and control_features(4, {**words, 4: ["x"]}) == [3, 5, 9]
+    assert control_features(7, words) == [] and control_features(8, words) == []  # no words of its own: no verdict to compare
+    assert control_features(3, {3: ["sea"]}) == []
 
 
 def test_sweep_rows_carry_the_judgement(tiny_llava_dir):
@@ -184,12 +185,13 @@ def test_sweep_rows_carry_the_judgement(tiny_llava_dir):
     for r in rows:
         assert r["positions"] == "all" and r["ppl_before"] > 0 and r["ppl_after"] > 0
         assert r["toward_feature"] is False and r["success"] is False and r["feature_words"] == ["zzzz"]
-        assert r["control_feature"] is None and r["control_toward"] is None and r["control_success"] is False
+        assert r["control_features"] == [] and r["control_toward"] is None and r["control_success"] is None
 
 
 def test_sweep_judges_the_same_text_by_the_control_features_words(tiny_llava_dir):
-    """The control row is the steered text judged by another feature's words: a word new in the
-    steered text, given to feature 9 only, makes the control (not the feature) toward and successful."""
+    """The control is the steered text judged by every other feature's words: a word new in the
+    steered text, given to feature 9 only, makes half the controls (9 of 6 and 9) toward and
+    successful, and not the feature itself."""
     s = load_subject_model(tiny_llava_dir)
     module = resolve_hook_point(s.model, "model.language_model.layers.2")
     sae = TopKSAE(64, 128, k=8, seed=1)
@@ -199,10 +201,12 @@ def test_sweep_judges_the_same_text_by_the_control_features_words(tiny_llava_dir
     assert r["changed"]
     new = [w for w in re.findall(r"[a-z]+", r["text_after"].lower()) if not any(b.startswith(w) for b in re.findall(r"[a-z]+", r["text_before"].lower()))]
     assert new, (r["text_before"], r["text_after"])
-    r2 = steering_sweep(*args, {5: ["zzzz"], 9: [new[0]], 2: []})[0]  # feature 2 has no words: never a control
-    assert r2["text_after"] == r["text_after"] and r2["control_feature"] == 9
-    assert r2["control_toward"] is True and r2["control_toward_words"] == [new[0]] and r2["control_success"] is True
+    r2 = steering_sweep(*args, {5: ["zzzz"], 9: [new[0]], 6: ["qqqq"], 7: []})[0]  # feature 7 has no words: no control
+    assert r2["text_after"] == r["text_after"] and r2["control_features"] == [6, 9]
+    assert r2["control_toward"] == 0.5 and r2["control_success"] == 0.5
     assert r2["toward_feature"] is False and r2["success"] is False
+    r3 = steering_sweep(*args, {5: [new[0]], 9: ["zzzz"]})[0]  # the roles swapped
+    assert r3["toward_feature"] is True and r3["success"] is True and r3["control_toward"] == 0.0 and r3["control_success"] == 0.0
 
 
 def test_sweep_with_keep_special_leaves_special_positions_unsteered(tiny_llava_dir):

@@ -47,12 +47,12 @@ schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", 
                     ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_()),
                     ("ppl_before", pa.float64()), ("ppl_after", pa.float64()), ("feature_words", pa.list_(pa.string())),
                     ("toward_words", pa.list_(pa.string())), ("toward_feature", pa.bool_()), ("success", pa.bool_()),
-                    ("control_feature", pa.int32()), ("control_toward_words", pa.list_(pa.string())),
-                    ("control_toward", pa.bool_()), ("control_success", pa.bool_()), ("special_tokens_steered", pa.bool_())])
+                    ("control_features", pa.list_(pa.int32())), ("control_toward", pa.float64()),
+                    ("control_success", pa.float64()), ("special_tokens_steered", pa.bool_())])
 write_parquet(sm.output[0], pa.Table.from_pylist(rows, schema=schema))
 log.info("steered %d features x %d prompts x %d values; of %d generations %d changed, %d toward the feature, "
-         "%d fluent (ppl ratio <= %g), %d successes; judged by another selected feature's words (the control): %d toward, "
-         "%d successes", len(features), len(prompts), len(st["values"]), len(rows),
+         "%d fluent (ppl ratio <= %g), %d successes; judged by the other selected features' words instead (the control): "
+         "%.2f toward, %.2f successes expected", len(features), len(prompts), len(st["values"]), len(rows),
          sum(r["changed"] for r in rows), sum(bool(r["toward_feature"]) for r in rows),
          sum(r["ppl_after"] <= st["success_max_ppl_ratio"] * r["ppl_before"] for r in rows), st["success_max_ppl_ratio"],
-         sum(r["success"] for r in rows), sum(bool(r["control_toward"]) for r in rows), sum(r["control_success"] for r in rows))
+         sum(r["success"] for r in rows), sum(r["control_toward"] or 0 for r in rows), sum(r["control_success"] or 0 for r in rows))

@@ -114,18 +114,20 @@ def steering_verdict(r: dict) -> dict:
 
 
 def steering_tally(steering: pl.DataFrame) -> dict | None:
-    """Counts over the steered generations beside their control (the same texts judged by another
-    feature's words, :func:`mmsae.steer_verdict.control_feature`): ``n``, ``success``, ``toward``,
-    ``control_success``, ``control_toward``, ``n_control`` (generations that have a control) and
-    ``pairs`` (``"f→g"`` each); None for outputs without a control column."""
+    """The steered generations' successes beside their control's
+    (:func:`mmsae.steer_verdict.control_features`: each text judged by every other feature's words):
+    ``n`` generations, ``success`` and ``toward`` over all of them; over the ``n_control`` that have
+    controls, their own ``success_c`` and ``toward_c`` counts and the control's expected counts
+    ``control_success`` and ``control_toward`` (sums of the per-generation fractions); ``n_controls``,
+    the most control features any generation had. None for outputs without the control columns."""
     if "control_success" not in steering.columns:
         return None
-    pairs = steering.select("feature", "control_feature").unique(maintain_order=True).drop_nulls()
-    return {"n": steering.height, "success": int(steering["success"].sum()), "toward": int(steering["toward_feature"].fill_null(False).sum()),
-            "control_success": int(steering["control_success"].sum()),
-            "control_toward": int(steering["control_toward"].fill_null(False).sum()),
-            "n_control": int(steering["control_feature"].is_not_null().sum()),
-            "pairs": [f"{f}→{g}" for f, g in pairs.iter_rows()]}
+    c = steering.filter(pl.col("control_success").is_not_null())
+    return {"n": steering.height, "success": int(steering["success"].sum()),
+            "toward": int(steering["toward_feature"].fill_null(False).sum()),
+            "n_control": c.height, "success_c": int(c["success"].sum()), "toward_c": int(c["toward_feature"].fill_null(False).sum()),
+            "control_success": float(c["control_success"].sum()), "control_toward": float(c["control_toward"].sum()),
+            "n_controls": int(c["control_features"].list.len().max() or 0) if c.height else 0}
 
 
 def steering_view(steering: pl.DataFrame) -> dict:
