@@ -4,7 +4,7 @@ how a rule reads them, and the feature-stats predicate the selection, explain an
 Its own module so that the rules which only read or write codes (encode, maps, evaluation,
 scoring, explanations, steering) do not import the selection's aggregation
 (:mod:`mmsae.code_stats`, :mod:`mmsae.top_lists`): each rule's code hash
-(:func:`mmsae.workflow.code_hash`) covers the modules its script reaches, so a change to the
+(:func:`mmsae.code_hash.code_hash`) covers the modules its script reaches, so a change to the
 selection reruns select_top and what reads its tables, not the encoding.
 """
 

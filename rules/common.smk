@@ -1,7 +1,7 @@
 # Path helpers and params helpers: no logic beyond mapping config to file names and to what each
 # rule's outputs depend on.
 from mmsae.subsample import fractions_of, is_subsampling
-from mmsae.workflow import code_hash
+from mmsae.code_hash import code_hash
 
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"

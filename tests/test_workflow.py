@@ -14,7 +14,7 @@ import pytest
 import yaml
 from markupsafe import escape
 
-from mmsae.workflow import code_hash
+from mmsae.code_hash import code_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
