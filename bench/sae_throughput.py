@@ -28,7 +28,7 @@ The process runs under the allocator setting rule train_sae applies
 (:func:`mmsae.sae.malloc.keep_freed_memory`: freed large blocks are reused, not unmapped), which every
 contestant shares; ``--glibc-default`` runs them all without it.
 
-    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --rounds 3 --chunk 3 --threads 1   # demo size
+    PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --rounds 7 --chunk 5 --threads 1   # demo size
     PYTHONPATH=. .venv/bin/python bench/sae_throughput.py --d-model 2048 --d-sae 32768 --k 64 \
         --rounds 2 --chunk 1 --threads 1                                                    # larger size
 
