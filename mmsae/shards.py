@@ -99,7 +99,8 @@ def decode_activations(column: pa.Array | pa.ChunkedArray, dtype: str) -> np.nda
 
     float32 and float16 values are converted by value; bfloat16 (stored as uint16) is widened bit for
     bit (``uint32(v) << 16`` reinterpreted as float32), so a bfloat16 tensor written by extraction reads
-    back equal to ``tensor.float()``.
+    back equal to ``tensor.float()``. The result is always writable (a float32 column read zero-copy
+    from Arrow is a read-only buffer, and is copied), so ``torch.from_numpy`` may take it.
 
     Args:
         column: a fixed-size list array (n rows of d_model values), as read from a shard.
@@ -111,7 +112,8 @@ def decode_activations(column: pa.Array | pa.ChunkedArray, dtype: str) -> np.nda
     flat = column.flatten().to_numpy(zero_copy_only=False)
     if dtype == "bfloat16":
         return (flat.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(-1, d)
-    return flat.astype(np.float32, copy=False).reshape(-1, d)
+    out = flat.astype(np.float32, copy=False)
+    return (out if out.flags.writeable else out.copy()).reshape(-1, d)
 
 
 def iter_activations(

@@ -154,6 +154,16 @@ def test_bfloat16_decode_of_extreme_values():
     np.testing.assert_array_equal(decode_activations(col, "bfloat16").view(np.uint32), t.float().numpy().view(np.uint32))
 
 
+@pytest.mark.parametrize("dtype,arrow", [("float32", pa.float32()), ("float16", pa.float16()), ("bfloat16", pa.uint16())])
+def test_decoded_activations_are_writable_for_torch(dtype, arrow):
+    """A float32 column reads zero-copy as a read-only buffer; torch.from_numpy warns on it (undefined
+    behaviour if written), so every storage type decodes to a writable array."""
+    raw = np.arange(8, dtype={"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype])
+    table = pa.table({"activation": pa.FixedSizeListArray.from_arrays(pa.array(raw, arrow), 4)})
+    x = decode_activations(table.column("activation"), dtype)
+    assert x.shape == (2, 4) and x.dtype == np.float32 and x.flags.writeable
+
+
 def test_float16_overflow_clamped_and_counted(subject, tmp_path):
     x = torch.tensor([[1e5, -7e4, 65504.0, 1e-9, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0, 1e-10]])
     y, over, under = to_storage(x, "float16")
