@@ -9,7 +9,8 @@ names (:func:`features_matching`) and the sweep over features x values x prompts
 
 Evaluation of a steered generation (:mod:`mmsae.steer_verdict`): its perplexity under the
 unsteered model (teacher-forced), whether it moved *toward the feature*, and ``success`` = changed
-AND ppl_after / ppl_before <= max ratio AND toward the feature.
+AND ppl_after / ppl_before <= max ratio AND toward the feature. Beside each verdict, its control: the same
+text judged by every other feature's words in turn (:func:`mmsae.steer_verdict.control_features`).
 """
 
 from __future__ import annotations
