@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -341,3 +342,10 @@ def test_code_hash_ignores_prose_and_layout_but_not_code(tmp_path):
     utf8 = digest(base.replace('S = "a"', 'S = "é"'))
     assert utf8 not in hashes  # the same bytes read as latin-1 are other code
     assert digest("def f(:\n") != digest("def g(:\n")  # does not tokenize: its bytes count, and the load goes on
+    mod.write_text("X = 1\n")
+    one = code_hash(script, tmp_path, package="pkg")
+    st = mod.stat()
+    time.sleep(0.01)
+    mod.write_text("X = 2\n")  # same size, and the old modification time put back (as cp -p or tar do)
+    os.utime(mod, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert code_hash(script, tmp_path, package="pkg") != one  # the memo must not answer for the old text
