@@ -93,10 +93,11 @@ _CODE: dict[tuple, bytes] = {}
 
 
 def code_tokens(path: Path) -> bytes:
-    """The tokens of a Python file that can change what it does, one per line as ``type string``:
-    comments, blank lines, line continuations, spacing, indentation width and string statements (docstrings, and any
-    bare string literal that is a whole statement, which Python evaluates and drops) are left out;
-    f-strings are kept (their expressions run). Read as Python reads it (its coding cookie or BOM,
+    """The tokens of a Python file that can change what it does, one per line as ``type string``.
+
+    Left out: comments, blank lines, line continuations, spacing, indentation width and string
+    statements (docstrings, and any bare string literal that is a whole statement, which Python
+    evaluates and drops); f-strings are kept (their expressions run). Read as Python reads it (its coding cookie or BOM,
     else UTF-8; :func:`tokenize.open`), token types by name, so one Python version gives one result
     (3.12 splits f-strings into more tokens). A file that does not tokenize (half edited, or not
     Python) is taken as its bytes, so that the Snakefile still loads and the rules reaching it rerun
