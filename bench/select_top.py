@@ -12,7 +12,7 @@ deleted afterwards.
 
 Scan and selection run interleaved (scan, iterate, select, scan, ...; ``--repeats`` rounds) so a
 busy shared CPU slows all alike; the ratio is the median of the per-round ratios. ``iterate`` is the
-selection's own batched read (:func:`mmsae.code_stats._code_batches`, the columns as numpy) with no
+selection's own batched read (:func:`mmsae.code_stats.code_batches`, the columns as numpy) with no
 aggregation: the part of the ratio that is the engine's decoding and batching, not the selection's
 work. ``--profile``
 prints cProfile's top functions of one selection at the largest shard count.
@@ -42,6 +42,7 @@ CHILD = r"""
 import cProfile, io, json, pstats, resource, sys, time
 from pathlib import Path
 import polars as pl
+from mmsae.code_stats import code_batches
 from mmsae.codes import scan_codes
 from mmsae.features import base_view_counts, stats_and_top_samples
 kind, d, prof = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
@@ -56,8 +57,7 @@ if kind == "scan":  # every column the selection reads, decoded and reduced triv
         pl.col("feature").sum(), pl.col("token_index").sum(), pl.col("activation").sum()).collect(engine="streaming")
     pl.read_parquet(d / "samples.parquet")
 elif kind == "iterate":  # the selection's own batched read with no aggregation: the floor of its engine side
-    from mmsae.code_stats import _code_batches
-    for b in _code_batches(scan_codes(paths)):
+    for b in code_batches(scan_codes(paths)):
         for c in ("feature", "activation", "kind", "token_index"):
             b[c].to_numpy()
 else:

@@ -21,13 +21,18 @@ IMPORT_RE = re.compile(
 _IMPORTS: dict[tuple, list[tuple[int, str, list[str]]]] = {}
 
 
+def _file_key(path: Path) -> tuple:
+    """The memo key of a file's contents: path, size, modification and change times (a restore
+    that keeps the old modification time, as ``cp -p`` does, still changes the change time)."""
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """(relative level, module, imported names) of every import statement in ``path``; read with a
     regular expression (the Snakefile hashes at every load, and parsing the ASTs took seconds),
-    memoised by path, size and modification and change times (a restore that keeps the old
-    modification time, as ``cp -p`` does, still changes the change time)."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    memoised by :func:`_file_key`."""
+    key = _file_key(path)
     if key not in _IMPORTS:
         out = []
         for m in IMPORT_RE.finditer(path.read_text()):
@@ -101,10 +106,9 @@ def code_tokens(path: Path) -> bytes:
     else UTF-8; :func:`tokenize.open`), token types by name, so one Python version gives one result
     (3.12 splits f-strings into more tokens). A file that does not tokenize (half edited, or not
     Python) is taken as its bytes, so that the Snakefile still loads and the rules reaching it rerun
-    (and fail there, naming it). Memoised as :func:`_imports` is.
+    (and fail there, naming it). Memoised by :func:`_file_key`.
     """
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = _file_key(path)
     if key in _CODE:
         return _CODE[key]
     try:

@@ -25,8 +25,12 @@ _NO_ROW = -1  # packed value of a (sample, feature) cell without a row of that k
 _NEVER = np.iinfo(np.int32).max  # threshold bits no activation reaches
 
 
-def _code_batches(codes: pl.LazyFrame):
-    """The code rows in file order, in batches of ~_BATCH_ROWS, with a small-int ``kind``."""
+def code_batches(codes: pl.LazyFrame):
+    """The code rows (:data:`mmsae.codes.CODE_SCHEMA`) in file order, as an iterator of polars frames
+    of about ``_BATCH_ROWS`` rows with columns sample_id (str), feature (int32), activation
+    (float32), token_index (int32) and ``kind`` (int8: 1 base-view image, 2 other image view,
+    3 text, 0 neither): what :class:`CodeAggregate` reads, and the floor of its cost
+    (``bench/select_top.py``'s ``iterate``)."""
     image, text = pl.col("modality") == "image", pl.col("modality") == "text"
     kind = (pl.when(image & (pl.col("view") == 0)).then(_KIND_BASE).when(image).then(_KIND_IMAGE)
             .when(text).then(_KIND_TEXT).otherwise(0).cast(pl.Int8).alias("kind"))
@@ -122,7 +126,7 @@ class CodeAggregate:
                 a sample has base-view image rows but no positive ``n_base`` in ``base_view_tokens``.
         """
         carry, carry_id = None, None  # the rows of the last sample seen, which may go on in the next batch
-        for batch in _code_batches(codes):
+        for batch in code_batches(codes):
             if not batch.height:
                 continue
             cols = [batch[c].to_numpy() for c in ("feature", "activation", "kind", "token_index")]
