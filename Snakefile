@@ -4,7 +4,7 @@ import sys
 
 from snakemake.utils import min_version, validate
 
-from mmsae.config_check import config_errors, normalise_corpus
+from mmsae.workflow.config_check import config_errors, normalise_corpus
 
 min_version("9.0")
 

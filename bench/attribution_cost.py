@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mmsae.attribution import SAESplice, attribute, logit_diff, reference_attribution
+from mmsae.interventions.attribution import SAESplice, attribute, logit_diff, reference_attribution
 from mmsae.data import Sample
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point

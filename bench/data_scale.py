@@ -1,20 +1,20 @@
 """Data at paper scale, measured: bytes per token on disk, train_sae's peak memory as data grows, and
 extraction speed.
 
-1. Bytes per token of dense activation shards (the real writer, :class:`mmsae.activations._ShardWriter`:
+1. Bytes per token of dense activation shards (the real writer, :class:`mmsae.extract.run._ShardWriter`:
    the shard and its samples file, per token) at d_model 576 and 4096, float16 / bfloat16 / float32, with
    Gaussian activations (their mantissas do not compress, like real ones). bfloat16 goes through the real
    writer when the shard schema knows it; otherwise the raw 2-byte values are written as uint16 in the
    same schema and the figure is marked ``bf16_own=1`` (the storage the issue specifies, not the
    project's writer).
-2. Bytes per token of sparse code shards (:data:`mmsae.codes.CODE_SCHEMA`, k rows per token, written
-   as :func:`mmsae.sae.encode.encode_shards` writes them) at k 32 and 256, d_sae 131072.
+2. Bytes per token of sparse code shards (:data:`mmsae.codes.schema.CODE_SCHEMA`, k rows per token, written
+   as :func:`mmsae.codes.rows.encode_shards` writes them) at k 32 and 256, d_sae 131072.
 3. Peak RSS of train_sae (``python -m mmsae.sae.run``, the rule's entry into
    :func:`mmsae.sae.run.train_from_manifest`, in a child process; ``ru_maxrss`` of the child) streaming
    10^6 and 10^7 generated rows (real-schema shards, d_model 64, float32, one pass of training over the
    training rows), in a temporary folder deleted afterwards (about 3 GB for 10^7 rows: check ``df``).
 4. Extraction images/s on this machine with the demo model (built into a temporary folder), a few
-   scikit-image photos under one prompt, through :func:`mmsae.activations.extract`.
+   scikit-image photos under one prompt, through :func:`mmsae.extract.run.extract`.
 
     PYTHONPATH=. .venv/bin/python bench/data_scale.py [--rows 1e6 1e7] [--images 4] [--tmp /tmp]
 
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mmsae.activations import ExtractConfig, _ShardWriter, extract, write_manifest
+from mmsae.extract.run import ExtractConfig, _ShardWriter, extract, write_manifest
 from mmsae.data import build_corpus
-from mmsae.codes import CODE_SCHEMA
-from mmsae.io import write_parquet
+from mmsae.codes.schema import CODE_SCHEMA
+from mmsae.core.io import write_parquet
 from mmsae.models import load_subject_model
 from mmsae.models.demo import build_demo_model
-from mmsae.shards import shard_schema
+from mmsae.core.shards import shard_schema
 
 TOKENS_PER_SAMPLE = 1000
 RSS_CHILD = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); " \

@@ -1,4 +1,4 @@
-"""Disk projection (mmsae.disk) against the bytes extraction really writes, and the paper config's projection.
+"""Disk projection (mmsae.extract.disk) against the bytes extraction really writes, and the paper config's projection.
 
 Extracts a few scikit-image photos (and a text prompt) with the demo model (SmolLM2-135M inside a
 LLaVA-NeXT, d_model 576) for each storage type and token fraction, and prints projected vs actual
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mmsae.activations import ExtractConfig, extract
+from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data import build_corpus
-from mmsae.disk import project_extraction_bytes
+from mmsae.extract.disk import project_extraction_bytes
 from mmsae.models import load_subject_model
 from mmsae.models.demo import build_demo_model
 

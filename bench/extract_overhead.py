@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from mmsae.activations import ExtractConfig, extract
+from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data import build_corpus
 from mmsae.data.corpus import load_image
 from mmsae.models import ActivationCapture, load_subject_model, prepare_inputs, resolve_hook_point

@@ -2,7 +2,7 @@
 plain polars scan that reads the same columns, as the number of code shards grows; then rows/s and
 peak RSS at 10^8 code rows.
 
-Code shards are generated with the real schema (``mmsae.codes.CODE_SCHEMA``): each sample has
+Code shards are generated with the real schema (``mmsae.codes.schema.CODE_SCHEMA``): each sample has
 two 12x12 image views and 40 text tokens, each token k features drawn from d_sae with density ~ id^(-3/4) (low ids common), with
 exponential activations; two samples share each image file. Every measurement runs in a fresh
 subprocess so that its peak RSS is its own. The 10^8-row set (~1.6 GB) is written under --tmp and
@@ -12,7 +12,7 @@ deleted afterwards.
 
 Scan and selection run interleaved (scan, iterate, select, scan, ...; ``--repeats`` rounds) so a
 busy shared CPU slows all alike; the ratio is the median of the per-round ratios. ``iterate`` is the
-selection's own batched read (:func:`mmsae.code_stats.code_batches`, the columns as numpy) with no
+selection's own batched read (:func:`mmsae.codes.stats.code_batches`, the columns as numpy) with no
 aggregation: the part of the ratio that is the engine's decoding and batching, not the selection's
 work. ``--profile``
 prints cProfile's top functions of one selection at the largest shard count.
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmsae.codes import CODE_SCHEMA  # noqa: E402
+from mmsae.codes.schema import CODE_SCHEMA  # noqa: E402
 
 SIDE, N_TEXT, N_VIEWS, K, D_SAE = 12, 40, 2, 32, 16384
 TOKENS_PER_SAMPLE = SIDE * SIDE * N_VIEWS + N_TEXT
@@ -42,9 +42,9 @@ CHILD = r"""
 import cProfile, io, json, pstats, resource, sys, time
 from pathlib import Path
 import polars as pl
-from mmsae.code_stats import code_batches
-from mmsae.codes import scan_codes
-from mmsae.features import base_view_counts, stats_and_top_samples
+from mmsae.codes.stats import code_batches
+from mmsae.codes.schema import scan_codes
+from mmsae.codes.select import base_view_counts, stats_and_top_samples
 kind, d, prof = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
 if prof:
     profiler = cProfile.Profile()

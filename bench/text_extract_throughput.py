@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mmsae.activations import ExtractConfig, extract
+from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data.text_source import text_samples
 from mmsae.models import load_subject_model
 

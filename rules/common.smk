@@ -1,7 +1,7 @@
 # Path helpers and params helpers: no logic beyond mapping config to file names and to what each
 # rule's outputs depend on.
-from mmsae.subsample import fractions_of, is_subsampling
-from mmsae.code_hash import code_hash
+from mmsae.extract.subsample import fractions_of, is_subsampling
+from mmsae.workflow.script_hash import script_hash
 
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"
@@ -40,9 +40,9 @@ def corpus_params(role, *names):
     return out
 
 
-def code(script):
+def script_hash_of(script):
     """Hash of the mmsae modules the rule's entry script imports (computed once, at load)."""
-    return code_hash(f"{workflow.basedir}/workflow_scripts/{script}", workflow.basedir)
+    return script_hash(f"{workflow.basedir}/workflow_scripts/{script}", workflow.basedir)
 
 
 def is_demo_model():
@@ -81,7 +81,7 @@ def explainer_local_model():
 
 def explain_endpoint_params():
     """What the explanations depend on, secrets excluded: the key's variable name, never its value."""
-    # concurrency, timeout_s, retries and api_key_env are read at run time (mmsae.workflow.endpoint_runtime)
+    # concurrency, timeout_s, retries and api_key_env are read at run time (mmsae.core.job.endpoint_runtime)
     return _endpoint(_explain_fields(), {})
 
 

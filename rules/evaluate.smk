@@ -10,7 +10,7 @@ rule refine_explanations:
         categorizer=categorizer_endpoint_params(),
         prompt=refine_prompt_params(),
         include_untagged=config["evaluate"]["include_untagged"],
-        code=code("refine.py"),
+        script=script_hash_of("refine.py"),
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     log:
@@ -40,7 +40,7 @@ rule evaluate:
         evaluate=keys("evaluate", "detector", "segmenter", "clip", "clip_backend", "box_threshold", "text_threshold",
                       "threshold", "region", "sam_masks", "n_random_images", "iou_trials", "clip_trials", "n_boot", "seed"),
         device=config["model"]["device"],
-        code=code("evaluate.py"),
+        script=script_hash_of("evaluate.py"),
     log:
         "results/logs/evaluate.log",
     benchmark:
@@ -65,7 +65,7 @@ rule score_explanations:
         endpoint=scorer_endpoint_params(),
         prompt=scoring_prompt_params(),
         scoring=keys("scoring", "n_examples", "max_features", "seed", "include_untagged", "fuzz_threshold"),
-        code=code("score_explanations.py"),
+        script=script_hash_of("score_explanations.py"),
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     log:

@@ -9,7 +9,7 @@ rule explain_chunk:
         prompt=explain_prompt_params(),
         max_images=config["explain"]["max_images"],
         n_chunks=config["explain"]["chunks"],
-        code=code("explain.py"),
+        script=script_hash_of("explain.py"),
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     wildcard_constraints:
@@ -35,7 +35,7 @@ rule gather_explanations:
     output:
         f"{EXPLANATIONS}/explanations.parquet",
     params:
-        code=code("gather_explanations.py"),
+        script=script_hash_of("gather_explanations.py"),
     log:
         "results/logs/gather_explanations.log",
     threads: 1

@@ -13,7 +13,7 @@ rule extract:
         corpus=corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
         extract=extract_keys("batch_size", "shard_tokens", "dtype", "max_image_pixels", "token_fraction", "seed"),
         parts=config["extract"]["parts"],
-        code=code("extract.py"),
+        script=script_hash_of("extract.py"),
     wildcard_constraints:
         part=r"\d+",
     log:
@@ -38,7 +38,7 @@ rule merge_activations:
         manifest=ACTIVATIONS,
         samples=SAMPLES,
     params:
-        code=code("merge_manifests.py"),
+        script=script_hash_of("merge_manifests.py"),
     log:
         "results/logs/merge_activations.log",
     threads: 1

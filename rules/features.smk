@@ -11,7 +11,7 @@ rule select_top:
         top_n=config["features"]["top_n"],
         rank_by=config["features"]["rank_by"],
         select=config["features"]["select"],
-        code=code("select_top.py"),
+        script=script_hash_of("select_top.py"),
     log:
         "results/logs/select_top.log",
     benchmark:
@@ -37,7 +37,7 @@ rule render_maps:
         contexts=f"{MAPS}/contexts.parquet",
     params:
         threshold=config["features"]["map_threshold"],
-        code=code("render_maps.py"),
+        script=script_hash_of("render_maps.py"),
     log:
         "results/logs/render_maps.log",
     threads: 1

@@ -4,7 +4,7 @@ rule build_demo_model:
         directory(DEMO_MODEL_DIR),
     params:
         demo=keys("demo_model", "image_size", "patch_size", "vision_hidden_size", "vision_layers", "seed"),
-        code=code("build_demo_model.py"),
+        script=script_hash_of("build_demo_model.py"),
     log:
         "results/logs/build_demo_model.log",
     benchmark:

@@ -6,7 +6,7 @@ rule list_images:
     params:
         corpus=corpus_params("interpret", "max_images"),
         max_image_pixels=config["extract"]["max_image_pixels"],
-        code=code("list_images.py"),
+        script=script_hash_of("list_images.py"),
     log:
         "results/logs/list_images.log",
     threads: 1
@@ -33,7 +33,7 @@ rule find_neurons:
         device=config["model"]["device"],
         neurons=keys("neurons", "prompt", "prompt_prefix", "text_prompts", "max_images", "max_new_tokens", "coefficient",
                      "top_k", "heatmap_neurons", "top_tokens", "causal_k", "noise_scales", "fluency_tolerance", "causal_cases", "seed"),
-        code=code("find_neurons.py"),
+        script=script_hash_of("find_neurons.py"),
     log:
         "results/logs/find_neurons.log",
     benchmark:
@@ -59,7 +59,7 @@ rule edit_neurons:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         neurons=keys("neurons", "prompt_prefix", "max_new_tokens", "edit_k", "eta", "opt_steps", "edits", "locality_prompts"),
-        code=code("edit_neurons.py"),
+        script=script_hash_of("edit_neurons.py"),
     log:
         "results/logs/edit_neurons.log",
     benchmark:

@@ -20,7 +20,7 @@ rule report:
     params:
         model=model_path(),
         demo=is_demo_model(),
-        code=code("report.py"),
+        script=script_hash_of("report.py"),
     log:
         "results/logs/report.log",
     threads: 1

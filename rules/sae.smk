@@ -14,7 +14,7 @@ rule train_sae:
         device=config["model"]["device"],
         checkpoint_dir=f"{SAE_DIR}/checkpoints",
         online=train_sae_online_params(),
-        code=code("train_sae.py"),
+        script=script_hash_of("train_sae.py"),
     log:
         "results/logs/train_sae.log",
     benchmark:
@@ -46,7 +46,7 @@ rule encode:
         encode=keys("encode", "batch_size", "shard_tokens", "base_view_only"),
         max_image_pixels=config["extract"]["max_image_pixels"],
         parts=config["extract"]["parts"],
-        code=code("encode.py"),
+        script=script_hash_of("encode.py"),
     wildcard_constraints:
         part=r"\d+",
     log:
@@ -70,7 +70,7 @@ rule merge_codes:
         manifest=CODES,
         samples=CODE_SAMPLES,
     params:
-        code=code("merge_manifests.py"),
+        script=script_hash_of("merge_manifests.py"),
     log:
         "results/logs/merge_codes.log",
     threads: 1
@@ -99,7 +99,7 @@ rule loss_recovered:
         corpus=corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),  # the training corpus, rebuilt for its held-out samples
         max_image_pixels=config["extract"]["max_image_pixels"],
         loss_recovered=keys("loss_recovered", "max_samples"),
-        code=code("loss_recovered.py"),
+        script=script_hash_of("loss_recovered.py"),
     log:
         "results/logs/loss_recovered.log",
     benchmark:

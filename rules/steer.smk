@@ -14,7 +14,7 @@ rule steer:
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
         steer=keys("steer", "features", "match", "auto", "prompts", "values", "scale", "positions", "mode", "max_new_tokens", "success_max_ppl_ratio"),
-        code=code("steer.py"),
+        script=script_hash_of("steer.py"),
     log:
         "results/logs/steer.log",
     benchmark:
@@ -43,7 +43,7 @@ rule attribute:
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
         attribution=keys("attribution", "method", "pool", "top_k", "validate_top", "cases"),
-        code=code("attribute.py"),
+        script=script_hash_of("attribute.py"),
     log:
         "results/logs/attribute.log",
     benchmark:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmsae.models import prepare_inputs
-from mmsae.attribution import ablation_effects, agreement, attribute, reference_attribution, run_case
+from mmsae.interventions.attribution import ablation_effects, agreement, attribute, reference_attribution, run_case
 from mmsae.data import Sample
 from mmsae.models import ActivationCapture, load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE

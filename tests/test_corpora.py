@@ -21,17 +21,17 @@ from snakemake.api import SnakemakeApi
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings, StorageSettings
 from snakemake.utils import validate
 
-from mmsae.activations import ExtractConfig, extract
-from mmsae.config_check import config_errors, normalise_corpus
+from mmsae.extract.run import ExtractConfig, extract
+from mmsae.workflow.config_check import config_errors, normalise_corpus
 from mmsae.data import build_corpus, corpus_part
-from mmsae.encode_model import EncodeConfig, encode_corpus
-from mmsae.codes import CODE_SCHEMA
-from mmsae.features import base_view_counts
+from mmsae.codes.encode import EncodeConfig, encode_corpus
+from mmsae.codes.schema import CODE_SCHEMA
+from mmsae.codes.select import base_view_counts
 from mmsae.models import load_subject_model
 from mmsae.report import build_report
 from mmsae.sae import TopKSAE, trained_without_special_tokens
-from mmsae.sae.encode import encode_shards
-from mmsae.shards import shard_paths
+from mmsae.codes.rows import encode_shards
+from mmsae.core.shards import shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "config/schema.yaml")

@@ -109,7 +109,7 @@ def test_corpus_listing_agrees_with_extraction_and_ignores_prompts(image_dir):
     import pyarrow.parquet as pq
 
     from mmsae.data import list_images, load_image, usable_samples
-    from mmsae.io import write_parquet
+    from mmsae.core.io import write_parquet
 
     corpus = {"source": "folder", "path": str(image_dir), "prompts": ["a"], "text_prompts": ["t"], "max_images": None}
     table = list_images(corpus, None)

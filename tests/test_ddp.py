@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmsae.io import write_parquet
+from mmsae.core.io import write_parquet
 from mmsae.sae import load_sae
 from mmsae.sae.run import train_from_manifest
-from mmsae.shards import activation_schema, shard_paths
+from mmsae.core.shards import activation_schema, shard_paths
 
 OPTS = {"d_sae": 128, "k": 8, "steps": 80, "batch_size": 128, "warmup_steps": 5, "buffer_tokens": 512,
         "b_dec_init_tokens": 256, "checkpoint_every": 40, "dead_tokens": 5000, "heldout_fraction": 0.2}

@@ -16,8 +16,8 @@ from mmsae.evaluate.refine import parse_category, parse_phrase, refine_all
 from mmsae.explain import EndpointConfig, Explainer
 from mmsae.explain.cache import ResponseCache
 from fake_server import FakeEndpoint
-from mmsae.codes import CODE_SCHEMA
-from mmsae.io import write_parquet
+from mmsae.codes.schema import CODE_SCHEMA
+from mmsae.core.io import write_parquet
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "cat", "dog", "red", "circle", "fur"]
 

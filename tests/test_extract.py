@@ -7,10 +7,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mmsae.activations import ExtractConfig, extract
+from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data import Sample, build_corpus
 from mmsae.models import load_subject_model
-from mmsae.shards import iter_activations, read_shard_meta, shard_paths, shard_schema
+from mmsae.core.shards import iter_activations, read_shard_meta, shard_paths, shard_schema
 
 HOOK = "model.language_model.layers.2"
 
@@ -103,7 +103,7 @@ def test_dirty_folder_every_file_accounted_for(subject, tmp_path):
 
 
 def test_images_are_opened_one_batch_at_a_time(subject, image_dir, tmp_path, monkeypatch):
-    import mmsae.forward as act
+    import mmsae.extract.forward as act
 
     opened, at_first_forward = [], []
     real = act.load_image

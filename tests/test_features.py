@@ -5,11 +5,11 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from mmsae import code_stats
-from mmsae.codes import CODE_SCHEMA
-from mmsae.features import feature_stats, select_features, stats_and_top_samples, top_samples
-from mmsae.io import write_parquet
-from mmsae.maps import activation_mask, highlight, patch_grid
+from mmsae.codes import stats as code_stats
+from mmsae.codes.schema import CODE_SCHEMA
+from mmsae.codes.select import feature_stats, select_features, stats_and_top_samples, top_samples
+from mmsae.core.io import write_parquet
+from mmsae.codes.maps import activation_mask, highlight, patch_grid
 
 
 @pytest.fixture()

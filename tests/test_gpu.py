@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from mmsae.gpu import lease, visible_devices
-from mmsae.locks import release, try_hold
+from mmsae.core.gpu import lease, visible_devices
+from mmsae.core.locks import release, try_hold
 
 CHILD = """
 import json, os, sys, time
-from mmsae.gpu import lease
+from mmsae.core.gpu import lease
 n, hold, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 with lease(n, poll_s=0.02) as ids:
     t0 = time.time()

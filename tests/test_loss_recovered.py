@@ -1,4 +1,4 @@
-"""Loss recovered with the SAE spliced in (mmsae.loss_recovered): exact bounds (an identity SAE recovers
+"""Loss recovered with the SAE spliced in (mmsae.interventions.loss_recovered): exact bounds (an identity SAE recovers
 1 with KL 0, a zero SAE recovers 0), next-token alignment against Hugging Face's own shifted loss, the
 answer tokens against the tokenizer, and the report's table."""
 
@@ -11,7 +11,7 @@ from PIL import Image
 from report_inputs import inputs
 
 from mmsae.data.corpus import Sample
-from mmsae.loss_recovered import loss_recovered, scored_positions, select_samples
+from mmsae.interventions.loss_recovered import loss_recovered, scored_positions, select_samples
 from mmsae.models import ActivationCapture, load_subject_model, prepare_inputs, resolve_hook_point, token_roles
 from mmsae.report import build_report
 from mmsae.sae.model import TopKSAE

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from mmsae.activations import ExtractConfig, extract
-from mmsae.config_check import config_errors
+from mmsae.extract.run import ExtractConfig, extract
+from mmsae.workflow.config_check import config_errors
 from mmsae.data import build_corpus
 from mmsae.models import load_subject_model
 from mmsae.sae.online import ModelSource, OnlineStream, token_fractions, train_online

@@ -359,13 +359,13 @@ def test_each_leaf_reruns_exactly_its_rules(complete):
 
 @pytest.mark.parametrize("module,rules", [
     ("mmsae/sae/trainer.py", TRAIN),
-    ("mmsae/encode_model.py", ENCODE),
+    ("mmsae/codes/encode.py", ENCODE),
     ("mmsae/explain/prompts.py", EXPLAIN | {"gather_explanations"}),
     ("mmsae/report/sections.py", REPORT),
     ("mmsae/neurons/edit.py", FIND),
-    ("mmsae/top_lists.py", SELECT),  # the selection's aggregation: not the encoding, nor what only reads codes
-    ("mmsae/steer.py", {"steer"} | REPORT),
-    ("mmsae/code_hash.py", NONE),  # the Snakefile's own helper: no job imports it  # the steering sweep: not attribution or loss recovered (mmsae/clamp.py)
+    ("mmsae/codes/top_lists.py", SELECT),  # the selection's aggregation: not the encoding, nor what only reads codes
+    ("mmsae/interventions/steer.py", {"steer"} | REPORT),
+    ("mmsae/workflow/script_hash.py", NONE),  # the Snakefile's own helper: no job imports it  # the steering sweep: not attribution or loss recovered (mmsae/sae/splice.py)
 ])
 def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rules):
     root, wd, _ = complete
@@ -384,7 +384,7 @@ def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rule
 
 def test_editing_prose_in_a_module_reruns_nothing(complete):
     """Comments, docstrings and line layout are not code: a rule's code hash leaves them out
-    (:func:`mmsae.code_hash.code_tokens`), so an edit of them keeps hours of training."""
+    (:func:`mmsae.workflow.script_hash.source_tokens`), so an edit of them keeps hours of training."""
     root, wd, _ = complete
     path = root / "mmsae/sae/trainer.py"
     text = path.read_text()

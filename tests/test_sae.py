@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from mmsae.shards import activation_schema
-from mmsae.io import write_parquet
+from mmsae.core.shards import activation_schema
+from mmsae.core.io import write_parquet
 from mmsae.sae import TopKSAE, fvu, load_sae, save_sae
 from mmsae.sae.data import ActivationStream, member_of
 from mmsae.sae.trainer import TrainConfig, evaluate, train

@@ -8,12 +8,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmsae.io import write_parquet
+from mmsae.core.io import write_parquet
 from mmsae.sae import TopKSAE, load_sae
 from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.norms import fold_scaling_factor, norm_stats
 from mmsae.sae.run import train_from_manifest
-from mmsae.shards import activation_schema
+from mmsae.core.shards import activation_schema
 
 D, TOKENS = 16, 10
 

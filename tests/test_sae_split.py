@@ -7,10 +7,10 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from mmsae.io import write_parquet
+from mmsae.core.io import write_parquet
 from mmsae.sae.data import heldout_sample_ids
 from mmsae.sae.run import train_from_manifest
-from mmsae.shards import activation_schema
+from mmsae.core.shards import activation_schema
 
 
 def _samples(n_images=40, n_text=20):

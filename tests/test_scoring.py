@@ -112,8 +112,8 @@ def make_tables(root: Path, n_per_word: int = 5, n_neutral: int = 8, seed: int =
 
 def load_tasks(root: Path, n_examples: int = 6, seed: int = 0):
     """The scorer requests for the synthetic tables (what the rule's script does before sending)."""
-    from mmsae.codes import scan_codes
-    from mmsae.shards import shard_paths
+    from mmsae.codes.schema import scan_codes
+    from mmsae.core.shards import shard_paths
     explained = explained_features(pl.read_parquet(root / "explanations.parquet"), True, None)
     maps = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int16, "sample_id": pl.String, "highlight": pl.String,
                                 "n_active_patches": pl.Int32})
@@ -315,7 +315,7 @@ def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
 
 def test_a_remote_scorer_without_a_url_is_a_config_error():
     import yaml
-    from mmsae.config_check import config_errors
+    from mmsae.workflow.config_check import config_errors
     cfg = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     cfg["explain"]["enabled"] = True  # the schema's default, filled before the check in a run
     cfg["scoring"] = {"enabled": True, "scorer": {"server": "remote", "base_url": None}}

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmsae.attribution import ablation_effects, attribute, pool, run_case
+from mmsae.interventions.attribution import ablation_effects, attribute, pool, run_case
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import TopKSAE
-from mmsae.clamp import Clamp, SteeringHook
-from mmsae.steer import generate, resolve_clamp_value
+from mmsae.sae.splice import Clamp, SteeringHook
+from mmsae.interventions.steer import generate, resolve_clamp_value
 
 HOOK = "model.language_model.layers.15"
 

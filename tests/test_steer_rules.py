@@ -3,7 +3,7 @@ steering hook, the success rule, 'toward the feature', the hook point travelling
 
 import pytest
 
-from mmsae.clamp import sae_hook_point
+from mmsae.sae.splice import sae_hook_point
 
 
 def test_hook_point_comes_from_the_sae_cfg():
@@ -26,9 +26,9 @@ from mmsae.models import prepare_inputs
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
-from mmsae.clamp import Clamp, SteeringHook
-from mmsae.steer import generate, steering_sweep
-from mmsae.steer_verdict import (content_words, continuation_perplexity, control_features, feature_words, is_success, prompt_state,
+from mmsae.sae.splice import Clamp, SteeringHook
+from mmsae.interventions.steer import generate, steering_sweep
+from mmsae.interventions.verdict import (content_words, continuation_perplexity, control_features, feature_words, is_success, prompt_state,
                                   toward_feature)
 
 

@@ -7,16 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmsae import disk
-from mmsae.activations import ExtractConfig, extract
+from mmsae.extract import disk
+from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data import Sample, build_corpus
 from mmsae.models import image_token_coordinates, load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
 from mmsae.sae.data import ActivationStream
-from mmsae.sae.encode import encode_shards
-from mmsae.shards import decode_activations, iter_activations, merge_manifests, shard_paths
-from mmsae.storage import to_storage
-from mmsae.subsample import token_keep_mask
+from mmsae.codes.rows import encode_shards
+from mmsae.core.shards import decode_activations, iter_activations, merge_manifests, shard_paths
+from mmsae.extract.storage import to_storage
+from mmsae.extract.subsample import token_keep_mask
 
 HOOK = "model.language_model.layers.2"
 

@@ -8,7 +8,7 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from mmsae.config_check import config_errors
+from mmsae.workflow.config_check import config_errors
 
 from mmsae.data import build_corpus, list_images
 from mmsae.data.text_source import CHARS_PER_TOKEN, passages, prose_paragraphs, source_documents, text_samples

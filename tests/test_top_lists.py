@@ -1,8 +1,8 @@
-"""mmsae.top_lists.TopLists: running per-feature top lists merged in bulk, against brute force."""
+"""mmsae.codes.top_lists.TopLists: running per-feature top lists merged in bulk, against brute force."""
 
 import numpy as np
 
-from mmsae.top_lists import TopLists
+from mmsae.codes.top_lists import TopLists
 
 
 def _offer(lists, names, feature, sample, score):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from markupsafe import escape
 
-from mmsae.code_hash import code_hash
+from mmsae.workflow.script_hash import script_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -231,7 +231,7 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
 
 def test_failed_job_logs_its_traceback(tmp_path):
     """An uncaught exception in an entry script reaches the rule's log file, not only stderr."""
-    (tmp_path / "fail.py").write_text("from mmsae.workflow import setup\n"
+    (tmp_path / "fail.py").write_text("from mmsae.core.job import setup\n"
                                       "log = setup(snakemake.log[0])\nlog.info('started')\n"
                                       "def inner():\n    raise ValueError('corpus.path: boom')\ninner()\n")
     (tmp_path / "Snakefile").write_text('rule fail:\n    output: "out.txt"\n    log: "logs/fail.log"\n'
@@ -275,7 +275,7 @@ def test_failed_encode_leaves_no_code_folder(tmp_path, tiny_llava_dir):
     """A part's codes are a directory output written whole (into a hidden sibling renamed at the end):
     after a failed encode there is no folder of the part and no temporary one, and the next run redoes it.
     encode runs the model with the SAE; it needs no activations."""
-    from mmsae.io import write_json, write_parquet
+    from mmsae.core.io import write_json, write_parquet
     from mmsae.sae import TopKSAE, save_sae
 
     hook = "model.language_model.layers.2"
@@ -333,7 +333,7 @@ def test_code_hash_ignores_prose_and_layout_but_not_code(tmp_path):
         mod.write_bytes(text.encode("utf-8"))
         os.utime(mod, ns=(0, len(digest.seen)))  # a new mtime each time: the memo must not answer
         digest.seen.append(text)
-        return code_hash(script, tmp_path, package="pkg")
+        return script_hash(script, tmp_path, package="pkg")
     digest.seen = []
     h = digest(base)
     assert [digest(t) for t in same] == [h] * len(same)
@@ -343,9 +343,9 @@ def test_code_hash_ignores_prose_and_layout_but_not_code(tmp_path):
     assert utf8 not in hashes  # the same bytes read as latin-1 are other code
     assert digest("def f(:\n") != digest("def g(:\n")  # does not tokenize: its bytes count, and the load goes on
     mod.write_text("X = 1\n")
-    one = code_hash(script, tmp_path, package="pkg")
+    one = script_hash(script, tmp_path, package="pkg")
     st = mod.stat()
     time.sleep(0.01)
     mod.write_text("X = 2\n")  # same size, and the old modification time put back (as cp -p or tar do)
     os.utime(mod, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert code_hash(script, tmp_path, package="pkg") != one  # the memo must not answer for the old text
+    assert script_hash(script, tmp_path, package="pkg") != one  # the memo must not answer for the old text

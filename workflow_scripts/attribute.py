@@ -6,15 +6,15 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from mmsae.attribution import run_case
-from mmsae.clamp import sae_hook_point
+from mmsae.interventions.attribution import run_case
+from mmsae.sae.splice import sae_hook_point
 from mmsae.data.corpus import load_image, resolve_image_ref
-from mmsae.io import write_bytes, write_json, write_parquet
-from mmsae.maps import heatmap, png_bytes
-from mmsae.gpu import resolve_device
+from mmsae.core.io import write_bytes, write_json, write_parquet
+from mmsae.codes.maps import heatmap, png_bytes
+from mmsae.core.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

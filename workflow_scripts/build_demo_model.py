@@ -1,7 +1,7 @@
 """Entry point of rule build_demo_model: build the embedded LLaVA-NeXT demo model."""
 
 from mmsae.models.demo import build_demo_model
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821 (injected by Snakemake's script directive)
 setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

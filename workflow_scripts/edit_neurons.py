@@ -5,11 +5,11 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from mmsae.io import write_parquet
+from mmsae.core.io import write_parquet
 from mmsae.models import load_subject_model
 from mmsae.neurons import edit_all, load_sample_image
 from mmsae.neurons.find import caption
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 
 from mmsae.data import build_corpus, corpus_part
-from mmsae.encode_model import EncodeConfig, encode_corpus
-from mmsae.io import config_hash
+from mmsae.codes.encode import EncodeConfig, encode_corpus
+from mmsae.core.io import config_hash
 from mmsae.models import load_subject_model
 from mmsae.sae import load_sae
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -9,14 +9,14 @@ import polars as pl
 # Models come from the local Hugging Face cache; set HF_HUB_OFFLINE=0 to allow downloads.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mmsae.shards import shard_paths  # noqa: E402
+from mmsae.core.shards import shard_paths  # noqa: E402
 from mmsae.evaluate import score_features, summary_table  # noqa: E402
 from mmsae.evaluate.backends import ClipScorer, GroundedSegmenter, try_load  # noqa: E402
 from mmsae.evaluate.refine import CATEGORIES  # noqa: E402
-from mmsae.codes import scan_codes, write_table  # noqa: E402
-from mmsae.io import atomic_path, write_json  # noqa: E402
+from mmsae.codes.schema import scan_codes, write_table  # noqa: E402
+from mmsae.core.io import atomic_path, write_json  # noqa: E402
 from mmsae.models import resolve_device  # noqa: E402
-from mmsae.workflow import setup  # noqa: E402
+from mmsae.core.job import setup  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

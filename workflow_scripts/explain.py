@@ -7,9 +7,9 @@ import polars as pl
 
 from mmsae.explain import Explainer, build_requests, endpoint_session, explain_features
 from mmsae.explain.cache import ResponseCache
-from mmsae.io import write_parquet
-from mmsae.codes import TEXT_DOMINANT
-from mmsae.workflow import endpoint_runtime, setup
+from mmsae.core.io import write_parquet
+from mmsae.codes.schema import TEXT_DOMINANT
+from mmsae.core.job import endpoint_runtime, setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -1,10 +1,10 @@
 """Entry point of rule extract: run the subject model over the corpus, write activation shards."""
 
-from mmsae.activations import ExtractConfig, extract
+from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data import build_corpus, corpus_part
-from mmsae.io import config_hash
+from mmsae.core.io import config_hash
 from mmsae.models import load_subject_model
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

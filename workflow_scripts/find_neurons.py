@@ -7,11 +7,11 @@ import torch
 
 from mmsae.data import usable_samples
 from mmsae.data.corpus import load_image
-from mmsae.io import atomic_path, write_bytes, write_json, write_parquet
-from mmsae.maps import heatmap, masked, png_bytes, top_percent_mask
+from mmsae.core.io import atomic_path, write_bytes, write_json, write_parquet
+from mmsae.codes.maps import heatmap, masked, png_bytes, top_percent_mask
 from mmsae.models import load_subject_model
 from mmsae.neurons import find_all
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmsae.explain import EXPLANATION_SCHEMA
-from mmsae.io import write_parquet
-from mmsae.workflow import setup
+from mmsae.core.io import write_parquet
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

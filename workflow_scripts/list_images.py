@@ -1,8 +1,8 @@
 """Entry point of rule list_images: every corpus image, used, converted or skipped (with the reason)."""
 
 from mmsae.data.listing import list_images
-from mmsae.io import write_parquet
-from mmsae.workflow import setup
+from mmsae.core.io import write_parquet
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads)

@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 from mmsae.data import build_corpus
-from mmsae.gpu import resolve_device
-from mmsae.io import write_json
-from mmsae.loss_recovered import loss_recovered
+from mmsae.core.gpu import resolve_device
+from mmsae.core.io import write_json
+from mmsae.interventions.loss_recovered import loss_recovered
 from mmsae.models import load_subject_model
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.clamp import sae_hook_point
-from mmsae.workflow import setup
+from mmsae.sae.splice import sae_hook_point
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -1,7 +1,7 @@
 """Entry point of rules merge_activations and merge_codes: one manifest over the parts."""
 
-from mmsae.shards import merge_manifests
-from mmsae.workflow import setup
+from mmsae.core.shards import merge_manifests
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads)

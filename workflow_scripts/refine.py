@@ -6,8 +6,8 @@ import pyarrow as pa
 from mmsae.evaluate.refine import REFINE_VERSION, label_categories, refine_all, refine_phrases
 from mmsae.explain import Explainer, endpoint_session
 from mmsae.explain.cache import ResponseCache
-from mmsae.io import write_parquet
-from mmsae.workflow import endpoint_runtime, setup
+from mmsae.core.io import write_parquet
+from mmsae.core.job import endpoint_runtime, setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

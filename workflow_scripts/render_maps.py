@@ -4,10 +4,10 @@ import json
 
 import polars as pl
 
-from mmsae.shards import shard_paths
-from mmsae.codes import scan_codes, write_table
-from mmsae.maps import render_feature_maps
-from mmsae.workflow import setup
+from mmsae.core.shards import shard_paths
+from mmsae.codes.schema import scan_codes, write_table
+from mmsae.codes.maps import render_feature_maps
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import polars as pl
 
-from mmsae.io import atomic_path
+from mmsae.core.io import atomic_path
 from mmsae.report import build_report
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -10,10 +10,10 @@ from mmsae.evaluate.scoring import all_cached, build_tasks, explained_features, 
 from mmsae.evaluate.scoring_examples import collect_examples
 from mmsae.explain import EndpointConfig, Explainer, endpoint_session
 from mmsae.explain.cache import ResponseCache
-from mmsae.codes import scan_codes
-from mmsae.io import write_json, write_parquet
-from mmsae.shards import shard_paths
-from mmsae.workflow import endpoint_runtime, setup
+from mmsae.codes.schema import scan_codes
+from mmsae.core.io import write_json, write_parquet
+from mmsae.core.shards import shard_paths
+from mmsae.core.job import endpoint_runtime, setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

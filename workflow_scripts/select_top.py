@@ -5,11 +5,11 @@ import json
 
 import polars as pl
 
-from mmsae.shards import shard_paths
-from mmsae.codes import scan_codes, write_table
-from mmsae.features import base_view_counts, select_features, stats_and_top_samples
-from mmsae.io import write_json
-from mmsae.workflow import setup
+from mmsae.core.shards import shard_paths
+from mmsae.codes.schema import scan_codes, write_table
+from mmsae.codes.select import base_view_counts, select_features, stats_and_top_samples
+from mmsae.core.io import write_json
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -8,15 +8,15 @@ import polars as pl
 import pyarrow as pa
 
 from mmsae.data.corpus import resolve_image_ref
-from mmsae.io import write_parquet
-from mmsae.gpu import resolve_device
+from mmsae.core.io import write_parquet
+from mmsae.core.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.clamp import sae_hook_point
-from mmsae.steer import features_matching, steering_sweep
-from mmsae.steer_verdict import feature_words
-from mmsae.codes import TEXT_DOMINANT
-from mmsae.workflow import setup
+from mmsae.sae.splice import sae_hook_point
+from mmsae.interventions.steer import features_matching, steering_sweep
+from mmsae.interventions.verdict import feature_words
+from mmsae.codes.schema import TEXT_DOMINANT
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))

@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 from mmsae.data import build_corpus
-from mmsae.gpu import resolve_device
+from mmsae.core.gpu import resolve_device
 from mmsae.models import load_subject_model
 from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.online import ModelSource, token_fractions, train_online
 from mmsae.sae.run import train_from_manifest
-from mmsae.workflow import setup
+from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 gpus = int(getattr(sm.resources, "gpu", 0))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mmsae.maps import activation_mask
+from mmsae.codes.maps import activation_mask
 
 
 REGIONS = ("reference", "majority")

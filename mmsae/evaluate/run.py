@@ -14,7 +14,7 @@ import polars as pl
 
 from mmsae.data.corpus import load_image
 from mmsae.evaluate.metrics import activated_region, bootstrap_ci, clip_score, iou
-from mmsae.maps import feature_grids
+from mmsae.codes.maps import feature_grids
 
 SCORE_SCHEMA = {"feature": pl.Int32, "category": pl.String, "phrase": pl.String, "sample_id": pl.String,
                 "source": pl.String, "trial": pl.Int32, "iou": pl.Float64, "clip_score": pl.Float64}

@@ -19,7 +19,7 @@ Image features (explained from their top images):
   activating ones away;
 * fuzzing shows each activating image with its activated region highlighted (the map's own PNG) and
   each non-activating image with a random region of ``ceil(mean active patches of the top images)``
-  base-view patches highlighted the same way (:func:`mmsae.maps.highlight`): a wrong region, since
+  base-view patches highlighted the same way (:func:`mmsae.codes.maps.highlight`): a wrong region, since
   the feature fires nowhere on it.
 
 Every random choice comes from ``numpy.random.default_rng([seed, feature, ...])``, so the same
@@ -36,7 +36,7 @@ import polars as pl
 
 from mmsae.data.corpus import load_image
 from mmsae.evaluate.scoring_prompts import highlight_tokens, plain_text
-from mmsae.maps import highlight, png_bytes
+from mmsae.codes.maps import highlight, png_bytes
 
 IMAGE_TOKEN = "<image>"
 METHODS = ("detection", "fuzzing")

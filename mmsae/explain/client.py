@@ -12,7 +12,7 @@ for explanations: async, cached, retried, and bounded in concurrency across proc
   a stage always finishes and counts its failures.
 * Concurrency: at most ``concurrency`` requests in flight in this process (a semaphore) and, when
   ``slots_dir`` is given, across every process sharing that directory (one lock file per slot,
-  :func:`mmsae.locks.try_hold`); a slot is held through the client's retries of its request.
+  :func:`mmsae.core.locks.try_hold`); a slot is held through the client's retries of its request.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from mmsae.explain.cache import ResponseCache, request_key
-from mmsae.locks import release, try_hold
+from mmsae.core.locks import release, try_hold
 
 log = logging.getLogger(__name__)
 

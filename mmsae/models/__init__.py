@@ -1,7 +1,7 @@
 """Subject models: loading (:mod:`.load`), hook points (:mod:`.hooks`), image-token coordinates
 (:mod:`.layout`), and the inputs every stage builds for a sample (:mod:`.inputs`)."""
 
-from mmsae.gpu import resolve_device  # noqa: F401
+from mmsae.core.gpu import resolve_device  # noqa: F401
 from mmsae.models.hooks import (  # noqa: F401
     ActivationCapture, OutputReplacement, StopForward, layer_index, resolve_hook_point,
 )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-from mmsae.gpu import resolve_device
+from mmsae.core.gpu import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mmsae.io import atomic_path
+from mmsae.core.io import atomic_path
 from mmsae.neurons.find import mlp_modules, unembedding
 
 

@@ -40,7 +40,7 @@ def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.
         manifest (corpus.interpret: whose top activations the feature cards show), None for a report
         without it; metrics: the SAE's ``metrics.json``; log: per-step log;
         stats: feature statistics; selected: ``selected.json`` (features and selection info);
-        maps, contexts: from :func:`mmsae.maps.render_feature_maps`; maps_dir: where PNGs are;
+        maps, contexts: from :func:`mmsae.codes.maps.render_feature_maps`; maps_dir: where PNGs are;
         run: ``{"model", "demo": bool, "provenance": dict|None}``;
         explanations, steering, attribution (+ attribution_dir), neurons (keyword arguments of
         :func:`~mmsae.report.sections.neurons_view`), evaluation: the optional stages' outputs;

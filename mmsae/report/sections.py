@@ -115,7 +115,7 @@ def steering_verdict(r: dict) -> dict:
 
 def steering_tally(steering: pl.DataFrame) -> dict | None:
     """The steered generations' successes beside their control's
-    (:func:`mmsae.steer_verdict.control_features`: each text judged by every other feature's words):
+    (:func:`mmsae.interventions.verdict.control_features`: each text judged by every other feature's words):
     ``n`` generations, ``success`` and ``toward`` over all of them; over the ``n_control`` that have
     controls, their own ``success_c`` and ``toward_c`` counts and the control's expected counts
     ``control_success`` and ``control_toward`` (sums of the per-generation fractions); ``n_controls``,

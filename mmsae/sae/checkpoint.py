@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mmsae.io import atomic_path
+from mmsae.core.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mmsae.io import config_hash
+from mmsae.core.io import config_hash
 from mmsae.sae.norms import row_norms
-from mmsae.shards import iter_activations
+from mmsae.core.shards import iter_activations
 
 COLUMNS = ("sample_id", "modality", "token_id")
 

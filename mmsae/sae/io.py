@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmsae.io import atomic_path, write_json
+from mmsae.core.io import atomic_path, write_json
 from mmsae.sae.model import TopKSAE
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
@@ -30,7 +30,7 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
     """Write ``sae`` to ``out_dir`` (both files atomically) and return the directory.
 
     ``hook_point`` is stored under SAELens's key ``hook_name`` (top level and in ``metadata``), where
-    steering and attribution read it back (:func:`mmsae.clamp.sae_hook_point`)."""
+    steering and attribution read it back (:func:`mmsae.sae.splice.sae_hook_point`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}  # SAELens's names and layout

@@ -1,5 +1,5 @@
 """Online SAE training (``sae.source: online``): training rows come straight from the subject model's
-forward passes over the training corpus (:func:`mmsae.forward.forward_batches`), through the same
+forward passes over the training corpus (:func:`mmsae.extract.forward.forward_batches`), through the same
 shuffle buffer (:class:`mmsae.sae.data.ShuffledStream`) and trainer (:func:`mmsae.sae.trainer.train`)
 as cached training, and no activation is ever written to disk. This is how the paper's released code
 trains (activations generated on the fly and buffered, never cached).
@@ -9,7 +9,7 @@ What is the same as ``sae.source: cache``:
 * the held-out split (:func:`mmsae.sae.data.heldout_sample_ids` over the corpus's samples: same ids);
   held-out samples are never trained on, and the held-out metrics come from their activations;
 * special tokens (``sae.exclude_special_tokens``; the same ids extraction records in its manifest) and
-  the token subsample (``extract.token_fraction``, :func:`mmsae.subsample.token_keep_mask`, a function of
+  the token subsample (``extract.token_fraction``, :func:`mmsae.extract.subsample.token_keep_mask`, a function of
   sample id and position) are left out of training and of the held-out metrics;
 * epochs: when the steps need more rows than one pass gives, the corpus is read again in a new order,
   with the buffer's remainder carried over (:meth:`ShuffledStream.train_batches`); the unit whose
@@ -45,21 +45,21 @@ import pyarrow as pa
 import torch
 
 from mmsae.data.corpus import Sample
-from mmsae.forward import forward_batches
-from mmsae.io import config_hash
+from mmsae.extract.forward import forward_batches
+from mmsae.core.io import config_hash
 from mmsae.models import SubjectModel
 from mmsae.sae.data import ShuffledStream, heldout_sample_ids
 from mmsae.sae.norms import norm_stats, row_norms, scaling_factor
 from mmsae.sae.run import finish_training
 from mmsae.sae.trainer import TrainConfig, train
-from mmsae.storage import stored_rows
-from mmsae.subsample import fractions_of, is_subsampling
+from mmsae.extract.storage import stored_rows
+from mmsae.extract.subsample import fractions_of, is_subsampling
 
 log = logging.getLogger(__name__)
 
 
 def token_fractions(value: float | dict | None) -> dict | None:
-    """``extract.token_fraction`` as ``{"image"|"text"|"answer": share}`` (:func:`mmsae.subsample.fractions_of`),
+    """``extract.token_fraction`` as ``{"image"|"text"|"answer": share}`` (:func:`mmsae.extract.subsample.fractions_of`),
     or None when every token is kept.
 
     Raises:
@@ -89,7 +89,7 @@ class ModelSource:
         batch_size: samples per forward pass (``extract.batch_size``).
         max_image_pixels: larger images are skipped (``extract.max_image_pixels``).
         fractions: token subsample (:func:`token_fractions`), None = every token.
-        subsample_seed: seed of :func:`mmsae.subsample.token_keep_mask`.
+        subsample_seed: seed of :func:`mmsae.extract.subsample.token_keep_mask`.
         identity: what the activations depend on (model, dtype, hook point, corpus and extract keys),
             hashed into the checkpoint.
         stop_at_hook: end each forward at the hooked layer.
@@ -165,7 +165,7 @@ class OnlineStream(ShuffledStream):
         """Per sample ``(x, is_image)`` of its kept tokens, float32 on the CPU; ``train``: outliers out, scaled.
 
         The subsample (and, when subsampling, the special tokens dropped with it) is extraction's own
-        selection (:func:`mmsae.storage.stored_rows`), so online and cached training see the same rows."""
+        selection (:func:`mmsae.extract.storage.stored_rows`), so online and cached training see the same rows."""
         src = self.source
         fractions = src.fractions or fractions_of(1.0)
         drop = np.array(src.subject.special_token_ids if src.fractions is not None else [], dtype=np.int64)

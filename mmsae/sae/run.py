@@ -16,15 +16,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from mmsae.gpu import resolve_device
-from mmsae.io import write_json, write_parquet
+from mmsae.core.gpu import resolve_device
+from mmsae.core.io import write_json, write_parquet
 from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.distributed import rank_world
 from mmsae.sae.io import save_sae
 from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.norms import fold_scaling_factor, norm_stats, row_norms, scaling_factor
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
-from mmsae.shards import shard_paths
+from mmsae.core.shards import shard_paths
 
 log = logging.getLogger(__name__)
 SAMPLES, HELDOUT = "samples.parquet", "heldout.json"

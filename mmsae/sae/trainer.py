@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from mmsae.io import config_hash
+from mmsae.core.io import config_hash
 from mmsae.sae.checkpoint import load_checkpoint, reproducible, save_checkpoint
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.distributed import maybe_all_reduce, maybe_barrier, maybe_ddp, rank_world
@@ -95,7 +95,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between checkpoints."""
     device: str = "cpu"
-    """The resolved torch device to train on (``model.device`` after :func:`mmsae.gpu.resolve_device`)."""
+    """The resolved torch device to train on (``model.device`` after :func:`mmsae.core.gpu.resolve_device`)."""
 
     def learning_rate(self) -> float:
         """The peak learning rate: ``lr``, or Gao et al.'s 2e-4 / sqrt(d_sae / 2^14) when None."""

@@ -4,7 +4,7 @@ The downstream metric of SAELens (``sae_lens/evals.py``: ``get_recons_loss`` and
 ``get_downstream_reconstruction_metrics``, reported as ``ce_loss_score`` and ``kl_div_score``) and
 SAEBench's core eval. Each held-out sample is run through the FULL model four times (the forward is
 not stopped at the hook): clean, with the hooked layer's output replaced by the SAE reconstruction
-``x_hat = decode(TopK(ReLU(pre_acts(x))))`` (error term dropped; :class:`mmsae.clamp.SteeringHook`
+``x_hat = decode(TopK(ReLU(pre_acts(x))))`` (error term dropped; :class:`mmsae.sae.splice.SteeringHook`
 in reference mode with no clamp), zero-ablated (replaced by 0) and mean-ablated (replaced by the mean
 of the layer's output over the held-out tokens, see :func:`layer_mean`). Then, over a set of scored
 tokens (token t+1 predicted from position t)::
@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from mmsae.data.corpus import Sample
-from mmsae.forward import forward_batches, image_batches
+from mmsae.extract.forward import forward_batches, image_batches
 from mmsae.models import OutputReplacement, SubjectModel, prepare_inputs, resolve_hook_point
 from mmsae.sae.model import TopKSAE
-from mmsae.clamp import SteeringHook
+from mmsae.sae.splice import SteeringHook
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def splice_mask(token_ids: np.ndarray, special_ids: list[int], keep_special: boo
 def layer_mean(subject: SubjectModel, samples: list[Sample], hook_point: str, special_ids: list[int], keep_special: bool,
                max_image_pixels: int | None, skipped: list[dict]) -> tuple[torch.Tensor, int, dict]:
     """The mean of the hooked layer's output over the spliced positions of ``samples`` (the values that
-    mean ablation puts in), from forwards stopped at the hook (:func:`mmsae.forward.forward_batches`).
+    mean ablation puts in), from forwards stopped at the hook (:func:`mmsae.extract.forward.forward_batches`).
 
     Returns:
         (mean (d_model,) float32 on the model's device, number of tokens averaged, ``{sample_id:

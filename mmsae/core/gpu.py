@@ -2,7 +2,7 @@
 
 Snakemake's ``--resources gpu=8`` caps how many GPUs the running jobs ask for in total, but does
 not say *which* device a job gets. :func:`lease` takes ``n`` free device indices by locking one
-file per device in a shared directory (:func:`mmsae.locks.try_hold`), sets ``CUDA_VISIBLE_DEVICES`` to them, and releases them when
+file per device in a shared directory (:func:`mmsae.core.locks.try_hold`), sets ``CUDA_VISIBLE_DEVICES`` to them, and releases them when
 the block ends - also when the job fails or is killed (the kernel drops a dead process's locks).
 
 Devices: the indices in ``CUDA_VISIBLE_DEVICES`` when it is set (e.g. by SLURM), else
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mmsae.locks import release, try_hold
+from mmsae.core.locks import release, try_hold
 
 log = logging.getLogger(__name__)
 

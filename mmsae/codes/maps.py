@@ -17,7 +17,7 @@ import polars as pl
 from PIL import Image
 
 from mmsae.data.corpus import load_image
-from mmsae.io import write_bytes
+from mmsae.core.io import write_bytes
 
 
 def patch_grid(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, side: int) -> np.ndarray:
@@ -91,7 +91,7 @@ def render_feature_maps(codes, samples, tops, features: list[int], side: int, ou
     Args:
         codes: polars LazyFrame over the code shards.
         samples: polars DataFrame of ``samples.parquet`` (sample_id, image_path, tokens, ...).
-        tops: the top-samples table (:func:`mmsae.features.top_samples`).
+        tops: the top-samples table (:func:`mmsae.codes.select.top_samples`).
         features: the selected feature ids.
         side: base-view patch grid side (image_size // patch_size).
         out_dir: PNGs go to ``out_dir/<feature>/<rank>-{highlight,heatmap}.png``.

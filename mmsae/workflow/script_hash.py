@@ -4,7 +4,7 @@ that code reruns exactly the rules that reach it, and an edit of prose (comments
 layout) reruns nothing.
 
 Used by the Snakefile when it loads, never by a job: the jobs' own helpers are
-:mod:`mmsae.workflow`, so that a change here does not count as a change of every rule's code.
+:mod:`mmsae.core.job`, so that a change here does not count as a change of every rule's code.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ _STATEMENT_START = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
 _CODE: dict[tuple, bytes] = {}
 
 
-def code_tokens(path: Path) -> bytes:
+def source_tokens(path: Path) -> bytes:
     """The tokens of a Python file that can change what it does, one per line as ``type string``.
 
     Left out: comments, blank lines, line continuations, spacing, indentation width and string
@@ -135,11 +135,11 @@ def code_tokens(path: Path) -> bytes:
     return _CODE[key]
 
 
-def code_hash(script: str | Path, root: str | Path, package: str = "mmsae") -> str:
+def script_hash(script: str | Path, root: str | Path, package: str = "mmsae") -> str:
     """SHA-256 (16 hex digits) over the code of the package modules ``script`` imports (see
-    :func:`module_files`; each module's :func:`code_tokens`, so an edit of its comments, docstrings or
+    :func:`module_files`; each module's :func:`source_tokens`, so an edit of its comments, docstrings or
     layout changes nothing), so that editing one reruns the rules whose scripts reach it."""
     h = hashlib.sha256()
     for f in module_files(script, root, package):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + code_tokens(f) + b"\0")
+        h.update(str(f.relative_to(root)).encode() + b"\0" + source_tokens(f) + b"\0")
     return h.hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""The verdict on a steered generation (:func:`mmsae.steer.steering_sweep`): did it move toward the
+"""The verdict on a steered generation (:func:`mmsae.interventions.steer.steering_sweep`): did it move toward the
 feature (:func:`toward_feature`, by the feature's words: :func:`feature_words`), and did it stay
 fluent (:func:`continuation_perplexity` under the unsteered model); :func:`is_success` combines them.
 

@@ -1,6 +1,6 @@
 """Clamping SAE features at the hooked layer: the forward hook that steering (paper figures 5-16,
-:mod:`mmsae.steer`), attribution's reference splice (:mod:`mmsae.attribution`) and loss recovered
-(:mod:`mmsae.loss_recovered`) put on the model.
+:mod:`mmsae.interventions.steer`), attribution's reference splice (:mod:`mmsae.interventions.attribution`) and loss recovered
+(:mod:`mmsae.interventions.loss_recovered`) put on the model.
 
 Default (Anthropic, "Scaling Monosemanticity"): the layer's output x is replaced by the SAE
 reconstruction with the chosen features clamped plus the SAE's error term,
@@ -16,13 +16,13 @@ in ``tools/model_steering.py``, ``clamp_features_max``): on EVERY forward of ``g
 layer's output becomes the SAE reconstruction alone (error term dropped),
 ``decode(select_topk(ReLU(pre_acts(x))))``, and the feature's post-ReLU, pre-TopK value is set to an
 absolute c only on the prompt pass (the released hook clamps when the forward has more than one
-position, i.e. the first forward of a cached ``generate``, :func:`mmsae.steer.generate`).
+position, i.e. the first forward of a cached ``generate``, :func:`mmsae.interventions.steer.generate`).
 ``positions`` then picks where the clamp applies (default ``prompt``, the released code); the
 reconstruction is applied everywhere.
 
 Positions: ``all``, ``prompt`` (the first forward of ``generate``, which covers the prompt) or
 ``generated`` (the later single-token forwards). Special tokens the SAE was trained without
-(``sae.exclude_special_tokens``; :func:`mmsae.steer.steering_sweep`'s ``keep_special``) are never
+(``sae.exclude_special_tokens``; :func:`mmsae.interventions.steer.steering_sweep`'s ``keep_special``) are never
 steered, in either mode: the SAE's latents there are out of distribution (``<|im_start|>`` is an attention sink
 with a norm far above a word's), and a clamp ``c - z_f(x)`` would subtract whatever the latent
 happens to read there. The codes, loss recovered and attribution leave them out the same way.
@@ -90,7 +90,7 @@ class SteeringHook:
         positions: where the clamp applies: ``all``, ``prompt`` or ``generated``; None = the mode's
             own (``all`` for error_term, ``prompt`` for reference, as in the released code).
         skip_token_ids: token ids whose positions are left as they are (no clamp; in reference
-            mode no reconstruction either). :func:`mmsae.steer.generate` tells the hook each forward's
+            mode no reconstruction either). :func:`mmsae.interventions.steer.generate` tells the hook each forward's
             ``input_ids`` (:attr:`token_ids`); :meth:`steer` also takes a mask.
 
     Raises:

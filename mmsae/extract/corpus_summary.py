@@ -1,8 +1,8 @@
 """What a pass of the model over a corpus records beside its shards: the model's identity, the token
 strings of each sample (every distinct id decoded once) and the images it used or converted.
 
-Shared by extraction (:mod:`mmsae.activations`, dense shards of ``corpus.train``) and encoding from the
-model (:mod:`mmsae.encode_model`, sparse codes of ``corpus.interpret``), so both manifests and samples
+Shared by extraction (:mod:`mmsae.extract.run`, dense shards of ``corpus.train``) and encoding from the
+model (:mod:`mmsae.codes.encode`, sparse codes of ``corpus.interpret``), so both manifests and samples
 tables say the same things in the same way.
 """
 

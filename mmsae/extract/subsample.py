@@ -93,7 +93,7 @@ def token_keep_mask(sample_id: str, token_index: np.ndarray, modality: np.ndarra
 
     Returns:
         (n,) bool; ``True`` where ``u < fraction * 2^64`` for the token's role. Special tokens are not
-        looked at here (extraction drops them separately when subsampling; see :mod:`mmsae.activations`).
+        looked at here (extraction drops them separately when subsampling; see :mod:`mmsae.extract.run`).
 
     Raises:
         ValueError: arrays of different lengths, or a bad fractions mapping.

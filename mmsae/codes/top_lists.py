@@ -1,11 +1,11 @@
 """Each feature's running top-``keep`` samples, merged batch by batch in numpy (for
-:class:`mmsae.code_stats.CodeAggregate`).
+:class:`mmsae.codes.stats.CodeAggregate`).
 
 All lists live in one flat array sorted by a 64-bit key, feature above and the score's float32
 bits (inverted: best first) below. A merge sorts only the new candidates; the held entries are
 already one sorted run, so a stable sort of the two runs is a linear merge (timsort), then each
 feature keeps its first ``keep``. No per-row Python, no string keys. Order is the one
-:func:`mmsae.features.top_samples` promises: score descending, then sample id ascending; the
+:func:`mmsae.codes.select.top_samples` promises: score descending, then sample id ascending; the
 names are compared only where equal scores straddle a list's cut (rare), so which samples stay is
 exact.
 """

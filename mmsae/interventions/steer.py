@@ -2,15 +2,15 @@
 
 The clamp itself (the layer's output steered with the SAE's error term kept, or replaced by the
 reconstruction as in the released code; which positions; special tokens left alone) is the forward
-hook :class:`mmsae.clamp.SteeringHook`. Here: greedy generation under that hook
+hook :class:`mmsae.sae.splice.SteeringHook`. Here: greedy generation under that hook
 (:func:`generate`), the clamp values (:func:`resolve_clamp_value`), the features an explanation
 names (:func:`features_matching`) and the sweep over features x values x prompts
 (:func:`steering_sweep`), each run beside the unsteered generation.
 
-Evaluation of a steered generation (:mod:`mmsae.steer_verdict`): its perplexity under the
+Evaluation of a steered generation (:mod:`mmsae.interventions.verdict`): its perplexity under the
 unsteered model (teacher-forced), whether it moved *toward the feature*, and ``success`` = changed
 AND ppl_after / ppl_before <= max ratio AND toward the feature. Beside each verdict, its control: the same
-text judged by every other feature's words in turn (:func:`mmsae.steer_verdict.control_features`).
+text judged by every other feature's words in turn (:func:`mmsae.interventions.verdict.control_features`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmsae.clamp import Clamp, SteeringHook
+from mmsae.sae.splice import Clamp, SteeringHook
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import prepare_inputs
 from mmsae.sae.model import TopKSAE
-from mmsae.steer_verdict import continuation_perplexity, control_features, is_success, prompt_state, toward_feature
+from mmsae.interventions.verdict import continuation_perplexity, control_features, is_success, prompt_state, toward_feature
 
 
 @torch.no_grad()
@@ -100,10 +100,10 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         values: clamp values, in ``scale`` units (``absolute`` or ``max_multiple``).
         max_activation: feature -> max activation (from the feature statistics).
         positions, mode, max_new_tokens: see :class:`SteeringHook` and ``steer`` in config/schema.yaml.
-        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.steer_verdict.is_success`).
-        words: feature -> :func:`mmsae.steer_verdict.feature_words` (missing = none known), for the
+        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.interventions.verdict.is_success`).
+        words: feature -> :func:`mmsae.interventions.verdict.feature_words` (missing = none known), for the
             steered features and the other features whose words serve as controls (e.g. every
-            selected feature; :func:`mmsae.steer_verdict.control_features`).
+            selected feature; :func:`mmsae.interventions.verdict.control_features`).
         keep_special: never steer at special-token positions (the SAE was trained without them;
             :func:`mmsae.sae.trained_without_special_tokens`).
 

@@ -2,14 +2,14 @@
 
 The paper's Figure 2 (released code: ``FeatureImageCache``): the interpretation images are forwarded
 through the model with the SAE at the hook point and only each token's nonzero latents are kept. Here
-the model runs over the samples through :func:`mmsae.forward.forward_batches`, the SAE's encoder is
+the model runs over the samples through :func:`mmsae.extract.forward.forward_batches`, the SAE's encoder is
 applied to the hooked layer's output on the model's device in float32, and a folder gets:
 
-* ``codes-NNNNN.parquet``: the k nonzero latents of each token (:data:`mmsae.codes.CODE_SCHEMA`,
-  rows made by :func:`mmsae.sae.encode.code_table`, as :func:`~mmsae.sae.encode.encode_shards` makes
+* ``codes-NNNNN.parquet``: the k nonzero latents of each token (:data:`mmsae.codes.schema.CODE_SCHEMA`,
+  rows made by :func:`mmsae.codes.rows.code_table`, as :func:`~mmsae.codes.rows.encode_shards` makes
   them from dense shards);
 * ``samples.parquet``: one row per sample, the columns of extraction's samples table
-  (:data:`mmsae.activations.SAMPLES_SCHEMA`) plus ``n_base_tokens`` (the sample's base-view image
+  (:data:`mmsae.extract.run.SAMPLES_SCHEMA`) plus ``n_base_tokens`` (the sample's base-view image
   tokens, what ``features.rank_by: mean`` divides by) and ``tokens`` (its token strings);
 * ``manifest.json``: token counts, d_sae, k, grid side, model, hook point, skipped/converted images.
 
@@ -29,13 +29,13 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from mmsae.activations import SAMPLES_SCHEMA
-from mmsae.corpus_summary import image_summary, model_meta, vocab_table, with_token_strings
+from mmsae.extract.run import SAMPLES_SCHEMA
+from mmsae.extract.corpus_summary import image_summary, model_meta, vocab_table, with_token_strings
 from mmsae.data.corpus import Sample
-from mmsae.forward import forward_batches
-from mmsae.io import write_json, write_parquet
+from mmsae.extract.forward import forward_batches
+from mmsae.core.io import write_json, write_parquet
 from mmsae.models import SubjectModel, resolve_hook_point
-from mmsae.sae.encode import CODE_ROW_GROUP, code_table
+from mmsae.codes.rows import CODE_ROW_GROUP, code_table
 from mmsae.sae.io import trained_without_special_tokens
 from mmsae.sae.model import TopKSAE
 
@@ -76,7 +76,7 @@ def kept_tokens(layout: dict, base_view_only: bool) -> np.ndarray:
 
 
 def _meta(cols: dict, keep: np.ndarray) -> pa.Table:
-    """The :data:`~mmsae.codes.META_COLS` of a sample's kept tokens; patch coordinates are null
+    """The :data:`~mmsae.codes.schema.META_COLS` of a sample's kept tokens; patch coordinates are null
     off the image grid (view < 0), as in the activation shards."""
     view = np.asarray(cols["view"])[keep]
     null = view < 0

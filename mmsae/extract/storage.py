@@ -1,10 +1,10 @@
-"""What extraction stores of a forward batch: the kept tokens (:mod:`mmsae.subsample`), cast to the
+"""What extraction stores of a forward batch: the kept tokens (:mod:`mmsae.extract.subsample`), cast to the
 storage type on the model's device, with the counts the manifest reports.
 
 float16: a finite value beyond +-65504 (which the cast would make +-inf) is clamped to +-65504 and
 counted (``n_float16_overflow``), as most tools do; a nonzero value that becomes 0 is counted
 (``n_float16_underflow``); an inf or NaN that the model itself produced is kept as it is. bfloat16:
-the raw 2-byte patterns as uint16 (read back by :func:`mmsae.shards.decode_activations`).
+the raw 2-byte patterns as uint16 (read back by :func:`mmsae.core.shards.decode_activations`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mmsae.forward import ForwardBatch
-from mmsae.subsample import ROLES, token_keep_mask, token_roles3
+from mmsae.extract.forward import ForwardBatch
+from mmsae.extract.subsample import ROLES, token_keep_mask, token_roles3
 
 COUNTS = ("n_special_dropped", "n_float16_overflow", "n_float16_underflow")
 F16_MAX = 65504.0
@@ -25,8 +25,8 @@ def stored_rows(fb: ForwardBatch, fractions: dict, seed: int, drop: np.ndarray, 
     """What extraction writes of one forward batch: per sample, its kept tokens cast to the storage type.
 
     Args:
-        fb: a forward batch (:func:`mmsae.forward.forward_batches`).
-        fractions: ``{image, text, answer}`` fractions (:func:`mmsae.subsample.token_keep_mask`).
+        fb: a forward batch (:func:`mmsae.extract.forward.forward_batches`).
+        fractions: ``{image, text, answer}`` fractions (:func:`mmsae.extract.subsample.token_keep_mask`).
         seed: ``extract.seed``.
         drop: token ids never written (the special tokens when subsampling; empty otherwise).
         dtype: storage type (:func:`to_storage`).

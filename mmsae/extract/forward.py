@@ -1,7 +1,7 @@
 """The subject model's forward passes over a corpus, with the hooked layer's output per token.
 
 One loop shared by everything that needs the hooked layer's residual stream over a corpus: extraction
-to shards (:mod:`mmsae.activations`), encoding straight from the model, and online SAE training. It
+to shards (:mod:`mmsae.extract.run`), encoding straight from the model, and online SAE training. It
 decodes images one batch ahead in a thread, runs the model up to the hook point, and yields per
 batch the activations (still on the model's device) with each sample's token layout.
 """
@@ -52,7 +52,7 @@ class SampleTokens:
                 "token_id": self.token_ids, **self.layout, "role": self.roles}
 
     def sample_row(self) -> dict:
-        """The sample's row of a samples table (:data:`mmsae.activations.SAMPLES_SCHEMA`)."""
+        """The sample's row of a samples table (:data:`mmsae.extract.run.SAMPLES_SCHEMA`)."""
         s, img = self.sample, self.image
         return {"sample_id": s.sample_id, "prompt": s.prompt, "image_path": s.image_path, "image_key": s.image_key,
                 "image_status": self.status or None,

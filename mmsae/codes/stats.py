@@ -1,12 +1,12 @@
-"""One streaming pass over code rows (schema :data:`mmsae.codes.CODE_SCHEMA`): per-feature
-statistics and each feature's top samples, for :func:`mmsae.features.stats_and_top_samples`.
+"""One streaming pass over code rows (schema :data:`mmsae.codes.schema.CODE_SCHEMA`): per-feature
+statistics and each feature's top samples, for :func:`mmsae.codes.select.stats_and_top_samples`.
 
 Why not one polars query: a (feature, sample_id) group-by over all code rows (the previous
 implementation) holds one row per active pair, so its memory grows with the rows (1.4 GB at 12.8M
 rows, 7.7 GB at 1e8), and that string-keyed group-by was ~60% of its time (its sorts and a second pass for the tokens
 the rest). Here the rows stream in
 batches through numpy kernels that need no hash or sort over all rows, and the running top lists
-are numpy arrays merged in bulk (:mod:`mmsae.top_lists`; a polars merge with string sample ids
+are numpy arrays merged in bulk (:mod:`mmsae.codes.top_lists`; a polars merge with string sample ids
 was most of the time before). Figures: ``bench/select_top.py``.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from mmsae.top_lists import TopLists, runs
+from mmsae.codes.top_lists import TopLists, runs
 
 _KIND_BASE, _KIND_IMAGE, _KIND_TEXT = 1, 2, 3  # code row kinds (0: neither image nor text)
 _BATCH_ROWS = 1 << 18  # code rows per streamed batch
@@ -26,7 +26,7 @@ _NEVER = np.iinfo(np.int32).max  # threshold bits no activation reaches
 
 
 def code_batches(codes: pl.LazyFrame):
-    """The code rows (:data:`mmsae.codes.CODE_SCHEMA`) in file order, as an iterator of polars frames
+    """The code rows (:data:`mmsae.codes.schema.CODE_SCHEMA`) in file order, as an iterator of polars frames
     of about ``_BATCH_ROWS`` rows with columns sample_id (str), feature (int32), activation
     (float32), token_index (int32) and ``kind`` (int8: 1 base-view image, 2 other image view,
     3 text, 0 neither): what :class:`CodeAggregate` reads, and the floor of its cost
@@ -78,7 +78,7 @@ class CodeAggregate:
     keeps row order; checked), so batches are cut at sample boundaries and no hash or sort runs over
     all rows: per-feature counts, sums and maxima are ``bincount``/``maximum.at`` over the rows;
     n_samples counts the hit cells of dense (feature, sample) blocks of at most ``_CELLS`` cells.
-    Top samples (:class:`mmsae.top_lists.TopLists`, one per modality): each (feature, sample)
+    Top samples (:class:`mmsae.codes.top_lists.TopLists`, one per modality): each (feature, sample)
     cell's largest base-view image / text activation is packed with its token (lowest index on
     ties) into one int64 (the float32 bits of a non-negative activation order as integers). Ranked by
     the largest activation (text always, base-view images with ``rank_by="max"``) only rows at or
@@ -86,16 +86,16 @@ class CodeAggregate:
     pass); with ``"mean"`` the image cells of the dense blocks are scored. An image file counts
     once: the image lists keep ``n`` times the most samples sharing a file, which hold the ``n``
     best distinct files; :meth:`top` keeps each file's best sample. A text context counts once: the text lists
-    keep one sample per (score, token) (:class:`mmsae.top_lists.TopLists` ``distinct_token``).
+    keep one sample per (score, token) (:class:`mmsae.codes.top_lists.TopLists` ``distinct_token``).
 
     Memory: one batch of rows, one dense block, the lists (``d_sae`` x ``n`` x per-file entries),
     and the names of the samples seen; flat in the number of rows.
 
     Args:
-        base_view_tokens: ``(sample_id, n_base, image_path)`` (:func:`mmsae.features.base_view_counts`);
+        base_view_tokens: ``(sample_id, n_base, image_path)`` (:func:`mmsae.codes.select.base_view_counts`);
             None = statistics only.
         n: top samples kept per feature and modality.
-        rank_by: ``max`` or ``mean`` (see :func:`mmsae.features.top_samples`).
+        rank_by: ``max`` or ``mean`` (see :func:`mmsae.codes.select.top_samples`).
 
     Raises:
         ValueError: ``rank_by`` is not ``max`` or ``mean``.
@@ -258,7 +258,7 @@ class CodeAggregate:
             self._thresholds()
 
     def stats(self, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
-        """The feature-stats table (:func:`mmsae.features.feature_stats`), features sorted."""
+        """The feature-stats table (:func:`mmsae.codes.select.feature_stats`), features sorted."""
         n = self.counts.sum(1)
         alive = np.flatnonzero(n)
         c = self.counts[alive]
@@ -280,7 +280,7 @@ class CodeAggregate:
         )
 
     def top(self) -> pl.DataFrame:
-        """The top-samples table (:func:`mmsae.features.top_samples`)."""
+        """The top-samples table (:func:`mmsae.codes.select.top_samples`)."""
         names = pl.Series(self.names, dtype=pl.String)
         path_of = {}
         path = np.array([path_of.setdefault(self.base.get(x, (None, None))[1], len(path_of)) for x in self.names], np.int64)

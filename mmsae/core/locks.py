@@ -1,6 +1,6 @@
 """Cross-process "n of these" locks: one lock file per resource, held with :mod:`filelock`.
 
-Used for the GPU leases (:mod:`mmsae.gpu`, one file per device) and the endpoint's request slots
+Used for the GPU leases (:mod:`mmsae.core.gpu`, one file per device) and the endpoint's request slots
 (:mod:`mmsae.explain.client`, one file per slot). On POSIX a lock is an ``flock`` on the file, so
 the kernel drops it when its process dies: a killed job never leaves a resource held.
 """

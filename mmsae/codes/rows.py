@@ -1,11 +1,11 @@
 """Paper step 3, first half: sparse codes per token.
 
 :func:`code_table` turns the SAE encoder's top-k output for a batch of tokens into code rows (only
-the nonzero latents, schema :data:`mmsae.codes.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``);
+the nonzero latents, schema :data:`mmsae.codes.schema.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``);
 both encoders use it: :func:`encode_shards` here (from dense activation shards, e.g. to encode
-cached training activations) and :func:`mmsae.encode_model.encode_corpus` (from the model's forward
+cached training activations) and :func:`mmsae.codes.encode.encode_corpus` (from the model's forward
 passes, what rule ``encode`` runs). This module needs torch but not transformers; the statistics
-over the codes (:mod:`mmsae.features`) need neither.
+over the codes (:mod:`mmsae.codes.select`) need neither.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mmsae.codes import CODE_SCHEMA, META_COLS
-from mmsae.io import write_json, write_parquet
+from mmsae.codes.schema import CODE_SCHEMA, META_COLS
+from mmsae.core.io import write_json, write_parquet
 from mmsae.sae.model import TopKSAE
-from mmsae.shards import activation_dtype, decode_activations
+from mmsae.core.shards import activation_dtype, decode_activations
 
 CODE_ROW_GROUP = 65536
 
@@ -33,10 +33,10 @@ def code_table(vals: np.ndarray, idx: np.ndarray, meta: pa.Table | pa.RecordBatc
     Args:
         vals: (n, k) float latent values from :meth:`TopKSAE.encode` (post-ReLU, so >= 0).
         idx: (n, k) int latent ids.
-        meta: n rows holding :data:`mmsae.codes.META_COLS` (``modality`` plain or dictionary string).
+        meta: n rows holding :data:`mmsae.codes.schema.META_COLS` (``modality`` plain or dictionary string).
 
     Returns:
-        A table with :data:`~mmsae.codes.CODE_SCHEMA`, tokens in order, each token's latents in
+        A table with :data:`~mmsae.codes.schema.CODE_SCHEMA`, tokens in order, each token's latents in
         top-k order; zero latents (a ReLU'd top-k value) are dropped.
     """
     keep = vals > 0
@@ -62,7 +62,7 @@ def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, 
 
     Each token contributes up to k rows ``(…, feature, activation)``; zero activations are dropped,
     and so are tokens whose ``token_id`` is in ``exclude_token_ids`` (the special tokens the SAE was
-    trained without, as :func:`mmsae.encode_model.encode_corpus` leaves them out).
+    trained without, as :func:`mmsae.codes.encode.encode_corpus` leaves them out).
     Returns a manifest ``{"shards": [{"path", "n_rows", "n_tokens"}], "n_tokens", "n_image_tokens",
     "n_text_tokens", "n_tokens_excluded"}`` (also written to ``out_dir/manifest.json``).
     """

@@ -10,7 +10,7 @@ written from the complete units only. A killed run resumes by skipping the sampl
 units with the same config hash; everything else in the folder that extraction writes (units of
 another config, half units, hidden temporary files) is removed first.
 
-Token subsampling (``extract.token_fraction`` < 1, :mod:`mmsae.subsample`): only the kept tokens of
+Token subsampling (``extract.token_fraction`` < 1, :mod:`mmsae.extract.subsample`): only the kept tokens of
 each sample are written (a deterministic function of seed, sample id and position, so a resumed or
 repartitioned run writes the same rows), and then special tokens other than the image placeholder
 (``special_token_ids`` of the manifest, left out of SAE training by ``sae.exclude_special_tokens``) are
@@ -20,12 +20,12 @@ still list every token of a sample (``input_ids``), so contexts can be shown who
 Storage types (``extract.dtype``): float32; float16, where values beyond +-65504 (which would become
 inf) are clamped to +-65504 and values that flush to zero are counted (``n_float16_overflow``,
 ``n_float16_underflow`` in the manifest, per shard and in all; an inf or NaN the model itself produced
-is kept as it is); bfloat16, stored as its raw 2-byte patterns (:data:`mmsae.shards.STORAGE`).
+is kept as it is); bfloat16, stored as its raw 2-byte patterns (:data:`mmsae.core.shards.STORAGE`).
 
-Before any forward pass the bytes to write are projected (:mod:`mmsae.disk`) and the extraction is
+Before any forward pass the bytes to write are projected (:mod:`mmsae.extract.disk`) and the extraction is
 refused when they do not fit in the free space of ``out_dir``'s filesystem (``extract.check_disk``).
 
-Off the forward path: images are decoded one batch ahead in a thread (:mod:`mmsae.forward`), and
+Off the forward path: images are decoded one batch ahead in a thread (:mod:`mmsae.extract.forward`), and
 shards are encoded and written in another (one shard in flight at most, so memory stays bounded).
 """
 
@@ -45,15 +45,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mmsae.corpus_summary import image_summary, model_meta, vocab_table, with_token_strings
+from mmsae.extract.corpus_summary import image_summary, model_meta, vocab_table, with_token_strings
 from mmsae.data.corpus import Sample
-from mmsae.disk import check_free_space, expected_tokens, project_extraction_bytes
-from mmsae.forward import forward_batches
-from mmsae.io import write_json, write_parquet
+from mmsae.extract.disk import check_free_space, expected_tokens, project_extraction_bytes
+from mmsae.extract.forward import forward_batches
+from mmsae.core.io import write_json, write_parquet
 from mmsae.models import SubjectModel, resolve_hook_point
-from mmsae.shards import read_shard_meta, shard_schema
-from mmsae.storage import COUNTS, stored_rows
-from mmsae.subsample import ROLES, fractions_of, is_subsampling
+from mmsae.core.shards import read_shard_meta, shard_schema
+from mmsae.extract.storage import COUNTS, stored_rows
+from mmsae.extract.subsample import ROLES, fractions_of, is_subsampling
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ class ExtractConfig:
         batch_size: samples per forward pass (right-padded; padding tokens are dropped).
         shard_tokens: a shard is closed once it holds at least this many tokens.
         dtype: storage type of activations, ``float32``, ``float16`` (clamped to +-65504, counted) or
-            ``bfloat16`` (raw 2-byte values, see :mod:`mmsae.shards`).
+            ``bfloat16`` (raw 2-byte values, see :mod:`mmsae.core.shards`).
         max_image_pixels: images with more pixels (width x height) are skipped as decompression
             bombs; None = Pillow's default limit.
         stop_at_hook: end each forward at the hooked layer (saves the layers above it).
-        token_fraction: fraction of tokens kept, one number or ``{image, text, answer}`` (:mod:`mmsae.subsample`).
+        token_fraction: fraction of tokens kept, one number or ``{image, text, answer}`` (:mod:`mmsae.extract.subsample`).
         seed: seed of the token subsample.
     """
 
@@ -264,7 +264,7 @@ def extract(
     Raises:
         ValueError: bad hook point; an image's token count disagrees with the model's layout; bad
             token fractions.
-        mmsae.disk.DiskSpaceError: the projection does not fit (``check_disk``).
+        mmsae.extract.disk.DiskSpaceError: the projection does not fit (``check_disk``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
 """Helpers for the ``workflow_scripts/`` entry points: logging that keeps tracebacks, and the
 run-time (non-result) settings. The code hash each rule carries in its params is
-:mod:`mmsae.code_hash` (the Snakefile's, not the jobs')."""
+:mod:`mmsae.workflow.script_hash` (the Snakefile's, not the jobs')."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from mmsae.gpu import lease
+from mmsae.core.gpu import lease
 
 
 _LEASE = None
@@ -15,7 +15,7 @@ _LEASE = None
 
 def setup(log_path: str | None, threads: int = 1, gpus: int = 0) -> logging.Logger:
     """Log to ``log_path`` and stderr at INFO, give torch ``threads`` CPU threads, and lease ``gpus``
-    devices for the rest of the process (see :mod:`mmsae.gpu`; a no-op without GPUs).
+    devices for the rest of the process (see :mod:`mmsae.core.gpu`; a no-op without GPUs).
 
     An uncaught exception is written with its traceback to the log (the file Snakemake names when
     the job fails) before the process exits non-zero.

@@ -7,7 +7,7 @@ a model); :func:`expected_tokens` fills its token counts from a loaded model and
 Bytes per written token = ``d_model x`` the storage type's size (the activation, which zstd barely
 compresses) ``+`` :data:`OVERHEAD_BYTES_PER_TOKEN` (the other shard columns); every *seen* token also
 costs :data:`SEEN_BYTES_PER_TOKEN` (its id in the samples tables). Both overheads were measured on
-shards written by :func:`mmsae.activations.extract` (tiny LLaVA-NeXT, d_model 64, 6 skimage photos and
+shards written by :func:`mmsae.extract.run.extract` (tiny LLaVA-NeXT, d_model 64, 6 skimage photos and
 a text prompt, 685 tokens) and rounded up; the projection was then within 10% of the bytes written
 (float16 and float32). At d_model 4096 the activation is >99% of the bytes. The activation is
 counted raw: zstd over byte-stream-split values saves 15-30% of it on real activations
@@ -22,7 +22,7 @@ from typing import Mapping
 
 from mmsae.data.corpus import Sample
 from mmsae.models.inputs import build_messages
-from mmsae.subsample import ROLES, fractions_of
+from mmsae.extract.subsample import ROLES, fractions_of
 
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 OVERHEAD_BYTES_PER_TOKEN = 8  # measured 3 B/token (zstd): sample_id, token_index, token_id, modality, view, patch, role

@@ -3,8 +3,8 @@ how a rule reads them, and the feature-stats predicate the selection, explain an
 
 Its own module so that the rules which only read or write codes (encode, maps, evaluation,
 scoring, explanations, steering) do not import the selection's aggregation
-(:mod:`mmsae.code_stats`, :mod:`mmsae.top_lists`): each rule's code hash
-(:func:`mmsae.code_hash.code_hash`) covers the modules its script reaches, so a change to the
+(:mod:`mmsae.codes.stats`, :mod:`mmsae.codes.top_lists`): each rule's code hash
+(:func:`mmsae.workflow.script_hash.script_hash`) covers the modules its script reaches, so a change to the
 selection reruns select_top and what reads its tables, not the encoding.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from mmsae.io import write_parquet
+from mmsae.core.io import write_parquet
 
 CODE_SCHEMA = pa.schema(
     [
@@ -47,5 +47,5 @@ def scan_codes(paths: list[Path]) -> pl.LazyFrame:
 
 
 def write_table(path: str | os.PathLike, df: pl.DataFrame) -> None:
-    """Write a polars frame to Parquet atomically (:func:`mmsae.io.write_parquet`)."""
+    """Write a polars frame to Parquet atomically (:func:`mmsae.core.io.write_parquet`)."""
     write_parquet(path, df.to_arrow())

@@ -1,7 +1,7 @@
 """Paper step 3: sparse codes per token, per-feature statistics, each feature's top samples.
 
-* The code shards' schema and reader live in :mod:`mmsae.codes`; they are written by
-  :func:`mmsae.encode_model.encode_corpus` (and :func:`mmsae.sae.encode.encode_shards`).
+* The code shards' schema and reader live in :mod:`mmsae.codes.schema`; they are written by
+  :func:`mmsae.codes.encode.encode_corpus` (and :func:`mmsae.codes.rows.encode_shards`).
 * :func:`feature_stats` and :func:`top_samples` (together: :func:`stats_and_top_samples`) stream
   the code rows once in batches and aggregate them in dense (sample, feature) blocks, so memory does
   not grow with the number of rows or shards.
@@ -14,8 +14,8 @@ import logging
 
 import polars as pl
 
-from mmsae.code_stats import CodeAggregate
-from mmsae.codes import TEXT_DOMINANT
+from mmsae.codes.stats import CodeAggregate
+from mmsae.codes.schema import TEXT_DOMINANT
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def top_samples(codes: pl.LazyFrame, base_view_tokens: pl.DataFrame, n: int = 5,
     prefix up to that token, e.g. a shared chat template): the smallest sample id stands for them.
 
     Args:
-        codes: the code rows (:func:`mmsae.codes.scan_codes`); each sample's rows contiguous, as written.
+        codes: the code rows (:func:`mmsae.codes.schema.scan_codes`); each sample's rows contiguous, as written.
         base_view_tokens: ``(sample_id, n_base, image_path)``: base-view image tokens per image
             sample and its image file (see :func:`base_view_counts`).
 

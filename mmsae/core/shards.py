@@ -1,6 +1,6 @@
 """Activation and code shards on disk: schema, metadata, manifests, streamed reading.
 
-Kept apart from :mod:`mmsae.activations` so that stages that only read shards (SAE training,
+Kept apart from :mod:`mmsae.extract.run` so that stages that only read shards (SAE training,
 encoding, selection) need neither transformers nor image libraries.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmsae.io import write_json, write_parquet
+from mmsae.core.io import write_json, write_parquet
 
 
 # Storage types of ``activation`` and their Arrow value types. Arrow has no bfloat16: its raw 2-byte

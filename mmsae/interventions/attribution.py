@@ -37,7 +37,7 @@ or stays as it is (reference; the released code splices every position, its SAE 
 On those positions the SAE's latents are out of distribution: LLaVA-NeXT-style chat templates open
 with ``<|im_start|>``, an attention sink whose norm is far above a word's, and in the demo run
 those positions held about half of all |A| and every one of the top text features. Loss recovered
-(:mod:`mmsae.loss_recovered`) and the codes (:func:`mmsae.sae.encode.encode_corpus`) leave them
+(:mod:`mmsae.interventions.loss_recovered`) and the codes (:func:`mmsae.codes.rows.encode_corpus`) leave them
 out the same way.
 """
 
@@ -53,7 +53,7 @@ from torch import nn
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import image_token_coordinates, prepare_inputs, token_layout
 from mmsae.sae.model import TopKSAE
-from mmsae.clamp import Clamp, SteeringHook
+from mmsae.sae.splice import Clamp, SteeringHook
 
 
 @dataclass
