@@ -7,7 +7,7 @@ import pyarrow as pa
 from PIL import Image
 
 from mmsae.interventions.attribution import run_case
-from mmsae.sae.splice import sae_hook_point
+from mmsae.sae.io import check_hook_point
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.core.io import write_bytes, write_json, write_parquet
 from mmsae.codes.maps import heatmap, png_bytes
@@ -21,7 +21,7 @@ log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.attribution
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
-hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
+hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
 module = resolve_hook_point(subject.model, hook_point)
 out_dir = Path(sm.output.summary).parent
 # special tokens stay undecomposed when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)

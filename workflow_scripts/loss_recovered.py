@@ -9,7 +9,7 @@ from mmsae.core.io import write_json
 from mmsae.interventions.loss_recovered import loss_recovered
 from mmsae.models import load_subject_model
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.sae.splice import sae_hook_point
+from mmsae.sae.io import check_hook_point
 from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
@@ -17,7 +17,7 @@ log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(Path(sm.input.cfg).parent, device=resolve_device(p.device))
-hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)
+hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)
 # special tokens stay unspliced when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)
 keep_special = trained_without_special_tokens(sae_cfg)
 heldout = json.loads(Path(sm.input.heldout).read_text())

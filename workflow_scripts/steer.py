@@ -12,7 +12,7 @@ from mmsae.core.io import write_parquet
 from mmsae.core.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.sae.splice import sae_hook_point
+from mmsae.sae.io import check_hook_point
 from mmsae.interventions.steer import features_matching, steering_sweep
 from mmsae.interventions.verdict import feature_words
 from mmsae.codes.schema import TEXT_DOMINANT
@@ -35,7 +35,7 @@ else:
     features = [f for f in selected if f in text_dom][: st["auto"]]
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
-hook_point = sae_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
+hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
 prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} for q in st["prompts"]]
 rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, st["values"],
                       st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],

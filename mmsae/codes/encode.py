@@ -36,7 +36,7 @@ from mmsae.extract.forward import forward_batches
 from mmsae.core.io import write_json, write_parquet
 from mmsae.models import SubjectModel, resolve_hook_point
 from mmsae.codes.rows import CODE_ROW_GROUP, code_table
-from mmsae.sae.io import trained_without_special_tokens
+from mmsae.sae.io import check_hook_point, trained_without_special_tokens
 from mmsae.sae.model import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,12 @@ def check_sae(sae: TopKSAE, sae_cfg: dict, hook_point: str, d_model: int) -> Non
     """The SAE must read the hook point's residual stream.
 
     Raises:
-        ValueError: the SAE's ``d_in`` is not the model's d_model, or its ``hook_name`` names another
-            hook point.
+        ValueError: the SAE's ``d_in`` is not the model's d_model, or its ``hook_name`` (top level or
+            under ``metadata``; :func:`mmsae.sae.io.check_hook_point`) names another hook point.
     """
     if sae.d_model != d_model:
         raise ValueError(f"the SAE reads d_in={sae.d_model} but the model's hidden size at {hook_point} is {d_model}")
-    hook = sae_cfg.get("hook_name")
-    if hook is not None and hook != hook_point:
-        raise ValueError(f"the SAE was trained at hook point {hook!r}, not model.hook_point={hook_point!r}")
+    check_hook_point(sae_cfg, hook_point, "the SAE's cfg.json")
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
     """Write ``sae`` to ``out_dir`` (both files atomically) and return the directory.
 
     ``hook_point`` is stored under SAELens's key ``hook_name`` (top level and in ``metadata``), where
-    steering and attribution read it back (:func:`mmsae.sae.splice.sae_hook_point`)."""
+    every stage that splices the SAE in reads it back (:func:`check_hook_point`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}  # SAELens's names and layout
@@ -90,3 +90,27 @@ def trained_without_special_tokens(cfg: dict) -> bool:
     An SAE from elsewhere (no ``mmsae`` section) was trained on every token, as far as we know."""
     ours = cfg.get("mmsae")
     return bool(ours is not None and (ours.get("train") or {}).get("exclude_special_tokens", True))
+
+
+def check_hook_point(sae_cfg: dict, configured: str, where: str) -> str:
+    """The hook point an SAE was trained at, read from its ``cfg.json`` (SAELens's key ``hook_name``,
+    top level or under ``metadata``, as SAELens 6 writes it); it must equal the configured
+    ``model.hook_point``. The one check every stage that puts an SAE on the model uses (encode,
+    steering, attribution, loss recovered).
+
+    Args:
+        sae_cfg: the parsed cfg.json; configured: ``model.hook_point``; where: the cfg.json path (for errors).
+
+    Returns:
+        The hook point (``configured`` when cfg.json names none).
+
+    Raises:
+        ValueError: cfg.json names another hook point than the config.
+    """
+    name = sae_cfg.get("hook_name") or (sae_cfg.get("metadata") or {}).get("hook_name")
+    if name is None:
+        return configured
+    if name != configured:
+        raise ValueError(f"{where}: the SAE was trained at hook_name {name!r} but model.hook_point is {configured!r}; "
+                         "set model.hook_point to the SAE's hook point or use an SAE trained there")
+    return name

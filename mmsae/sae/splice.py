@@ -47,28 +47,6 @@ def select_topk(latents: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return latents.topk(k, dim=-1, sorted=False)
 
 
-def sae_hook_point(sae_cfg: dict, configured: str, where: str) -> str:
-    """The hook point an SAE was trained at, read from its ``cfg.json`` (SAELens's key ``hook_name``,
-    top level or under ``metadata``); it must equal the configured ``model.hook_point``.
-
-    Args:
-        sae_cfg: the parsed cfg.json; configured: ``model.hook_point``; where: the cfg.json path (for errors).
-
-    Returns:
-        The hook point (``configured`` when cfg.json names none).
-
-    Raises:
-        ValueError: cfg.json names another hook point than the config.
-    """
-    name = sae_cfg.get("hook_name") or (sae_cfg.get("metadata") or {}).get("hook_name")
-    if name is None:
-        return configured
-    if name != configured:
-        raise ValueError(f"{where}: the SAE was trained at hook_name {name!r} but model.hook_point is {configured!r}; "
-                         "set model.hook_point to the SAE's hook point or use an SAE trained there")
-    return name
-
-
 @dataclass(frozen=True)
 class Clamp:
     """Set feature ``feature`` to ``value`` (absolute units of the SAE latent)."""
