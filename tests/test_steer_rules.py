@@ -27,7 +27,7 @@ from mmsae.data import Sample
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
 from mmsae.sae.splice import Clamp, SteeringHook
-from mmsae.interventions.steer import generate, steering_sweep
+from mmsae.interventions.steer import SweepConfig, generate, steering_sweep
 from mmsae.interventions.verdict import (content_words, continuation_perplexity, control_features, feature_words, is_success, prompt_state,
                                   toward_feature)
 
@@ -179,8 +179,8 @@ def test_sweep_rows_carry_the_judgement(tiny_llava_dir):
     s = load_subject_model(tiny_llava_dir)
     module = resolve_hook_point(s.model, "model.language_model.layers.2")
     sae = TopKSAE(64, 128, k=8, seed=1)
-    rows = steering_sweep(s, module, sae, [5], [{"prompt": "Tell me about your day.", "image": None}], [0.5, 50.0], "absolute",
-                          {}, None, "error_term", 6, 2.0, {5: ["zzzz"]})
+    rows = steering_sweep(s, module, sae, [5], [{"prompt": "Tell me about your day.", "image": None}],
+                          SweepConfig((0.5, 50.0), "absolute", None, "error_term", 6, 2.0), {}, {5: ["zzzz"]})
     assert [r["value"] for r in rows] == [0.5, 50.0]
     for r in rows:
         assert r["positions"] == "all" and r["ppl_before"] > 0 and r["ppl_after"] > 0
@@ -195,8 +195,8 @@ def test_sweep_judges_the_same_text_by_the_control_features_words(tiny_llava_dir
     s = load_subject_model(tiny_llava_dir)
     module = resolve_hook_point(s.model, "model.language_model.layers.2")
     sae = TopKSAE(64, 128, k=8, seed=1)
-    args = (s, module, sae, [5], [{"prompt": "Tell me about your day.", "image": None}], [50.0], "absolute", {}, None,
-            "error_term", 6, 1e9)
+    args = (s, module, sae, [5], [{"prompt": "Tell me about your day.", "image": None}],
+            SweepConfig((50.0,), "absolute", None, "error_term", 6, 1e9), {})
     r = steering_sweep(*args, {5: ["zzzz"]})[0]
     assert r["changed"]
     new = [w for w in re.findall(r"[a-z]+", r["text_after"].lower()) if not any(b.startswith(w) for b in re.findall(r"[a-z]+", r["text_before"].lower()))]
@@ -224,7 +224,7 @@ def test_sweep_with_keep_special_leaves_special_positions_unsteered(tiny_llava_d
         seen = []
         h = after.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()) if not seen else None)
         try:
-            rows = steering_sweep(s, module, sae, [5], prompt, [50.0], "absolute", {}, None, "error_term", 3, 2.0, {}, keep_special=keep)
+            rows = steering_sweep(s, module, sae, [5], prompt, SweepConfig((50.0,), "absolute", None, "error_term", 3, 2.0, keep), {}, {})
         finally:
             h.remove()
         x = seen[0]  # (2, seq, d): the prompt pass, unsteered row then the clamped one

@@ -13,7 +13,7 @@ from mmsae.core.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
 from mmsae.sae.io import check_hook_point
-from mmsae.interventions.steer import features_matching, steering_sweep
+from mmsae.interventions.steer import SweepConfig, features_matching, steering_sweep
 from mmsae.interventions.verdict import feature_words
 from mmsae.codes.schema import TEXT_DOMINANT
 from mmsae.core.job import setup
@@ -37,11 +37,10 @@ subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
 hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
 prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} for q in st["prompts"]]
-rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, st["values"],
-                      st["scale"], dict(zip(stats["feature"], stats["max_activation"])), st["positions"], st["mode"],
-                      st["max_new_tokens"], st["success_max_ppl_ratio"],
-                      {f: feature_words(f, contexts, expl) for f in {*features, *selected}},  # selected: the controls
-                      keep_special=trained_without_special_tokens(sae_cfg))  # special tokens the SAE never saw: unsteered
+sweep = SweepConfig.from_config(st, keep_special=trained_without_special_tokens(sae_cfg))  # special tokens the SAE never saw: unsteered
+rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, sweep,
+                      dict(zip(stats["feature"], stats["max_activation"])),
+                      {f: feature_words(f, contexts, expl) for f in {*features, *selected}})  # selected: the controls
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
                     ("value", pa.float64()), ("clamp_value", pa.float64()), ("positions", pa.string()), ("mode", pa.string()),
                     ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_()),

@@ -15,6 +15,8 @@ text judged by every other feature's words in turn (:func:`mmsae.interventions.v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -84,10 +86,40 @@ def _until_eos(ids: torch.Tensor, eos: set[int]) -> torch.Tensor:
     return ids
 
 
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a steering sweep does to each feature (the ``steer`` config section, config/schema.yaml).
+
+    Attributes:
+        values: clamp values, in ``scale`` units.
+        scale: ``max_multiple`` (values x the feature's max activation) or ``absolute``.
+        positions: where the clamp applies (``all``, ``prompt``, ``generated``); None = the mode's own
+            (:class:`~mmsae.sae.splice.SteeringHook`).
+        mode: ``error_term`` (x + (c - z_f) W_dec[f]) or ``reference`` (the released code's hook).
+        max_new_tokens: greedy tokens generated per row.
+        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.interventions.verdict.is_success`).
+        keep_special: never steer at special-token positions (the SAE was trained without them;
+            :func:`mmsae.sae.trained_without_special_tokens`).
+    """
+
+    values: tuple[float, ...]
+    scale: str = "max_multiple"
+    positions: str | None = None
+    mode: str = "error_term"
+    max_new_tokens: int = 24
+    max_ppl_ratio: float = 2.0
+    keep_special: bool = False
+
+    @classmethod
+    def from_config(cls, steer: dict, keep_special: bool) -> "SweepConfig":
+        """From the validated ``steer`` config section and whether the SAE was trained without special tokens."""
+        return cls(values=tuple(steer["values"]), scale=steer["scale"], positions=steer["positions"], mode=steer["mode"],
+                   max_new_tokens=steer["max_new_tokens"], max_ppl_ratio=steer["success_max_ppl_ratio"],
+                   keep_special=keep_special)
+
+
 def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int], prompts: list[dict],
-                   values: list[float], scale: str, max_activation: dict[int, float], positions: str | None,
-                   mode: str, max_new_tokens: int, max_ppl_ratio: float, words: dict[int, list[str]],
-                   keep_special: bool = False) -> list[dict]:
+                   cfg: SweepConfig, max_activation: dict[int, float], words: dict[int, list[str]]) -> list[dict]:
     """Greedy text before and after clamping each feature to each value, for each prompt, judged.
 
     Per prompt, one batched greedy ``generate``: row 0 unhooked (the "before" text), one row per
@@ -97,15 +129,11 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
     Args:
         subject: the loaded model; module: its hooked layer.
         prompts: ``{"prompt": str, "image": path or None}`` each.
-        values: clamp values, in ``scale`` units (``absolute`` or ``max_multiple``).
+        cfg: the sweep's values, scale, positions, mode, length, success rule and special-token skip.
         max_activation: feature -> max activation (from the feature statistics).
-        positions, mode, max_new_tokens: see :class:`SteeringHook` and ``steer`` in config/schema.yaml.
-        max_ppl_ratio: ``steer.success_max_ppl_ratio`` (:func:`mmsae.interventions.verdict.is_success`).
         words: feature -> :func:`mmsae.interventions.verdict.feature_words` (missing = none known), for the
             steered features and the other features whose words serve as controls (e.g. every
             selected feature; :func:`mmsae.interventions.verdict.control_features`).
-        keep_special: never steer at special-token positions (the SAE was trained without them;
-            :func:`mmsae.sae.trained_without_special_tokens`).
 
     Returns:
         One row per (feature, prompt, value): feature, prompt, image, scale, value, clamp_value,
@@ -130,11 +158,11 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
                 raise ValueError(f"steer.prompts: image {p['image']}: {status}")
         inputs = dict(prepare_inputs(subject, [(Sample("steer", p["prompt"], p.get("image")), image)]).to(subject.device))
         # one batched generate: row 0 unsteered, then every (feature, value); the rows share their numerics
-        runs = [(f, v, resolve_clamp_value(v, scale, max_activation.get(f))) for f in features for v in values]
-        hook = SteeringHook(sae, [None] + [[Clamp(f, c)] for f, _, c in runs], mode=mode, positions=positions,
-                            skip_token_ids=subject.special_token_ids if keep_special else None)
+        runs = [(f, v, resolve_clamp_value(v, cfg.scale, max_activation.get(f))) for f in features for v in cfg.values]
+        hook = SteeringHook(sae, [None] + [[Clamp(f, c)] for f, _, c in runs], mode=cfg.mode, positions=cfg.positions,
+                            skip_token_ids=subject.special_token_ids if cfg.keep_special else None)
         batch = {k: t.repeat(len(runs) + 1, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
-        out = [_until_eos(ids, eos) for ids in generate(subject.model, batch, module, hook, max_new_tokens)]
+        out = [_until_eos(ids, eos) for ids in generate(subject.model, batch, module, hook, cfg.max_new_tokens)]
         before = decode(out[0], skip_special_tokens=True)
         state = prompt_state(subject.model, inputs)
         ppl_before = continuation_perplexity(subject.model, inputs, out[0], state)
@@ -144,13 +172,13 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             toward, hit = toward_feature(before, after, words.get(f, []))
             changed = after != before
             c_toward = [bool(toward_feature(before, after, words[g])[0]) for g in control[f]]
-            c_success = [is_success(changed, ppl_before, ppl_after, t, max_ppl_ratio) for t in c_toward]
-            rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": scale, "value": float(v),
-                         "clamp_value": c, "positions": hook.positions, "mode": mode, "text_before": before,
+            c_success = [is_success(changed, ppl_before, ppl_after, t, cfg.max_ppl_ratio) for t in c_toward]
+            rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": cfg.scale, "value": float(v),
+                         "clamp_value": c, "positions": hook.positions, "mode": cfg.mode, "text_before": before,
                          "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
                          "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
-                         "success": is_success(changed, ppl_before, ppl_after, toward, max_ppl_ratio),
+                         "success": is_success(changed, ppl_before, ppl_after, toward, cfg.max_ppl_ratio),
                          "control_features": control[f], "control_toward": sum(c_toward) / len(c_toward) if c_toward else None,
                          "control_success": sum(c_success) / len(c_success) if c_success else None,
-                         "special_tokens_steered": not keep_special})
+                         "special_tokens_steered": not cfg.keep_special})
     return rows
