@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmsae.evaluate import score_features, summary_table
+from mmsae.evaluate.run import Table1Config, score_features, summary_table
 from mmsae.evaluate.backends import ClipScorer, GroundedSegmenter, try_load
 from mmsae.evaluate.metrics import activated_region, bootstrap_ci, clip_score, iou
 from mmsae.evaluate.refine import parse_category, parse_phrase, refine_all
@@ -228,10 +228,10 @@ def _corpus(tmp_path, n_images=6):
 def test_scores_baseline_and_table(tmp_path, tiny_models):
     seg, clip = tiny_models
     images, tops, refined, codes = _corpus(tmp_path)
-    kw = dict(side=4, segmenter=seg, clip=clip, n_random=2, iou_trials=2, clip_trials=3, region="reference")
-    a = score_features(refined, tops, images, codes, seed=5, **kw)
-    b = score_features(refined, tops, images, codes, seed=5, **kw)
-    c = score_features(refined, tops, images, codes, seed=6, **kw)
+    cfg = dict(n_random=2, iou_trials=2, clip_trials=3, region="reference")
+    a = score_features(refined, tops, images, codes, 4, Table1Config(seed=5, **cfg), seg, clip)
+    b = score_features(refined, tops, images, codes, 4, Table1Config(seed=5, **cfg), seg, clip)
+    c = score_features(refined, tops, images, codes, 4, Table1Config(seed=6, **cfg), seg, clip)
     assert a.equals(b) and not a.filter(pl.col("source") == "random")["sample_id"].equals(c.filter(pl.col("source") == "random")["sample_id"])
     assert set(a["feature"]) == {0, 1}  # the feature without a phrase is excluded
     exp = a.filter(pl.col("source") == "explained")
@@ -243,7 +243,7 @@ def test_scores_baseline_and_table(tmp_path, tiny_models):
     assert total["category"] == "total" and total["n_features"] == 2
     per_feature = exp.group_by("feature").agg(pl.col("clip_score").mean())["clip_score"]
     assert total["clip_score_explained"] == pytest.approx(per_feature.mean())
-    none = score_features(refined, tops, images, codes, side=4, region="reference")
+    none = score_features(refined, tops, images, codes, 4, Table1Config())
     assert none.height == 0
     _, md = summary_table(none, ["object"], {"iou": "no detector", "clip_score": "no CLIP"})
     assert "unavailable" in md and "no detector" in md

@@ -10,7 +10,7 @@ import polars as pl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmsae.core.shards import shard_paths  # noqa: E402
-from mmsae.evaluate import score_features, summary_table  # noqa: E402
+from mmsae.evaluate.run import Table1Config, score_features, summary_table  # noqa: E402
 from mmsae.evaluate.backends import ClipScorer, GroundedSegmenter, try_load  # noqa: E402
 from mmsae.evaluate.refine import CATEGORIES  # noqa: E402
 from mmsae.codes.schema import scan_codes, write_table  # noqa: E402
@@ -37,8 +37,7 @@ if why:
     unavailable["clip_score"] = why
 refined = pl.read_parquet(sm.input.refined)
 scores = score_features(refined, pl.read_parquet(sm.input.top), images, scan_codes(shard_paths(sm.input.codes)),
-                        manifest.get("grid_side") or 1, segmenter, clip, ev["threshold"], ev["n_random_images"],
-                        ev["iou_trials"], ev["clip_trials"], ev["seed"], pool, region=ev["region"])
+                        manifest.get("grid_side") or 1, Table1Config.from_config(ev), segmenter, clip, pool)
 rows, md = summary_table(scores, list(CATEGORIES), unavailable, ev["n_boot"], ev["seed"])
 write_table(sm.output.scores, scores)
 with atomic_path(sm.output.table, ".md") as tmp:

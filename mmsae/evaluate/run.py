@@ -9,6 +9,8 @@ Metrics whose models cannot be loaded are reported unavailable, with the reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 
@@ -20,9 +22,35 @@ SCORE_SCHEMA = {"feature": pl.Int32, "category": pl.String, "phrase": pl.String,
                 "source": pl.String, "trial": pl.Int32, "iou": pl.Float64, "clip_score": pl.Float64}
 
 
+@dataclass(frozen=True)
+class Table1Config:
+    """How Table 1 scores a phrase (the ``evaluate`` config section, config/schema.yaml).
+
+    Attributes:
+        region: how a feature's activated region is drawn (``reference``: the released code's rule,
+            ``majority``); threshold: the activation above which a patch counts as active (both
+            :func:`~mmsae.evaluate.metrics.activated_region`).
+        n_random: random corpus images per trial of the baseline; iou_trials, clip_trials: trials of
+            the random baseline for IoU and for the CLIP score.
+        seed: the baseline's draw.
+    """
+
+    region: str = "reference"
+    threshold: float = 0.0
+    n_random: int = 5
+    iou_trials: int = 10
+    clip_trials: int = 30
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, ev: dict) -> "Table1Config":
+        """From the validated ``evaluate`` config section."""
+        return cls(region=ev["region"], threshold=ev["threshold"], n_random=ev["n_random_images"],
+                   iou_trials=ev["iou_trials"], clip_trials=ev["clip_trials"], seed=ev["seed"])
+
+
 def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, str], codes: pl.LazyFrame, side: int,
-                   segmenter=None, clip=None, threshold: float = 0.0, n_random: int = 5, iou_trials: int = 10,
-                   clip_trials: int = 30, seed: int = 0, pool: list[str] | None = None, *, region: str) -> pl.DataFrame:
+                   cfg: Table1Config, segmenter=None, clip=None, pool: list[str] | None = None) -> pl.DataFrame:
     """One row per (feature, image, source, trial) with IoU and CLIP score (null when unavailable).
 
     Args:
@@ -33,12 +61,11 @@ def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, 
             per distinct image so that an image is not drawn twice under two prompts).
         segmenter: a :class:`~mmsae.evaluate.backends.GroundedSegmenter` or None (IoU unavailable).
         clip: a :class:`~mmsae.evaluate.backends.ClipScorer` or None (CLIP score unavailable).
-        threshold, region: how a feature's activated region is drawn (``evaluate.threshold``,
-            ``evaluate.region``; see :func:`~mmsae.evaluate.metrics.activated_region`).
+        cfg: the region rule and the random baseline's size and seed.
     """
     if segmenter is None and clip is None:
         return pl.DataFrame(schema=SCORE_SCHEMA)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.seed)
     todo = refined.filter(pl.col("phrase").is_not_null())
     pool = sorted(pool or images)
     plan = []  # (feature, category, phrase, sample_id, source, trial, wants_iou, wants_clip)
@@ -46,9 +73,9 @@ def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, 
         f = r["feature"]
         top_ids = tops.filter((pl.col("feature") == f) & (pl.col("modality") == "image")).sort("rank")["sample_id"].to_list()
         plan += [(f, r["category"], r["phrase"], sid, "explained", -1, True, True) for sid in top_ids if sid in images]
-        for t in range(max(iou_trials, clip_trials)):
-            for sid in rng.choice(pool, size=min(n_random, len(pool)), replace=False).tolist():
-                plan.append((f, r["category"], r["phrase"], sid, "random", t, t < iou_trials, t < clip_trials))
+        for t in range(max(cfg.iou_trials, cfg.clip_trials)):
+            for sid in rng.choice(pool, size=min(cfg.n_random, len(pool)), replace=False).tolist():
+                plan.append((f, r["category"], r["phrase"], sid, "random", t, t < cfg.iou_trials, t < cfg.clip_trials))
     grids = feature_grids(codes, [(p[0], p[3]) for p in plan], side) if segmenter is not None and plan else {}
     cache_img, cache_mask, cache_emb, cache_txt = {}, {}, {}, {}
     rows = []
@@ -61,7 +88,7 @@ def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, 
             key = (phrase, sid)
             if key not in cache_mask:
                 cache_mask[key] = segmenter.mask(image, phrase)
-            value_iou = iou(cache_mask[key], activated_region(grids[(f, sid)], image.size, threshold, region))
+            value_iou = iou(cache_mask[key], activated_region(grids[(f, sid)], image.size, cfg.threshold, cfg.region))
         if clip is not None and want_clip and image is not None:
             if sid not in cache_emb:
                 cache_emb[sid] = clip.embed_images([image])
