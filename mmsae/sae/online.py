@@ -50,7 +50,7 @@ from mmsae.core.io import config_hash
 from mmsae.models import SubjectModel
 from mmsae.sae.data import ShuffledStream, heldout_sample_ids
 from mmsae.sae.norms import norm_stats, row_norms, scaling_factor
-from mmsae.sae.run import finish_training
+from mmsae.sae.run import NormPass, TrainedOn, finish_training
 from mmsae.sae.trainer import TrainConfig, train
 from mmsae.extract.storage import stored_rows
 from mmsae.extract.subsample import fractions_of, is_subsampling
@@ -295,6 +295,5 @@ def train_online(source: ModelSource, opts: dict, device: str, ckpt_dir: str | o
     heldout = s.heldout(cfg.heldout_max_tokens)
     extra = {"source": "online", "token_norms_from": {"rows": len(norms), "what": "the first buffer fill of training"},
              "data": s.data_facts()}
-    return finish_training(sae, rows, cfg, opts, d_model=source.d_model, model_name=source.subject.name,
-                           hook_point=source.hook_point, held=held, heldout=heldout, max_norm=max_norm, scale=scale,
-                           token_norms=token_norms, n_excluded=excluded, extra=extra, out_dir=out_dir, log_path=log_path)
+    data = TrainedOn(source.d_model, source.subject.name, source.hook_point, held, extra)
+    return finish_training(sae, rows, cfg, opts, data, NormPass(token_norms, max_norm, scale, excluded), heldout, out_dir, log_path)

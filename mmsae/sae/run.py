@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -70,25 +71,60 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     if rank != 0:
         return None
     heldout = _stream(paths, cfg, cfg.batch_size, cfg.seed, held, exclude).heldout(cfg.heldout_max_tokens)
-    return finish_training(sae, rows, cfg, opts, d_model=manifest["d_model"], model_name=manifest["model"],
-                           hook_point=manifest["hook_point"], held=held, heldout=heldout, max_norm=max_norm, scale=scale,
-                           token_norms=token_norms, n_excluded=int((norms > max_norm).sum()) if max_norm is not None else None,
-                           extra={"source": "cache"}, out_dir=out_dir, log_path=log_path, world=world)
+    found = NormPass(token_norms, max_norm, scale, int((norms > max_norm).sum()) if max_norm is not None else None)
+    data = TrainedOn(manifest["d_model"], manifest["model"], manifest["hook_point"], held, {"source": "cache"})
+    return finish_training(sae, rows, cfg, opts, data, found, heldout, out_dir, log_path, world)
 
 
-def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, *, d_model: int, model_name: str, hook_point: str,
-                    held: list[str], heldout: tuple[torch.Tensor, torch.Tensor], max_norm: float | None, scale: float,
-                    token_norms: dict, n_excluded: int | None, extra: dict, out_dir: str | os.PathLike,
-                    log_path: str | os.PathLike | None, world: int = 1) -> dict:
+@dataclass(frozen=True)
+class NormPass:
+    """What the pass over the training tokens before training found (:mod:`mmsae.sae.norms`).
+
+    Attributes:
+        token_norms: :func:`~mmsae.sae.norms.norm_stats` per modality (median, p99, max).
+        max_norm: the outlier threshold (``sae.exclude_norm_above`` x the median norm), None when off.
+        scale: the ``sae.normalize_activations`` factor the inputs were multiplied by (1.0: none).
+        n_excluded: training tokens above ``max_norm`` (None when off).
+    """
+
+    token_norms: dict
+    max_norm: float | None = None
+    scale: float = 1.0
+    n_excluded: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """Where the SAE's training data came from, as ``cfg.json`` and ``metrics.json`` record it.
+
+    Attributes:
+        d_model: the hook point's width; model_name: the subject model; hook_point: where it was read.
+        held: the held-out sample ids (``heldout.json``).
+        extra: merged into the metrics (e.g. ``{"source": "cache"}``).
+    """
+
+    d_model: int
+    model_name: str
+    hook_point: str
+    held: list[str]
+    extra: dict = field(default_factory=dict)
+
+
+def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, data: TrainedOn, norms: NormPass,
+                    heldout: tuple[torch.Tensor, torch.Tensor], out_dir: str | os.PathLike,
+                    log_path: str | os.PathLike | None = None, world: int = 1) -> dict:
     """Fold the scale into the trained SAE, evaluate it on the held-out rows and write ``cfg.json``,
     ``sae_weights.safetensors``, ``metrics.json``, ``heldout.json`` and ``log.parquet`` (or ``log_path``);
     return the metrics. Shared by cached and online training (:mod:`mmsae.sae.online`).
 
     Args:
+        rows: the training log (one dict per logged step); opts: the ``sae`` config section (stored in cfg.json).
+        data: the model, hook point and held-out ids; norms: the pre-pass's findings.
         heldout: ``(x (n, d_model) float32 raw, is_image (n,) bool)``.
-        n_excluded: training tokens above ``max_norm`` (in the rows the threshold came from).
-        extra: merged into the metrics (e.g. ``source``).
+        world: DDP ranks that trained.
     """
+    d_model, held, extra = data.d_model, data.held, data.extra
+    token_norms, max_norm, scale, n_excluded = norms.token_norms, norms.max_norm, norms.scale, norms.n_excluded
     if scale != 1.0:
         fold_scaling_factor(sae, scale)  # the saved SAE takes raw activations, as SAELens saves it
     x, is_image = heldout
@@ -105,7 +141,7 @@ def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, *, d_mo
         metrics["exclude_norm_above"] = {"multiple_of_median": cfg.exclude_norm_above, "threshold": max_norm,
                                          "n_excluded_train_tokens": n_excluded}
     norm_cfg = {"method": cfg.normalize_activations, "scaling_factor": scale, "folded": True}
-    save_sae(sae, out_dir, model_name=model_name, hook_point=hook_point,
+    save_sae(sae, out_dir, model_name=data.model_name, hook_point=data.hook_point,
              extra={"train": opts, "metrics": metrics, "normalize_activations": norm_cfg})
     write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
     write_json(Path(out_dir) / HELDOUT, held)
