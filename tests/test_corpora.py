@@ -28,7 +28,7 @@ from mmsae.codes.encode import EncodeConfig, encode_corpus
 from mmsae.codes.schema import CODE_SCHEMA
 from mmsae.codes.select import base_view_counts
 from mmsae.models import load_subject_model
-from mmsae.report import build_report
+from mmsae.report.page import ReportInputs, build_report
 from mmsae.sae import TopKSAE, trained_without_special_tokens
 from mmsae.codes.rows import encode_shards
 from mmsae.core.shards import shard_paths
@@ -231,7 +231,7 @@ def test_report_names_the_corpus_of_each_number(tmp_path):
     codes = {"n_samples": 33, "n_tokens": 4321, "n_image_tokens": 4000, "n_text_tokens": 321, "n_shards": 3,
              "n_images_used": 9, "n_images_converted": 0, "skipped": [{"image": "odd.png", "reason": "too small"}],
              "base_view_only": True, "n_tokens_excluded": 66}
-    page = text(build_report(**args, codes=codes))
+    page = text(build_report(ReportInputs(**args, codes=codes)))
     train = page[page.index("training corpus (corpus.train)"):page.index("interpretation corpus (corpus.interpret)")]
     interp = page[page.index("interpretation corpus (corpus.interpret)"):page.index("Sparse autoencoder")]
     assert "5000 (3000 image, 2000 text)" in train and "d_sae" in train
@@ -239,5 +239,5 @@ def test_report_names_the_corpus_of_each_number(tmp_path):
     assert "odd.png: too small" in interp and "odd.png" not in train
     assert "special tokens left out (the SAE was trained without them) 66" in interp
     assert "trained on corpus.train" in page and "over corpus.interpret (33 samples, 9 images" in page
-    old = text(build_report(**args))  # a report without the codes' manifest still renders, train side only
+    old = text(build_report(ReportInputs(**args)))  # a report without the codes' manifest still renders, train side only
     assert "training corpus (corpus.train)" in old and "corpus.interpret (" not in old

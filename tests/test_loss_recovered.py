@@ -13,7 +13,7 @@ from report_inputs import inputs
 from mmsae.data.corpus import Sample
 from mmsae.interventions.loss_recovered import loss_recovered, scored_positions, select_samples
 from mmsae.models import ActivationCapture, load_subject_model, prepare_inputs, resolve_hook_point, token_roles
-from mmsae.report import build_report
+from mmsae.report.page import ReportInputs, build_report
 from mmsae.sae.model import TopKSAE
 
 HOOK = "model.language_model.layers.1"
@@ -164,11 +164,11 @@ def test_report_shows_the_table_and_the_null_reason(tmp_path):
               "text": {"n_tokens": 123, "ce_clean": 2.5, "ce_sae": 2.75, "ce_zero": 9.5, "ce_mean": 6.5,
                        "ce_loss_recovered": 0.9643, "ce_loss_recovered_mean": 0.9375, "kl_div": 0.3125},
               "text_null_reason": None, "answer": None, "answer_null_reason": "no held-out sample has an assistant answer"}
-    page = build_report(**inputs(tmp_path), loss_recovered=result)
+    page = build_report(ReportInputs(**inputs(tmp_path), loss_recovered=result))
     body = page.split("Loss recovered (held-out, spliced SAE)", 1)[1].split("</table>", 1)[0]
     assert "<th>text</th><th>answer</th>" in body
     assert "<td>loss recovered (zero ablation)</td><td>0.9643</td><td>–</td>" in body
     assert "<td>tokens</td><td>123</td><td>–</td>" in body and "<td>CE mean-ablated</td><td>6.5</td>" in body
     assert "answer: no held-out sample has an assistant answer" in page
     assert "all &lt;b&gt;tokens&lt;/b&gt;" in page  # escaped
-    assert "Loss recovered (held-out" not in build_report(**inputs(tmp_path))
+    assert "Loss recovered (held-out" not in build_report(ReportInputs(**inputs(tmp_path)))

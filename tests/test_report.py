@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 from report_inputs import EVIL, inputs
 
-from mmsae.report import build_report
+from mmsae.report.page import ReportInputs, build_report
 from mmsae.report.views import curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def _text(html: str) -> str:
 
 
 def test_every_section_renders_and_text_is_escaped(tmp_path):
-    page = build_report(**inputs(tmp_path))
+    page = build_report(ReportInputs(**inputs(tmp_path)))
     assert EVIL not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     for anchor in ("id=evaluation", "id=steering", "id=attribution", "id=neurons", 'id="f7"', 'id="f9"'):
         assert anchor in page
@@ -31,14 +31,14 @@ def test_every_section_renders_and_text_is_escaped(tmp_path):
 
 
 def test_new_sae_outputs(tmp_path):
-    text = _text(build_report(**inputs(tmp_path)))
+    text = _text(build_report(ReportInputs(**inputs(tmp_path))))
     assert "image 20 45 310" in text and "text 8 30 60" in text  # token norms: median, p99, max
     assert "held-out samples 3 (split by image" in text
     assert "tokens excluded from training and FVU 17" in text and "including excluded tokens 0.45" in text
 
 
 def test_steering_verdicts_and_perplexity(tmp_path):
-    page = build_report(**inputs(tmp_path))
+    page = build_report(ReportInputs(**inputs(tmp_path)))
     steer = page[page.index("id=steering"):page.index("id=attribution")]
     rows = steer.split("<tr>")[3:]  # header row, unclamped row, then one row per clamp value
     assert ["✓" in r for r in rows] == [False, True, False, False]  # only where success is true
@@ -52,7 +52,7 @@ def test_steering_verdicts_and_perplexity(tmp_path):
 
 
 def test_causal_sweep_and_attribution_validation(tmp_path):
-    page = build_report(**inputs(tmp_path))
+    page = build_report(ReportInputs(**inputs(tmp_path)))
     neurons = _text(page[page.index("id=neurons"):])
     assert "scale noun_prob_drop_top noun_prob_drop_random fluency_change_top fluency_change_random" in neurons
     assert "2 0.2 0.02 1 0.8" in neurons and page.count("class=chosen") == 1
@@ -65,7 +65,7 @@ def test_causal_sweep_and_attribution_validation(tmp_path):
 
 
 def test_older_outputs_without_the_new_keys_still_render(tmp_path):
-    page = build_report(**inputs(tmp_path, new=False))
+    page = build_report(ReportInputs(**inputs(tmp_path, new=False)))
     text = _text(page)
     assert "Token norms" not in page and "held-out samples" not in text and "class=chosen" not in page
     assert "Pearson r = 0.90 over 2 features" in text and "noun removed by noise on the top-k neurons 0.4" in text
@@ -73,7 +73,7 @@ def test_older_outputs_without_the_new_keys_still_render(tmp_path):
     assert "but special tokens" not in page and "Control:" not in page
     minimal = {**inputs(tmp_path / "m", new=False), "explanations": None, "steering": None, "attribution": None,
                "neurons": None, "evaluation": None, "metrics": {}}
-    page = build_report(**minimal)
+    page = build_report(ReportInputs(**minimal))
     assert "id=steering" not in page and "Sparse autoencoder" in page
 
 
@@ -92,5 +92,5 @@ def test_training_curve_breaks_where_a_metric_is_missing(tmp_path):
     full, image = c["lines"][0]["segments"], c["lines"][1]["segments"]
     assert len(full) == 1 and len(full[0]["points"].split()) == 10
     assert [len(g["points"].split()) if "points" in g else "dot" for g in image] == [2, "dot", 3]
-    svg = build_report(**{**inputs(tmp_path), "log": log})
+    svg = build_report(ReportInputs(**{**inputs(tmp_path), "log": log}))
     assert svg.count("<polyline") == 3 and svg.count("<circle") == 1

@@ -288,7 +288,7 @@ def test_image_examples_plain_for_detection_highlighted_for_fuzzing(tmp_path):
 
 def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
     from mmsae.evaluate.scoring import SCORING_SCHEMA
-    from mmsae.report import build_report
+    from mmsae.report.page import ReportInputs, build_report
     from report_inputs import EVIL, inputs
     import pyarrow as pa
 
@@ -304,13 +304,13 @@ def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
             row(7, "detection", "real", 0.625), row(7, "detection", "shuffled", 0.375, of=9),
             row(7, "fuzzing", "real", 1.0), row(7, "fuzzing", "shuffled", 0.5, of=9)]
     table = pa.Table.from_pylist(rows, schema=SCORING_SCHEMA)
-    page = build_report(**inputs(tmp_path), scoring=summarise(table), scoring_table=pl.from_arrow(table))
+    page = build_report(ReportInputs(**inputs(tmp_path), scoring=summarise(table), scoring_table=pl.from_arrow(table)))
     section = page.split("id=scoring>")[1]
     assert EVIL not in page
     assert "0.750" in section and "0.312" in section  # detection means: real (0.875+0.625)/2, shuffled (0.25+0.375)/2
     assert "1 failed" in section and "malformed" in section  # feature 9's fuzzing answer, not counted
     assert "category: object" in section and "(shuffled: feature 7's)" in section
-    assert "Explanation scoring" not in build_report(**inputs(tmp_path))  # no scoring input: no section
+    assert "Explanation scoring" not in build_report(ReportInputs(**inputs(tmp_path)))  # no scoring input: no section
 
 
 def test_a_remote_scorer_without_a_url_is_a_config_error():

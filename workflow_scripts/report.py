@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 
 from mmsae.core.io import atomic_path
-from mmsae.report import build_report
+from mmsae.report.page import ReportInputs, build_report
 from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
@@ -14,7 +14,7 @@ log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 i = sm.input
 provenance = Path(sm.params.model, "mmsae_provenance.json")
 heldout = Path(i.heldout) if "heldout" in i.keys() else Path(i.metrics).parent / "heldout.json"
-page = build_report(
+page = build_report(ReportInputs(
     manifest=json.loads(Path(i.activations).read_text()),
     codes=json.loads(Path(i.codes).read_text()) if "codes" in i.keys() else None,
     metrics=json.loads(Path(i.metrics).read_text()),
@@ -43,7 +43,7 @@ page = build_report(
     },
     run={"model": sm.params.model, "demo": sm.params.demo,
          "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
-)
+))
 with atomic_path(sm.output[0], ".html") as tmp:
     tmp.write_text(page)
 log.info("report written to %s (%d kB)", sm.output[0], len(page) // 1024)

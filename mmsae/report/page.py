@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader
 
 from mmsae.report.sections import (attribution_view, evaluation_view, feature_cards, loss_recovered_view, neurons_view,
                                    sae_view, steering_view)
+from mmsae.report.inputs import ReportInputs
 from mmsae.report.scoring import scoring_view
 from mmsae.report.views import curve, data_url, fmt, num
 
@@ -26,49 +27,31 @@ ENV = Environment(loader=PackageLoader("mmsae.report", "templates"), autoescape=
 ENV.filters.update(fmt=fmt, num=num, data_url=data_url)
 
 
-def build_report(*, manifest: dict, metrics: dict, log: pl.DataFrame, stats: pl.DataFrame, selected: dict,
-                 maps: pl.DataFrame, contexts: pl.DataFrame, maps_dir: Path, run: dict,
-                 explanations: pl.DataFrame | None = None, steering: pl.DataFrame | None = None,
-                 attribution: dict | None = None, attribution_dir: Path | None = None, neurons: dict | None = None,
-                 evaluation: dict | None = None, heldout_ids: list | None = None, codes: dict | None = None,
-                 loss_recovered: dict | None = None,
-                 scoring: dict | None = None, scoring_table: pl.DataFrame | None = None) -> str:
-    """The whole page as an HTML string.
-
-    Args:
-        manifest: the activation manifest (corpus.train: what the SAE was trained on); codes: the codes
-        manifest (corpus.interpret: whose top activations the feature cards show), None for a report
-        without it; metrics: the SAE's ``metrics.json``; log: per-step log;
-        stats: feature statistics; selected: ``selected.json`` (features and selection info);
-        maps, contexts: from :func:`mmsae.codes.maps.render_feature_maps`; maps_dir: where PNGs are;
-        run: ``{"model", "demo": bool, "provenance": dict|None}``;
-        explanations, steering, attribution (+ attribution_dir), neurons (keyword arguments of
-        :func:`~mmsae.report.sections.neurons_view`), evaluation: the optional stages' outputs;
-        heldout_ids: the SAE's held-out sample ids (``heldout.json``), when written.
-        loss_recovered: ``loss_recovered.json`` (the SAE spliced into the model), when computed.
-        scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
-        Sections whose input is None are left out; keys missing from an input show as "–".
-    """
+def build_report(inputs: ReportInputs) -> str:
+    """The whole page as an HTML string, from the run's outputs (:class:`ReportInputs`; sections whose
+    input is None are left out)."""
+    r = inputs
+    explanations = r.explanations
     status = explanations["status"].to_list() if explanations is not None else None
     return ENV.get_template("page.html.j2").render(
-        run=run,
-        manifest=manifest,
-        codes=codes,
-        metrics=metrics,
-        sae=sae_view(metrics, heldout_ids),
-        curve=curve(log),
-        loss_recovered=None if loss_recovered is None else loss_recovered_view(loss_recovered),
-        selected=selected,
-        info=selected.get("info", {}),
+        run=r.run,
+        manifest=r.manifest,
+        codes=r.codes,
+        metrics=r.metrics,
+        sae=sae_view(r.metrics, r.heldout_ids),
+        curve=curve(r.log),
+        loss_recovered=None if r.loss_recovered is None else loss_recovered_view(r.loss_recovered),
+        selected=r.selected,
+        info=r.selected.get("info", {}),
         explanation_counts=None if status is None else {s: status.count(s) for s in
                                                         ("ok", "untagged", "no_explanation", "unparsed", "failed")},
-        cards=feature_cards(selected.get("features", []), stats, maps, contexts, maps_dir, explanations),
-        evaluation=None if evaluation is None else evaluation_view(evaluation),
-        scoring=None if scoring is None else scoring_view(scoring, scoring_table),
-        steering=None if steering is None else steering_view(steering),
-        attribution=None if attribution is None else attribution_view(attribution, attribution_dir or Path(".")),
-        neurons=None if neurons is None else neurons_view(**{k: v for k, v in neurons.items() if k != "data_url"}),
+        cards=feature_cards(r.selected.get("features", []), r.stats, r.maps, r.contexts, r.maps_dir, explanations),
+        evaluation=None if r.evaluation is None else evaluation_view(r.evaluation),
+        scoring=None if r.scoring is None else scoring_view(r.scoring, r.scoring_table),
+        steering=None if r.steering is None else steering_view(r.steering),
+        attribution=None if r.attribution is None else attribution_view(r.attribution, r.attribution_dir or Path(".")),
+        neurons=None if r.neurons is None else neurons_view(**{k: v for k, v in r.neurons.items() if k != "data_url"}),
     )
 
 
-__all__ = ["build_report"]
+__all__ = ["ReportInputs", "build_report"]

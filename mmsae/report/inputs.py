@@ -1,0 +1,52 @@
+"""What the report page is built from: one dataclass, so that a new section is one new field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+
+@dataclass
+class ReportInputs:
+    """The outputs of the run that :func:`mmsae.report.page.build_report` renders.
+
+    Required (every run has them):
+        manifest: the activation manifest (corpus.train: what the SAE was trained on).
+        metrics: the SAE's ``metrics.json``; log: its per-step training log (``log.parquet``).
+        stats: per-feature statistics (``stats.parquet``); selected: ``selected.json`` (features and
+            selection info).
+        maps, contexts: from :func:`mmsae.codes.maps.render_feature_maps`; maps_dir: where their PNGs are.
+        run: ``{"model": str, "demo": bool, "provenance": dict | None}``.
+
+    Optional (None: the section is left out; keys missing from an input show as "–"):
+        codes: the codes manifest (corpus.interpret: whose top activations the feature cards show).
+        heldout_ids: the SAE's held-out sample ids (``heldout.json``).
+        explanations: ``explanations.parquet``; steering: ``steering.parquet``.
+        attribution: ``summary.json`` of the attribution, with attribution_dir (its heatmaps).
+        neurons: keyword arguments of :func:`mmsae.report.sections.neurons_view`.
+        evaluation: Table 1's ``summary.json``; loss_recovered: ``loss_recovered.json``.
+        scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
+    """
+
+    manifest: dict
+    metrics: dict
+    log: pl.DataFrame
+    stats: pl.DataFrame
+    selected: dict
+    maps: pl.DataFrame
+    contexts: pl.DataFrame
+    maps_dir: Path
+    run: dict
+    codes: dict | None = None
+    heldout_ids: list | None = None
+    explanations: pl.DataFrame | None = None
+    steering: pl.DataFrame | None = None
+    attribution: dict | None = None
+    attribution_dir: Path | None = None
+    neurons: dict | None = None
+    evaluation: dict | None = None
+    loss_recovered: dict | None = None
+    scoring: dict | None = None
+    scoring_table: pl.DataFrame | None = None
