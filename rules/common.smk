@@ -2,6 +2,7 @@
 # rule's outputs depend on.
 from mmsae.extract.subsample import fractions_of, is_subsampling
 from mmsae.workflow.script_hash import script_hash
+from mmsae.explain import endpoints
 
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"
@@ -76,43 +77,18 @@ def explain_inputs(wildcards):
 
 
 def explainer_local_model():
-    return config["explain"]["local_model"] or model_path()
+    return endpoints.explainer_local_model(config, model_path())
 
 
 def explain_endpoint_params():
-    """What the explanations depend on, secrets excluded: the key's variable name, never its value."""
-    # concurrency, timeout_s, retries and api_key_env are read at run time (mmsae.core.job.endpoint_runtime)
-    return _endpoint(_explain_fields(), {})
-
-
-def _explain_fields():
-    e = config["explain"]
-    return {k: e[k] for k in ("server", "temperature", "max_tokens", "extra_body")}
-
-
-def _endpoint(out, overrides):
-    """``out`` with the set (non-None) ``overrides`` applied, the key's variable name excluded (read at
-    run time); then only the fields of its server kind: ``local_model`` for a local server (the
-    explainer's when none is set), else ``base_url`` and ``model`` (the explainer's when not set)."""
-    e = config["explain"]
-    out.update({k: v for k, v in overrides.items() if v is not None and k != "api_key_env"})
-    if out["server"] == "local":
-        out["local_model"] = out.get("local_model") or explainer_local_model()
-        out.pop("base_url", None), out.pop("model", None)
-    else:
-        out.setdefault("base_url", e["base_url"]), out.setdefault("model", e["model"])
-        out.pop("local_model", None)
-    return out
+    """What the explanations depend on, secrets excluded (:mod:`mmsae.explain.endpoints`)."""
+    return endpoints.explainer(config, model_path())
 
 
 def explain_prompt_params():
-    """The prompt's version and a hash of its text, so that changing either redoes the explanations."""
-    import hashlib
+    from mmsae.explain.prompts import prompt_params
 
-    from mmsae.explain.prompts import IMAGE_INSTRUCTION, PROMPT_VERSION, TEXT_INSTRUCTION
-
-    text = IMAGE_INSTRUCTION + TEXT_INSTRUCTION
-    return {"version": PROMPT_VERSION, "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    return prompt_params()
 
 
 STEERING = "results/steering"
@@ -155,33 +131,26 @@ def report_inputs(wildcards):
 
 
 def refiner_endpoint_params():
-    """The explainer's endpoint, with the fields that ``evaluate.refiner`` sets overriding it."""
-    return _endpoint(_explain_fields(), config["evaluate"]["refiner"])
+    return endpoints.refiner(config, model_path())
 
 
 def categorizer_endpoint_params():
-    """The refiner's endpoint, with the fields that ``evaluate.categorizer`` sets overriding it (the key's
-    variable name is read at run time, as the refiner's)."""
-    return _endpoint(refiner_endpoint_params(), config["evaluate"]["categorizer"])
+    return endpoints.categorizer(config, model_path())
 
 
 def refine_inputs(wildcards):
     uses = [refiner_endpoint_params(), categorizer_endpoint_params()]
-    return {"model": DEMO_MODEL_DIR} if any(e["server"] == "local" and e["local_model"] == DEMO_MODEL_DIR for e in uses) else {}
+    return {"model": DEMO_MODEL_DIR} if any(endpoints.uses_local_model(e, DEMO_MODEL_DIR) for e in uses) else {}
 
 
 def refine_prompt_params():
-    import hashlib
+    from mmsae.evaluate.refine import prompt_params
 
-    from mmsae.evaluate.refine import CATEGORY_PROMPT, REFINE_PROMPT, REFINE_VERSION
-
-    return {"version": REFINE_VERSION, "text_sha256": hashlib.sha256((REFINE_PROMPT + CATEGORY_PROMPT).encode()).hexdigest()[:16]}
+    return prompt_params()
 
 
 def scorer_endpoint_params():
-    """The explainer's endpoint, with the fields that ``scoring.scorer`` sets overriding it (the key's
-    variable name is read at run time)."""
-    return _endpoint(_explain_fields(), config["scoring"]["scorer"])
+    return endpoints.scorer(config, model_path())
 
 
 def scoring_inputs(wildcards):
@@ -197,18 +166,15 @@ def scoring_inputs(wildcards):
     }
     if config["evaluate"]["enabled"]:
         inputs["refined"] = f"{EVALUATION}/refined.parquet"
-    e = scorer_endpoint_params()
-    if e["server"] == "local" and e["local_model"] == DEMO_MODEL_DIR:
+    if endpoints.uses_local_model(scorer_endpoint_params(), DEMO_MODEL_DIR):
         inputs["model"] = DEMO_MODEL_DIR
     return inputs
 
 
 def scoring_prompt_params():
-    import hashlib
+    from mmsae.evaluate.scoring_prompts import prompt_params
 
-    from mmsae.evaluate.scoring_prompts import PROMPT_TEXTS, SCORING_VERSION
-
-    return {"version": SCORING_VERSION, "text_sha256": hashlib.sha256("".join(PROMPT_TEXTS).encode()).hexdigest()[:16]}
+    return prompt_params()
 
 
 def train_sae_inputs(wildcards):

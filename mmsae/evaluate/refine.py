@@ -85,3 +85,11 @@ def refine_all(refiner, categorizer, explanations: list[tuple[int, str]]) -> lis
     """:func:`refine_phrases` by the refiner, then :func:`label_categories` by the categorizer (the
     same object when they share an endpoint); the category is asked only for features with a phrase."""
     return label_categories(categorizer, refine_phrases(refiner, explanations))
+
+
+def prompt_params() -> dict:
+    """The prompt's version and a hash of its text: a rule's ``prompt`` param, so that changing either
+    redoes the answers."""
+    import hashlib
+
+    return {"version": REFINE_VERSION, "text_sha256": hashlib.sha256((REFINE_PROMPT + CATEGORY_PROMPT).encode()).hexdigest()[:16]}

@@ -220,3 +220,11 @@ def parse_predictions(text: str | None, n: int) -> tuple[list[int] | None, str]:
     if len(entries) != n or any(e not in _ENTRY for e in entries):
         return None, "malformed"
     return [_ENTRY[e] for e in entries], "ok"
+
+
+def prompt_params() -> dict:
+    """The prompt's version and a hash of its text: a rule's ``prompt`` param, so that changing either
+    redoes the answers."""
+    import hashlib
+
+    return {"version": SCORING_VERSION, "text_sha256": hashlib.sha256(("".join(PROMPT_TEXTS)).encode()).hexdigest()[:16]}

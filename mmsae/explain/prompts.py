@@ -93,3 +93,11 @@ def parse_response(text: str | None) -> tuple[str | None, str]:
     if UNABLE in explanation.lower():
         return None, "no_explanation"
     return explanation.rstrip("."), "ok"
+
+
+def prompt_params() -> dict:
+    """The prompt's version and a hash of its text: a rule's ``prompt`` param, so that changing either
+    redoes the answers."""
+    import hashlib
+
+    return {"version": PROMPT_VERSION, "text_sha256": hashlib.sha256((IMAGE_INSTRUCTION + TEXT_INSTRUCTION).encode()).hexdigest()[:16]}
