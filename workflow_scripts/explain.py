@@ -23,7 +23,7 @@ requests = build_requests(features, pl.read_parquet(sm.input.maps), pl.read_parq
 log.info("chunk %d/%d: %d features, %d with images or contexts", chunk, n_chunks, len(features), len(requests))
 
 cache = ResponseCache(sm.params.cache)
-with endpoint_session(e, server_log=sm.log[0] + ".server") as cfg:
+with endpoint_session(e, server_log=sm.log[0] + ".server", pid_dir=str(Path(sm.params.slots).parent / ".servers")) as cfg:
     explainer = Explainer(cfg, cache, slots_dir=sm.params.slots)
     table = explain_features(requests, explainer)
 cache.close()

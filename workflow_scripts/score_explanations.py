@@ -46,7 +46,8 @@ if any(t.messages is not None for t in tasks) and all_cached(tasks, cache, offli
     scorer = Explainer(offline, cache)
     table = score_tasks(tasks, scorer, categories)
 elif any(t.messages is not None for t in tasks):
-    with endpoint_session(endpoint, server_log=sm.log[0] + ".server") as cfg:
+    with endpoint_session(endpoint, server_log=sm.log[0] + ".server",
+                          pid_dir=str(Path(sm.params.slots).parent / ".servers")) as cfg:
         scorer = Explainer(cfg, cache, slots_dir=sm.params.slots)
         table = score_tasks(tasks, scorer, categories)
 else:

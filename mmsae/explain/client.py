@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +50,16 @@ class EndpointConfig:
         backoff_s: first wait before resending after a malformed 200 body; doubled each retry, with
             jitter, capped at ``max_backoff_s`` (HTTP errors wait by the openai client's schedule).
 
+        extra_body: passed through to the endpoint (e.g. ``generation_config`` for transformers serve).
+        start: for an endpoint that is started on demand (a local server): called, once, before the
+            first request that must go out; returns the ``base_url`` (which may be None until then).
+            An :class:`Explainer` whose every answer is cached never calls it.
+
     The defaults of the fields that mirror ``explain.*`` config keys are the schema's
     (``config/schema.yaml``); the workflow always passes them explicitly.
-        extra_body: passed through to the endpoint (e.g. ``generation_config`` for transformers serve).
     """
 
-    base_url: str
+    base_url: str | None
     model: str
     api_key_env: str | None = None
     temperature: float = 0.0
@@ -65,6 +70,15 @@ class EndpointConfig:
     backoff_s: float = 1.0
     max_backoff_s: float = 30.0
     extra_body: dict = field(default_factory=dict)
+    start: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+    def connect(self) -> str:
+        """The ``base_url``, starting the endpoint first when it is started on demand."""
+        if self.start is not None:
+            self.base_url, self.start = self.start(), None
+        if not self.base_url:
+            raise ValueError("EndpointConfig.base_url is not set and there is no start hook")
+        return self.base_url
 
     def sampling(self) -> dict:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "extra_body": self.extra_body}
@@ -218,14 +232,20 @@ class Explainer:
         return {**answer, "cached": False, "error": None, "attempts": sent}
 
     async def complete_all(self, requests: list[list[dict]]) -> list[dict]:
-        """Answers for many message lists, in order, concurrently (one event loop per call)."""
-        self.client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s,
+        """Answers for many message lists, in order, concurrently (one event loop per call).
+
+        When every answer is in the cache nothing is sent and the endpoint is not started
+        (:meth:`EndpointConfig.connect` is not called)."""
+        # identical requests in one batch are sent once
+        keys = [request_key(self.cfg.model, m, self.cfg.sampling()) for m in requests]
+        unique = {k: m for k, m in zip(keys, requests)}
+        if all(self.cache.get(k) is not None for k in unique):
+            answers = {k: await self.complete(m) for k, m in unique.items()}  # all from the cache
+            return [answers[k] for k in keys]
+        self.client = openai.AsyncOpenAI(base_url=self.cfg.connect(), api_key=self._key, timeout=self.cfg.timeout_s,
                                          max_retries=self.cfg.retries)
         self.sem = asyncio.Semaphore(self.cfg.concurrency)
         try:
-            # identical requests in one batch are sent once
-            keys = [request_key(self.cfg.model, m, self.cfg.sampling()) for m in requests]
-            unique = {k: m for k, m in zip(keys, requests)}
             answers = dict(zip(unique, await asyncio.gather(*(self.complete(m) for m in unique.values()))))
             return [answers[k] for k in keys]
         finally:
