@@ -33,7 +33,8 @@ def test_each_endpoint_inherits_from_the_one_above_and_never_carries_the_key():
     assert (e["base_url"], e["model"]) == ("http://e/v1", "big")
     assert (r["base_url"], r["model"]) == ("http://e/v1", "small")  # the refiner's model, the explainer's URL
     assert (c["model"], c["max_tokens"]) == ("small", 7)  # the categorizer inherits the refiner's, not the explainer's
-    assert s == {**{k: cfg["explain"][k] for k in endpoints.ANSWER_FIELDS}, "server": "local", "local_model": "/models/scorer"}
+    assert (s["server"], s["local_model"], s["temperature"]) == ("local", "/models/scorer", cfg["explain"]["temperature"])
+    assert "base_url" not in s and "model" not in s  # a local server: no remote fields inherited
     for ep in (e, r, c, s):
         assert "api_key_env" not in ep and "E_KEY" not in str(ep) and "R_KEY" not in str(ep)
 
