@@ -119,7 +119,7 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
         config_hash: identifies everything the codes depend on (kept in the manifest).
 
     Returns:
-        The manifest (also written to ``out_dir/manifest.json``): ``shards`` ({path, n_rows, n_tokens}),
+        The manifest (also written to ``out_dir/manifest.json``): ``shards`` ({path, n_rows, n_tokens, bytes}),
         ``n_samples``, ``n_tokens`` / ``n_image_tokens`` / ``n_text_tokens`` (tokens encoded: after
         ``base_view_only`` and without the excluded special tokens, so feature frequencies are over what
         is stored), ``exclude_token_ids`` and ``n_tokens_excluded`` (tokens left out by id), ``d_sae``, ``k``,
@@ -160,7 +160,8 @@ def encode_corpus(subject: SubjectModel, sae: TopKSAE, sae_cfg: dict, samples: l
         table = pa.concat_tables(pending)
         name = f"codes-{len(shards):05d}.parquet"
         write_parquet(out_dir / name, table, row_group_size=CODE_ROW_GROUP)
-        shards.append({"path": name, "n_rows": table.num_rows, "n_tokens": pending_tokens})
+        shards.append({"path": name, "n_rows": table.num_rows, "n_tokens": pending_tokens,
+                       "bytes": (out_dir / name).stat().st_size})  # checked by readers (mmsae.core.shards.shard_paths)
         log.info("wrote %s: %d tokens, %d code rows", name, pending_tokens, table.num_rows)
         pending, pending_tokens = [], 0
 

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from mmsae.codes.schema import CODE_SCHEMA, META_COLS
 from mmsae.core.io import write_json, write_parquet
 from mmsae.sae.model import TopKSAE
-from mmsae.core.shards import activation_dtype, decode_activations
+from mmsae.core.shards import activation_dtype, decode_activations, iter_batches
 
 CODE_ROW_GROUP = 65536
 
@@ -63,19 +62,22 @@ def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, 
     Each token contributes up to k rows ``(…, feature, activation)``; zero activations are dropped,
     and so are tokens whose ``token_id`` is in ``exclude_token_ids`` (the special tokens the SAE was
     trained without, as :func:`mmsae.codes.encode.encode_corpus` leaves them out).
-    Returns a manifest ``{"shards": [{"path", "n_rows", "n_tokens"}], "n_tokens", "n_image_tokens",
+    Returns a manifest ``{"shards": [{"path", "n_rows", "n_tokens", "bytes"}], "n_tokens", "n_image_tokens",
     "n_text_tokens", "n_tokens_excluded"}`` (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        mmsae.core.shards.ShardError: an activation shard is unreadable (named in the message).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = sae.W_enc.device
     entries, totals, n_excluded = [], {"image": 0, "text": 0}, 0
     for shard in tqdm(shards, desc="encode", unit="shard", disable=not progress):
-        pf = pq.ParquetFile(shard)
-        dtype = activation_dtype(pf.schema_arrow, str(shard))
+        dtype = None
         parts = []
         n_tokens = 0
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=META_COLS + ["token_id"] * bool(exclude_token_ids) + ["activation"]):
+        for pf, rb in iter_batches(shard, batch_size=batch_rows, columns=META_COLS + ["token_id"] * bool(exclude_token_ids) + ["activation"]):
+            dtype = dtype or activation_dtype(pf.schema_arrow, str(shard))
             if exclude_token_ids:
                 drop = np.isin(rb.column("token_id").to_numpy(zero_copy_only=False), exclude_token_ids)
                 n_excluded += int(drop.sum())
@@ -90,7 +92,7 @@ def encode_shards(sae: TopKSAE, shards: list[Path], out_dir: str | os.PathLike, 
         name = "codes-" + shard.stem.split("-")[-1] + ".parquet"
         table = pa.concat_tables(parts) if parts else CODE_SCHEMA.empty_table()
         write_parquet(out_dir / name, table, row_group_size=CODE_ROW_GROUP)
-        entries.append({"path": name, "n_rows": table.num_rows, "n_tokens": n_tokens})
+        entries.append({"path": name, "n_rows": table.num_rows, "n_tokens": n_tokens, "bytes": (out_dir / name).stat().st_size})
     manifest = {
         "shards": entries,
         "n_tokens": sum(totals.values()),

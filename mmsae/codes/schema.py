@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from mmsae.core.io import write_parquet
+from mmsae.core.shards import check_shard
 
 CODE_SCHEMA = pa.schema(
     [
@@ -42,7 +43,17 @@ text tokens than of image tokens (the selection's split, and the explain and ste
 
 
 def scan_codes(paths: list[Path]) -> pl.LazyFrame:
-    """A lazy frame over code shards (schema :data:`CODE_SCHEMA`), in the order of ``paths``."""
+    """A lazy frame over code shards (schema :data:`CODE_SCHEMA`), in the order of ``paths``.
+
+    Each file's footer is read first, so a damaged shard fails here, named, rather than in the
+    middle of a query with an error that does not say which file (pass paths from
+    :func:`mmsae.core.shards.shard_paths` to check sizes and row counts too).
+
+    Raises:
+        mmsae.core.shards.ShardError: a shard is missing or unreadable.
+    """
+    for p in paths:
+        check_shard(p)
     return pl.scan_parquet([str(p) for p in paths])
 
 

@@ -1,5 +1,10 @@
 """Activation and code shards on disk: schema, metadata, manifests, streamed reading.
 
+A manifest's shard entries record each file's size (``bytes``) and rows (``n_rows``, or for
+activation shards ``n_tokens``); :func:`shard_paths` checks them, and every reader error here is a
+:class:`ShardError` naming the file, so a truncated or replaced shard is reported as such instead of
+as a bare Parquet error.
+
 Kept apart from :mod:`mmsae.extract.run` so that stages that only read shards (SAE training,
 encoding, selection) need neither transformers nor image libraries.
 """
@@ -59,17 +64,101 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
     return activation_schema(d_model, dtype).append(pa.field("role", pa.dictionary(pa.int8(), pa.string())))
 
 
+class ShardError(ValueError):
+    """A shard (or a file of its unit) that is missing, unreadable, or not what its manifest
+    recorded; the message starts with the file's path."""
+
+
+_READ_ERRORS = (OSError, ValueError, pa.ArrowException)  # what pyarrow raises on a damaged file
+
+
+def expected_rows(entry: dict) -> int | None:
+    """The row count a manifest's shard entry records: ``n_rows`` (code shards), else ``n_tokens``
+    (activation shards hold one row per token); None when it records neither."""
+    return entry.get("n_rows", entry.get("n_tokens"))
+
+
+def check_shard(path: str | os.PathLike, entry: dict | None = None) -> pq.FileMetaData:
+    """Check that ``path`` is a readable Parquet file with the size and rows its manifest ``entry``
+    recorded (``bytes``, :func:`expected_rows`; each checked only when recorded).
+
+    Returns:
+        The file's Parquet metadata (footer).
+
+    Raises:
+        ShardError: missing, another size, unreadable footer, or another row count; the message
+            names the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ShardError(f"{path}: missing ({exc.strerror})") from exc
+    if entry and entry.get("bytes") is not None and size != entry["bytes"]:
+        raise ShardError(f"{path}: {size} bytes, but its manifest recorded {entry['bytes']} (truncated or replaced)")
+    try:
+        md = pq.read_metadata(path)
+    except _READ_ERRORS as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
+    rows = expected_rows(entry) if entry else None
+    if rows is not None and md.num_rows != rows:
+        raise ShardError(f"{path}: {md.num_rows} rows, but its manifest recorded {rows}")
+    return md
+
+
 def read_shard_meta(path: str | os.PathLike) -> dict:
-    """The ``mmsae`` metadata of an activation shard (model, hook point, d_model, config hash...)."""
-    meta = pq.read_schema(path).metadata or {}
+    """The ``mmsae`` metadata of an activation shard (model, hook point, d_model, config hash...).
+
+    Raises:
+        ShardError: the file is missing or unreadable (named in the message).
+    """
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except _READ_ERRORS as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
     return json.loads(meta.get(b"mmsae", b"{}"))
 
 
-def shard_paths(manifest_path: str | os.PathLike) -> list[Path]:
-    """Absolute paths of the shards listed in an activation (or code) manifest."""
+def shard_paths(manifest_path: str | os.PathLike, check: bool = True) -> list[Path]:
+    """Absolute paths of the shards listed in an activation (or code) manifest.
+
+    With ``check`` each shard is checked against its entry (:func:`check_shard`: present, readable,
+    same bytes and rows), reading only its footer.
+
+    Raises:
+        ShardError: a damaged shard, named with the manifest and what to rerun.
+    """
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())
-    return [manifest_path.parent / s["path"] for s in manifest["shards"]]
+    paths = []
+    for entry in manifest["shards"]:
+        path = manifest_path.parent / entry["path"]
+        if check:
+            try:
+                check_shard(path, entry)
+            except ShardError as exc:
+                raise ShardError(f"{exc} [listed in {manifest_path}; rerun the rule that wrote it: "
+                                 "extraction (and encoding) redo exactly the samples of damaged shards]") from exc
+        paths.append(path)
+    return paths
+
+
+def iter_batches(path: str | os.PathLike, **kwargs) -> Iterator[tuple[pq.ParquetFile, pa.RecordBatch]]:
+    """``(file, record batch)`` of a Parquet file (``kwargs`` go to ``ParquetFile.iter_batches``),
+    with every read error raised as a :class:`ShardError` naming the file."""
+    try:
+        pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(**kwargs)
+    except _READ_ERRORS as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
+    while True:
+        try:
+            rb = next(batches)
+        except StopIteration:
+            return
+        except _READ_ERRORS as exc:
+            raise ShardError(f"{path}: read failed ({exc})") from exc
+        yield pf, rb
 
 
 def activation_dtype(schema: pa.Schema, where: str = "shard") -> str:
@@ -122,11 +211,14 @@ def iter_activations(
     """Stream ``(activations [n, d_model] float32, {column: array [n]})`` from shards, in order.
 
     Memory is bounded by ``batch_rows`` whatever the number or size of shards.
+
+    Raises:
+        ShardError: a shard is unreadable (named in the message).
     """
     for path in paths:
-        pf = pq.ParquetFile(path)
-        dtype = activation_dtype(pf.schema_arrow, str(path))
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=["activation", *columns]):
+        dtype = None
+        for pf, rb in iter_batches(path, batch_size=batch_rows, columns=["activation", *columns]):
+            dtype = dtype or activation_dtype(pf.schema_arrow, str(path))
             x = decode_activations(rb.column("activation"), dtype)
             cols = {}
             for c in columns:
@@ -137,6 +229,13 @@ def iter_activations(
             yield x, cols
 
 
+def _read_table(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except _READ_ERRORS as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
 def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samples: bool = True) -> dict:
     """One manifest over several part manifests (activations or codes) in subfolders of ``out``'s folder.
 
@@ -144,8 +243,11 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
     concatenated; with ``samples``, the parts' ``samples.parquet`` are concatenated beside ``out``.
     Every other field must agree across parts (e.g. d_model, hook point, k).
 
+    Each part's shards are checked against its entries (:func:`check_shard`) first.
+
     Raises:
         ValueError: the parts disagree on a field that is not summed.
+        ShardError: a part's shard or samples table is damaged (named in the message).
     """
     out = Path(out)
     summed = {"n_samples", "n_tokens", "n_image_tokens", "n_text_tokens", "n_images_converted", "n_images_skipped", "n_images_used",
@@ -154,6 +256,7 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
     merged: dict = {"shards": [], "skipped": [], "converted": [], "parts": []}
     for part in map(Path, parts):
         m = json.loads(part.read_text())
+        shard_paths(part)  # a damaged shard fails here, named, not in a later stage
         rel = part.parent.relative_to(out.parent)
         merged["parts"].append(str(rel))
         merged["shards"] += [{**s, "path": str(rel / s["path"])} for s in m["shards"]]
@@ -172,7 +275,7 @@ def merge_manifests(parts: list[str | os.PathLike], out: str | os.PathLike, samp
                 merged[k] = v
     merged["n_shards"] = len(merged["shards"])
     if samples:
-        tables = [pq.read_table(Path(p).parent / "samples.parquet") for p in parts if (Path(p).parent / "samples.parquet").exists()]
+        tables = [_read_table(Path(p).parent / "samples.parquet") for p in parts if (Path(p).parent / "samples.parquet").exists()]
         if tables:
             write_parquet(out.parent / "samples.parquet", pa.concat_tables(tables))
     write_json(out, merged)

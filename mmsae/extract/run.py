@@ -4,7 +4,10 @@ Writes, per shard index N, a unit of two Parquet files: ``shard-N.parquet`` (sch
 ``shared/DESIGN.md``; one row per token, ``activation`` a ``fixed_size_list<float>[d_model]``) and
 then ``samples-N.parquet`` (one row per sample of that shard: prompt, image, status, token ids).
 The samples file is written last, so a unit is complete only when both files exist and carry the
-run's config hash. Once every sample is done, ``manifest.json``, ``vocab.parquet`` (each token id
+run's config hash; its metadata (``mmsae_unit``) records the shard's bytes and rows, and a unit whose
+files are unreadable or whose shard no longer has those bytes and rows (nor, when ``manifest.json``
+is still there, the bytes and rows it lists for both files) counts as incomplete: it is removed and
+its samples are extracted again, into the same shard index, so the result equals an undamaged run. Once every sample is done, ``manifest.json``, ``vocab.parquet`` (each token id
 seen, decoded once) and ``samples.parquet`` (all samples, with their token strings for readers) are
 written from the complete units only. A killed run resumes by skipping the samples of complete
 units with the same config hash; everything else in the folder that extraction writes (units of
@@ -31,6 +34,7 @@ shards are encoded and written in another (one shard in flight at most, so memor
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -38,6 +42,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +56,7 @@ from mmsae.extract.disk import check_free_space, expected_tokens, project_extrac
 from mmsae.extract.forward import forward_batches
 from mmsae.core.io import write_json, write_parquet
 from mmsae.models import SubjectModel, resolve_hook_point
-from mmsae.core.shards import read_shard_meta, shard_schema
+from mmsae.core.shards import ShardError, check_shard, read_shard_meta, shard_schema
 from mmsae.extract.storage import COUNTS, stored_rows
 from mmsae.extract.subsample import ROLES, fractions_of, is_subsampling
 
@@ -60,6 +65,7 @@ log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 2048
 UNIT = re.compile(r"^(shard|samples)-(\d+)\.parquet$")
 COUNTS_KEY = "mmsae_counts"  # per-shard counts (tokens seen/written, float16 clamps) in the shard's schema metadata
+UNIT_KEY = "mmsae_unit"  # the shard's bytes and rows, in its samples file's schema metadata
 # Hidden temporary files of io.atomic_path for what extraction writes (left behind by a kill).
 TEMP = re.compile(r"^\.(shard-\d+|samples-\d+|samples|manifest|vocab)\.")
 SUMMARY = ("manifest.json", "samples.parquet", "vocab.parquet")
@@ -112,11 +118,12 @@ SAMPLES_SCHEMA = pa.schema(
 class _ShardWriter:
     """Collects whole samples; each full shard is encoded and written (shard, then samples) in a thread."""
 
-    def __init__(self, out_dir: Path, schema: pa.Schema, meta: dict, shard_tokens: int, start_index: int):
+    def __init__(self, out_dir: Path, schema: pa.Schema, meta: dict, shard_tokens: int, indices: Iterator[int]):
         self.out_dir, self.meta, self.shard_tokens = out_dir, meta, shard_tokens
         self.schema = schema.with_metadata({"mmsae": json.dumps(meta)})
         self.samples_schema = SAMPLES_SCHEMA.with_metadata({"mmsae": json.dumps(meta)})
-        self.index = start_index
+        self.indices = indices  # free shard indices, in order (clean_outdated)
+        self.index = next(indices)
         self.rows: list[dict] = []
         self.samples: list[dict] = []
         self.n = 0
@@ -138,7 +145,7 @@ class _ShardWriter:
             return
         self.wait()
         self._pending = self._pool.submit(self._write, self.index, self.rows, self.samples, self.n, self.counts)
-        self.index += 1
+        self.index = next(self.indices)
         self.rows, self.samples, self.n, self.counts = [], [], 0, {}
 
     def wait(self) -> None:
@@ -185,52 +192,94 @@ class _ShardWriter:
         write_parquet(self.out_dir / f"shard-{name}.parquet", table, row_group_size=ROW_GROUP_ROWS,
                       use_dictionary=[n for n in table.column_names if n != "activation"],
                       use_byte_stream_split=["activation.list.element"])
-        write_parquet(self.out_dir / f"samples-{name}.parquet", pa.Table.from_pylist(samples, schema=self.samples_schema))
+        shard = self.out_dir / f"shard-{name}.parquet"
+        unit = {"shard_bytes": shard.stat().st_size, "shard_rows": table.num_rows}
+        schema = self.samples_schema.with_metadata({**self.samples_schema.metadata, UNIT_KEY: json.dumps(unit)})
+        write_parquet(self.out_dir / f"samples-{name}.parquet", pa.Table.from_pylist(samples, schema=schema))
         log.info("wrote shard %s: %d tokens, %d samples", name, n, len(samples))
 
 
-def complete_units(out_dir: Path, chash: str | None = None) -> list[tuple[Path, Path]]:
-    """``(shard, samples)`` pairs in ``out_dir`` that are complete (and made with ``chash``, if given)."""
+def _unit_problem(shard: Path, samples: Path, chash: str | None, entry: dict | None) -> str | None:
+    """Why the unit ``(shard, samples)`` is not complete and sound, or None when it is."""
+    if not samples.exists():
+        return "no samples file"
+    try:
+        shard_md = check_shard(shard, entry and {"bytes": entry.get("bytes"), "n_rows": entry.get("n_tokens")})
+        check_shard(samples, entry and {"bytes": entry.get("samples_bytes"), "n_rows": entry.get("samples_rows")})
+        if chash is not None and (read_shard_meta(shard).get("config_hash") != chash
+                                  or read_shard_meta(samples).get("config_hash") != chash):
+            return "another config"
+        unit = json.loads((pq.read_schema(samples).metadata or {}).get(UNIT_KEY.encode(), b"{}"))
+    except ShardError as exc:
+        return str(exc)
+    if unit and (shard.stat().st_size != unit["shard_bytes"] or shard_md.num_rows != unit["shard_rows"]):
+        return (f"{shard}: {shard.stat().st_size} bytes and {shard_md.num_rows} rows, but its samples file recorded "
+                f"{unit['shard_bytes']} and {unit['shard_rows']}")
+    return None
+
+
+def _manifest_entries(out_dir: Path) -> dict[str, dict]:
+    """The shard entries of ``out_dir/manifest.json`` by file name ({} when missing or unreadable)."""
+    try:
+        return {e["path"]: e for e in json.loads((out_dir / "manifest.json").read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def complete_units(out_dir: Path, chash: str | None = None, entries: dict[str, dict] | None = None) -> list[tuple[Path, Path]]:
+    """``(shard, samples)`` pairs in ``out_dir`` that are complete and sound (and made with
+    ``chash``, if given): both files readable, the shard with the bytes and rows its samples file
+    recorded, and, for a shard in ``entries`` (a manifest's entries by name), both files with the
+    bytes and rows listed there. Damaged units are logged (naming the file) and left out."""
     units = []
     for shard in sorted(out_dir.glob("shard-*.parquet")):
         samples = out_dir / shard.name.replace("shard-", "samples-")
-        if not samples.exists():
-            continue
-        if chash is not None and (read_shard_meta(shard).get("config_hash") != chash or read_shard_meta(samples).get("config_hash") != chash):
-            continue
-        units.append((shard, samples))
+        problem = _unit_problem(shard, samples, chash, (entries or {}).get(shard.name))
+        if problem is None:
+            units.append((shard, samples))
+        elif problem not in ("no samples file", "another config"):
+            log.warning("unit %s is damaged, its samples will be extracted again: %s", shard.name, problem)
     return units
 
 
-def clean_outdated(out_dir: Path, chash: str) -> tuple[set[str], int]:
-    """Keep only complete units made with ``chash``; remove every other file extraction writes.
+def clean_outdated(out_dir: Path, chash: str) -> tuple[set[str], Iterator[int]]:
+    """Keep only complete, sound units made with ``chash``; remove every other file extraction writes.
 
     Removed: units of another config hash, a shard without its samples file (or the reverse),
-    hidden temporary files left by a kill, and the summary files (rewritten at the end).
+    damaged units (:func:`complete_units`, checked also against ``manifest.json`` when it is
+    there), hidden temporary files left by a kill, and the summary files (rewritten at the end).
 
     Returns:
-        (sample ids already extracted, next free shard index).
+        (sample ids already extracted, the free shard indices in order: the gaps left by removed
+        units first, so redone samples land where they were, then those after the last kept unit).
     """
-    keep = complete_units(out_dir, chash)
+    keep = complete_units(out_dir, chash, _manifest_entries(out_dir))
     kept = {p.name for unit in keep for p in unit}
     done: set[str] = set()
     for shard, samples in keep:
-        ids = pq.read_table(samples, columns=["sample_id"]).column(0).to_pylist()
-        in_shard = pc.unique(pq.read_table(shard, columns=["sample_id"]).column(0)).to_pylist()
+        try:
+            ids = pq.read_table(samples, columns=["sample_id"]).column(0).to_pylist()
+            in_shard = pc.unique(pq.read_table(shard, columns=["sample_id"]).column(0)).to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            log.warning("unit %s is damaged, its samples will be extracted again: %s: %s", shard.name, shard, exc)
+            kept -= {shard.name, samples.name}
+            continue
         if not set(in_shard) <= set(ids):  # cannot happen with files written here; be safe (a subsample may write no row of a sample)
             log.warning("removing %s: its samples file disagrees with it", shard.name)
             kept -= {shard.name, samples.name}
             continue
         done.update(ids)
-    last = -1
+    used = set()
     for path in sorted(out_dir.iterdir()):
         name = path.name
         if name in kept:
-            last = max(last, int(UNIT.match(name).group(2)))
+            used.add(int(UNIT.match(name).group(2)))
         elif UNIT.match(name) or TEMP.match(name) or name in SUMMARY:
-            log.info("removing %s (another config, an unfinished unit, or a summary to rewrite)", name)
+            log.info("removing %s (another config, an unfinished or damaged unit, or a summary to rewrite)", name)
             path.unlink()
-    return done, last + 1
+    last = max(used, default=-1)
+    free = itertools.chain((i for i in range(last) if i not in used), itertools.count(last + 1))
+    return done, free
 
 
 def extract(
@@ -270,7 +319,7 @@ def extract(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = subject.model
     resolve_hook_point(model, cfg.hook_point)  # a bad hook point fails before any file is touched
-    done, next_index = clean_outdated(out_dir, config_hash)
+    done, free_indices = clean_outdated(out_dir, config_hash)
     todo = [s for s in samples if s.sample_id not in done]
     log.info("%d samples, %d already extracted, %d to do", len(samples), len(samples) - len(todo), len(todo))
 
@@ -292,7 +341,7 @@ def extract(
         "token_fraction": fractions,
         "seed": cfg.seed,
     }
-    writer = _ShardWriter(out_dir, shard_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, next_index)
+    writer = _ShardWriter(out_dir, shard_schema(d_model, cfg.dtype), meta, cfg.shard_tokens, free_indices)
     skipped: list[dict] = []
 
     # Special tokens other than the image placeholder (e.g. <|im_start|>, an attention sink whose norm
@@ -330,7 +379,7 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
     shards = []
     totals = {"image": 0, "text": 0}
     seen, written, counted = dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0), dict.fromkeys(COUNTS, 0)
-    for shard, _ in units:
+    for shard, samples_file in units:
         unit = json.loads((pq.read_schema(shard).metadata or {}).get(COUNTS_KEY.encode(), b"{}"))
         for r in ROLES:
             seen[r] += unit.get(f"seen_{r}", 0)
@@ -343,7 +392,9 @@ def write_manifest(out_dir: Path, meta: dict, skipped: list[dict], special_ids: 
         counts = {m: counts.get(m, 0) for m in totals}
         totals = {m: totals[m] + counts[m] for m in totals}
         shards.append({"path": shard.name, "n_tokens": len(mod), **{f"n_{m}_tokens": c for m, c in counts.items()},
-                       **{k: unit.get(k, 0) for k in COUNTS if k.startswith("n_float16")}})
+                       **{k: unit.get(k, 0) for k in COUNTS if k.startswith("n_float16")},
+                       "bytes": shard.stat().st_size, "samples_bytes": samples_file.stat().st_size,
+                       "samples_rows": pq.read_metadata(samples_file).num_rows})
     samples = pa.concat_tables([pq.read_table(s).replace_schema_metadata() for _, s in units]) if units else \
         SAMPLES_SCHEMA.empty_table()
     manifest = {
