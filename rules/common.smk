@@ -121,6 +121,9 @@ def report_inputs(wildcards):
     if config["scoring"]["enabled"] and config["explain"]["enabled"]:
         inputs["scoring"] = f"{EVALUATION}/scoring_summary.json"
         inputs["scoring_table"] = f"{EVALUATION}/scoring.parquet"
+    if config["features"]["crossmodal"]["enabled"]:
+        inputs["crossmodal"] = f"{FEATURES}/crossmodal.parquet"
+        inputs["crossmodal_examples"] = f"{FEATURES}/crossmodal_examples.parquet"
     if config["neurons"]["enabled"]:
         inputs["neuron_properties"] = f"{NEURONS}/properties.json"
         inputs["neuron_captions"] = f"{NEURONS}/captions.parquet"

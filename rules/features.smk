@@ -47,3 +47,28 @@ rule render_maps:
         "../envs/features.yaml"
     script:
         "../workflow_scripts/render_maps.py"
+
+
+rule crossmodal:
+    """Features active on the image and on the text of the same sample, against shuffled pairs."""
+    input:
+        codes=CODES,
+        samples=CODE_SAMPLES,  # the interpretation corpus's samples: each pair's image and tokens
+    output:
+        table=f"{FEATURES}/crossmodal.parquet",
+        examples=f"{FEATURES}/crossmodal_examples.parquet",
+    params:
+        crossmodal=config["features"]["crossmodal"],
+        threshold=config["features"]["map_threshold"],
+        script=script_hash_of("crossmodal.py"),
+    log:
+        "results/logs/crossmodal.log",
+    benchmark:
+        "results/benchmarks/crossmodal.tsv"
+    threads: 1
+    resources:
+        gpu=0,
+    conda:
+        "../envs/features.yaml"
+    script:
+        "../workflow_scripts/crossmodal.py"

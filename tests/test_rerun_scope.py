@@ -32,7 +32,8 @@ EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evalu
 REFINE = {"refine_explanations", "evaluate"} | SCORE  # scoring reads the refined categories
 SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
 MAPS = {"render_maps"} | EXPLAIN
-ENCODE = {"encode", "merge_codes"} | SELECT  # the interpretation corpus's codes and everything read from them
+CROSS = {"crossmodal"} | REPORT
+ENCODE = {"encode", "merge_codes"} | SELECT | CROSS  # the interpretation corpus's codes and everything read from them
 TRAIN = {"train_sae", "attribute", "loss_recovered"} | ENCODE
 EXTRACT = {"extract", "merge_activations"} | TRAIN
 FIND = {"find_neurons", "edit_neurons"} | REPORT
@@ -106,13 +107,19 @@ RERUNS: dict[str, set[str]] = {
     "loss_recovered.max_samples": {"loss_recovered"} | REPORT,
     "features.top_n": SELECT,
     "features.rank_by": SELECT,
-    "features.map_threshold": MAPS,
+    "features.map_threshold": MAPS | CROSS,  # also the cross-modal examples' highlight
     "features.select.mode": SELECT,
     "features.select.n": SELECT,
     "features.select.ids": SELECT,
     "features.select.min_samples": SELECT,
     "features.select.max_frequency": SELECT,
     "features.select.per_modality": SELECT,
+    "features.crossmodal.enabled": REPORT,  # the report's inputs change; nothing else
+    "features.crossmodal.threshold": CROSS,
+    "features.crossmodal.min_pairs": CROSS,
+    "features.crossmodal.n_boot": CROSS,
+    "features.crossmodal.seed": CROSS,
+    "features.crossmodal.show": CROSS,
     "explain.enabled": {"steer"} | REPORT,  # steer reads explanation words when there are explanations
     "explain.server": EXPLAIN,
     "explain.local_model": EXPLAIN,

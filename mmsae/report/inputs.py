@@ -28,6 +28,7 @@ class ReportInputs:
         neurons: keyword arguments of :func:`mmsae.report.sections.neurons_view`.
         evaluation: Table 1's ``summary.json``; loss_recovered: ``loss_recovered.json``.
         scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
+        crossmodal, crossmodal_examples: ``crossmodal.parquet`` and ``crossmodal_examples.parquet``.
     """
 
     manifest: dict
@@ -50,3 +51,5 @@ class ReportInputs:
     loss_recovered: dict | None = None
     scoring: dict | None = None
     scoring_table: pl.DataFrame | None = None
+    crossmodal: pl.DataFrame | None = None
+    crossmodal_examples: pl.DataFrame | None = None

@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader
 
 from mmsae.report.sections import (attribution_view, evaluation_view, feature_cards, loss_recovered_view, neurons_view,
                                    sae_view, steering_view)
+from mmsae.report.crossmodal import crossmodal_view
 from mmsae.report.inputs import ReportInputs
 from mmsae.report.scoring import scoring_view
 from mmsae.report.views import curve, data_url, fmt, num
@@ -50,6 +51,7 @@ def build_report(inputs: ReportInputs) -> str:
         scoring=None if r.scoring is None else scoring_view(r.scoring, r.scoring_table),
         steering=None if r.steering is None else steering_view(r.steering),
         attribution=None if r.attribution is None else attribution_view(r.attribution, r.attribution_dir or Path(".")),
+        crossmodal=None if r.crossmodal is None else crossmodal_view(r.crossmodal, r.crossmodal_examples),
         neurons=None if r.neurons is None else neurons_view(**{k: v for k, v in r.neurons.items() if k != "data_url"}),
     )
 
