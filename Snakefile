@@ -1,5 +1,6 @@
 # mmsae: sparse autoencoders for large multimodal models.
 # Run: snakemake --cores all   (config.yaml describes the run; config/schema.yaml documents every key)
+import os
 import sys
 
 from snakemake.utils import min_version, validate
@@ -7,6 +8,8 @@ from snakemake.utils import min_version, validate
 from mmsae.workflow.config_check import config_errors, normalise_corpus
 
 min_version("9.0")
+# envs/*.yaml install this checkout as -e ${MMSAE_ROOT}[<stage>] (--sdm conda runs pip from .snakemake/conda/)
+os.environ.setdefault("MMSAE_ROOT", workflow.basedir)
 
 
 configfile: "config.yaml"
