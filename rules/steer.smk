@@ -13,7 +13,7 @@ rule steer:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         hook_point=config["model"]["hook_point"],
-        steer=keys("steer", "features", "match", "auto", "prompts", "values", "scale", "positions", "mode", "max_new_tokens", "success_max_ppl_ratio"),
+        steer=keys("steer", "features", "match", "auto", "auto_pick", "prompts", "values", "scale", "positions", "mode", "max_new_tokens", "success_max_ppl_ratio"),
         script=script_hash_of("steer.py"),
     log:
         "results/logs/steer.log",

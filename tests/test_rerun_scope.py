@@ -138,6 +138,7 @@ RERUNS: dict[str, set[str]] = {
     "steer.features": {"steer"} | REPORT,
     "steer.match": {"steer"} | REPORT,
     "steer.auto": {"steer"} | REPORT,
+    "steer.auto_pick": {"steer"} | REPORT,
     "steer.prompts": {"steer"} | REPORT,
     "steer.values": {"steer"} | REPORT,
     "steer.scale": {"steer"} | REPORT,

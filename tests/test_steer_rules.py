@@ -231,3 +231,23 @@ def test_sweep_with_keep_special_leaves_special_positions_unsteered(tiny_llava_d
         assert rows[0]["special_tokens_steered"] is (not keep)
         assert torch.equal(x[0, special], x[1, special]) is keep
         assert not torch.equal(x[0, ~special], x[1, ~special])
+
+
+def test_token_level_features_peak_on_one_content_word():
+    """Steering's automatic pick: a feature whose top contexts peak on the same content word
+    qualifies; one that peaks on template tokens or on scattered words does not."""
+    import polars as pl
+
+    from mmsae.interventions.verdict import token_level_features
+
+    ctx = pl.DataFrame({
+        "feature": [1, 1, 1, 2, 2, 2, 3, 3, 3, 4],
+        "tokens": [["the", " Dogs", "ran"], ["a", " dog", "x"], [" dog", "!"],       # 1: 'dog' in 2 of 3, 'dogs' once
+                   ["<|im_start|>", "user"], ["<|im_start|>", "x"], ["\n", "y"],      # 2: template tokens
+                   [" river"], [" piano"], [" apple"],                                  # 3: a different word each time
+                   [" cat"]],                                                           # 4: one context only
+        "focus": [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    })
+    picked = token_level_features(ctx, [2, 3, 1, 4], n=2)
+    assert picked == [(1, "dog", pytest.approx(2 / 3))]
+    assert token_level_features(ctx, [1], n=1, min_share=0.9) == []

@@ -14,7 +14,7 @@ from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
 from mmsae.sae.io import check_hook_point
 from mmsae.interventions.steer import SweepConfig, features_matching, steering_sweep
-from mmsae.interventions.verdict import feature_words
+from mmsae.interventions.verdict import feature_words, token_level_features
 from mmsae.codes.schema import TEXT_DOMINANT
 from mmsae.core.job import setup
 
@@ -32,7 +32,13 @@ elif st["match"]:
     log.info("features whose explanation matches %s: %s", st["match"], features)
 else:
     text_dom = set(stats.filter(TEXT_DOMINANT)["feature"])
-    features = [f for f in selected if f in text_dom][: st["auto"]]
+    candidates = [f for f in selected if f in text_dom]
+    picked = token_level_features(contexts, candidates, st["auto"]) if st["auto_pick"] == "token_level" else []
+    log.info("token-level text features (top contexts peak on one content word): %s",
+             ", ".join(f"{f} ({w!r}, {share:.0%})" for f, w, share in picked) or "none")
+    features = [f for f, _w, _s in picked] or candidates[: st["auto"]]
+    if not picked:
+        log.info("steering the first %d text-dominant selected features instead: %s", st["auto"], features)
 subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
 sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
 hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE

@@ -147,3 +147,38 @@ def continuation_perplexity(model: nn.Module, inputs: dict, continuation: torch.
         logits.append(out.logits[0].float())
     nll = torch.nn.functional.cross_entropy(torch.cat(logits), cont[0], reduction="mean")
     return float(nll.exp())
+
+
+SPECIAL_TOKEN = re.compile(r"^\s*<[^<>]*>\s*$")
+"""A token spelled as a markup tag (``<|im_start|>``, ``<image>``, ``</s>``): a template token, never a word."""
+
+
+def token_level_features(contexts, candidates: list[int], n: int, min_share: float = 0.6) -> list[tuple[int, str, float]]:
+    """The first ``n`` of ``candidates`` whose top text contexts peak on one content word: the
+    features steering can visibly move text toward (a feature that peaks on chat-template tokens or
+    punctuation changes text in ways no word can judge).
+
+    Args:
+        contexts: ``contexts.parquet`` (feature, tokens, focus): each top context's peak token.
+        candidates: feature ids in order of preference (e.g. the selected text-dominant features).
+        min_share: the share of a feature's top contexts whose peak token is the same content word
+            (:func:`content_words`; at least 2 contexts).
+
+    Returns:
+        ``(feature, word, share)`` for each chosen feature, in ``candidates`` order.
+    """
+    out = []
+    for f in candidates:
+        rows = contexts.filter(contexts["feature"] == f)
+        peaks = [None if SPECIAL_TOKEN.match(t) else (content_words(t) or [None])[0]
+                 for t in (r["tokens"][r["focus"]] for r in rows.iter_rows(named=True))]
+        words = [w for w in peaks if w is not None]
+        if len(peaks) < 2 or not words:
+            continue
+        word = max(sorted(set(words)), key=words.count)
+        share = words.count(word) / len(peaks)
+        if share >= min_share:
+            out.append((f, word, share))
+        if len(out) == n:
+            break
+    return out
