@@ -70,6 +70,7 @@ def explain_inputs(wildcards):
         "contexts": f"{MAPS}/contexts.parquet",
         "selected": f"{FEATURES}/selected.json",
         "stats": f"{FEATURES}/stats.parquet",
+        "top": f"{FEATURES}/top_samples.parquet",  # the shown contexts' token indices
     }
     if config["explain"]["server"] == "local" and explainer_local_model() == DEMO_MODEL_DIR:
         inputs["model"] = DEMO_MODEL_DIR
@@ -177,7 +178,7 @@ def scoring_inputs(wildcards):
 def scoring_prompt_params():
     from mmsae.evaluate.scoring_prompts import prompt_params
 
-    return prompt_params()
+    return prompt_params(config["scoring"]["prompts"], config["scoring"]["mode"])
 
 
 def train_sae_inputs(wildcards):

@@ -55,7 +55,7 @@ rule evaluate:
 
 
 rule score_explanations:
-    """Detection and fuzzing scores of each explanation and of a shuffled one (delphi's scorers, our endpoint)."""
+    """Detection and fuzzing scores (after delphi) of each explanation and a shuffled one, on held-out examples."""
     input:
         unpack(scoring_inputs),
     output:
@@ -64,7 +64,8 @@ rule score_explanations:
     params:
         endpoint=scorer_endpoint_params(),
         prompt=scoring_prompt_params(),
-        scoring=keys("scoring", "n_examples", "max_features", "seed", "include_untagged", "fuzz_threshold"),
+        scoring=keys("scoring", "n_examples", "max_features", "seed", "include_untagged", "fuzz_threshold",
+                     "n_quantiles", "per_quantile", "mode", "top_logprobs", "prompts"),
         script=script_hash_of("score_explanations.py"),
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",

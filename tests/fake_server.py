@@ -12,6 +12,7 @@ saw (and the client's retry-count header), and the largest number of requests in
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -23,8 +24,10 @@ class FakeEndpoint:
     """Start with ``with FakeEndpoint(...) as ep:``; ``ep.base_url`` is ``http://127.0.0.1:PORT/v1``."""
 
     def __init__(self, script: list | None = None, default="ok", latency_s: float = 0.0,
-                 reply: str | Callable[[dict], str] = "[EXPLANATION]: red circles"):
+                 reply: str | Callable[[dict], str] = "[EXPLANATION]: red circles",
+                 logprobs: Callable[[dict], dict[str, float]] | None = None):
         self.script, self.default, self.latency_s, self.reply = list(script or []), default, latency_s, reply
+        self.logprobs = logprobs
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -91,6 +94,10 @@ class FakeEndpoint:
                             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ep.reply(body) if callable(ep.reply) else ep.reply}}],
                             "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
                         }
+                        if ep.logprobs is not None and body.get("logprobs"):
+                            probs = sorted(ep.logprobs(body).items(), key=lambda kv: -kv[1])
+                            top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs]
+                            payload["choices"][0]["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
                         self._send(200, json.dumps(payload).encode())
                     elif kind == "garbage":
                         self._send(200, b"<html>definitely not json")

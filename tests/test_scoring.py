@@ -106,28 +106,31 @@ def make_tables(root: Path, n_per_word: int = 5, n_neutral: int = 8, seed: int =
     pl.DataFrame(samples, schema={"sample_id": pl.String, "image_path": pl.String,
                                   "tokens": pl.List(pl.String)}).write_parquet(root / "samples.parquet")
     pl.DataFrame(contexts).write_parquet(root / "contexts.parquet")
-    expl = [{"feature": f, "kind": "text", "status": "ok", "explanation": f"the word{w}"} for f, w in WORDS.items()]
+    shown = {f: [{"sample_id": c["sample_id"], "token_index": 0} for c in contexts if c["feature"] == f and c["rank"] >= n_per_word - 2]
+             for f in WORDS}  # the explainer saw each word's two highest-activating samples
+    expl = [{"feature": f, "kind": "text", "status": "ok", "explanation": f"the word{w}", "shown_examples": shown[f]}
+            for f, w in WORDS.items()]
     pl.DataFrame(expl).write_parquet(root / "explanations.parquet")
 
 
-def load_tasks(root: Path, n_examples: int = 6, seed: int = 0):
+def load_tasks(root: Path, n_examples: int = 6, seed: int = 0, mode: str = "batch"):
     """The scorer requests for the synthetic tables (what the rule's script does before sending)."""
     from mmsae.codes.schema import scan_codes
     from mmsae.core.shards import shard_paths
     explained = explained_features(pl.read_parquet(root / "explanations.parquet"), True, None)
-    maps = pl.DataFrame(schema={"feature": pl.Int32, "rank": pl.Int16, "sample_id": pl.String, "highlight": pl.String,
-                                "n_active_patches": pl.Int32})
-    ex = collect_examples(explained, contexts=pl.read_parquet(root / "contexts.parquet"), maps=maps, maps_dir=root,
+    expl = pl.read_parquet(root / "explanations.parquet")
+    shown = {f: {e["sample_id"] for e in ex} for f, ex in zip(expl["feature"].to_list(), expl["shown_examples"].to_list())}
+    ex = collect_examples(explained, shown=shown, contexts=pl.read_parquet(root / "contexts.parquet"),
                           codes=scan_codes(shard_paths(root / "codes" / "manifest.json")),
-                          samples=pl.read_parquet(root / "samples.parquet"), n_examples=n_examples, seed=seed, side=1)
-    return build_tasks(explained, ex, seed)
+                          samples=pl.read_parquet(root / "samples.parquet"), seed=seed, side=1)
+    return build_tasks(explained, ex, seed, batch_size=n_examples, mode=mode)
 
 
 def oracle(body: dict) -> str:
     """A scorer that is right when the explanation is: 'the word X' -> 1 for an example containing X
     (detection), or whose every marked span contains X (fuzzing)."""
     prompt = body["messages"][-1]["content"]
-    word = re.search(r"Latent explanation: the word (\S+)", prompt).group(1)
+    word = re.search(r"Feature description: the word (\S+)", prompt).group(1)
     fuzz = "<<" in body["messages"][0]["content"]
     out = []
     for line in re.findall(r"^Example \d+: (.*)$", prompt, re.M):
@@ -247,9 +250,10 @@ def _png(path: Path, colour) -> None:
     Image.new("RGB", (32, 32), colour).save(path)
 
 
-def test_image_examples_plain_for_detection_highlighted_for_fuzzing(tmp_path):
-    """Detection shows the top images and inactive ones unhighlighted; fuzzing the map's highlight
-    for the top images and a random region on inactive ones."""
+def test_image_examples_held_out_plain_for_detection_highlighted_for_fuzzing(tmp_path):
+    """The image the explainer saw (s1) is never a test example; the held-out active image (s0) is
+    shown plain for detection and with its activated region highlighted for fuzzing; inactive
+    images plain, and with a random region highlighted."""
     imgs = []
     for i in range(6):
         arr = np.full((32, 32, 3), 40 * i, np.uint8)
@@ -261,54 +265,65 @@ def test_image_examples_plain_for_detection_highlighted_for_fuzzing(tmp_path):
                             "tokens": [["<image>", " hi"]] * 6})
     codes = pl.DataFrame({"sample_id": ["s0", "s1"], "token_index": [0, 0], "modality": ["image", "image"],
                           "view": [0, 0], "patch_row": [0, 0], "patch_col": [0, 0], "feature": [7, 7],
-                          "activation": [1.0, 2.0]}).lazy()
-    (tmp_path / "maps").mkdir()
-    for r, s in enumerate(["s1", "s0"]):
-        _png(tmp_path / "maps" / f"{r}.png", (255, 0, 0))
-    maps = pl.DataFrame({"feature": [7, 7], "rank": [0, 1], "sample_id": ["s1", "s0"],
-                         "highlight": ["0.png", "1.png"], "n_active_patches": [1, 1]})
-    ex = collect_examples([(7, "image", "bright tops")], contexts=pl.DataFrame(), maps=maps, maps_dir=tmp_path / "maps",
-                          codes=codes, samples=samples, n_examples=4, seed=0, side=2)
+                          "activation": [1.0, 2.0]}, schema_overrides={"view": pl.Int16, "patch_row": pl.Int16,
+                                                                      "patch_col": pl.Int16, "feature": pl.Int32}).lazy()
+    ex = collect_examples([(7, "image", "bright tops")], shown={7: {"s1"}}, contexts=pl.DataFrame(), codes=codes,
+                          samples=samples, seed=0, side=2)
     det, fuzz = ex[(7, "detection")], ex[(7, "fuzzing")]
-    assert [y for _, y in det] == [1, 1, 0, 0] and [y for _, y in fuzz] == [1, 1, 0, 0]
-    decoded = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b, _ in det]
+    assert [e.label for e in det] == [1, 0] and [e.label for e in fuzz] == [1, 0]
+    assert det[0].sample_id == "s0" and det[0].token_index == -1 and "s1" not in {e.sample_id for e in det}
+    decoded = [np.asarray(Image.open(io.BytesIO(e.payload)).convert("RGB")) for e in det]
     originals = [np.asarray(Image.open(p).convert("RGB")) for p in imgs]
-    assert np.array_equal(decoded[0], originals[1]) and np.array_equal(decoded[1], originals[0])  # plain top images
-    for d in decoded[2:]:  # inactive images (not s0, s1), plain
-        assert any(np.array_equal(d, o) for o in originals[2:])
-    assert fuzz[0][0] == (tmp_path / "maps" / "0.png").read_bytes()  # the map's own highlight
-    for (b, _), (plain, _) in zip(fuzz[2:], det[2:]):  # a random region kept, the rest darkened
-        h, p = np.asarray(Image.open(io.BytesIO(b))).astype(int), np.asarray(Image.open(io.BytesIO(plain))).astype(int)
+    assert np.array_equal(decoded[0], originals[0])  # the plain held-out image
+    assert any(np.array_equal(decoded[1], o) for o in originals[2:])  # an inactive image, plain
+    for f, d in zip(fuzz, det):  # highlighted: part kept, the rest darkened
+        h, p = np.asarray(Image.open(io.BytesIO(f.payload))).astype(int), np.asarray(Image.open(io.BytesIO(d.payload))).astype(int)
         assert (h <= p).all() and (h < p).any()
     tasks = build_tasks([(7, "image", "bright tops"), (8, "image", "x")], ex, 0)
     msgs = [t for t in tasks if t.feature == 7 and t.method == "detection" and t.kind == "real"][0].messages
-    assert sum(c["type"] == "image_url" for c in msgs[-1]["content"]) == 4
+    assert sum(c["type"] == "image_url" for c in msgs[-1]["content"]) == 2
     assert [t.messages for t in tasks if t.feature == 8] == [None] * 4  # no examples: nothing to send
 
 
-def test_report_section_shows_real_vs_shuffled_per_method_and_feature(tmp_path):
+def test_report_section_shows_pooled_and_per_feature_real_vs_shuffled(tmp_path):
+    """Pooled balanced accuracy (confusion counts summed over features) equals a hand count, and the
+    per-feature mean is beside it, in the summary and in the report."""
     from mmsae.evaluate.scoring import SCORING_SCHEMA
     from mmsae.report.page import ReportInputs, build_report
     from report_inputs import EVIL, inputs
     import pyarrow as pa
 
-    def row(f, method, kind, ba, status="ok", of=None):
+    def row(f, method, kind, labels, preds, status="ok", of=None, batch=0):
         return {"feature": f, "modality": "text", "category": "object", "method": method, "explanation_kind": kind,
-                "explanation": f"word {f} {EVIL}", "explanation_of": of if of is not None else f, "n_examples": 6,
-                "n_activating": 3, "n_predicted": 6 if ba is not None else 0, "balanced_accuracy": ba,
-                "labels": [1, 1, 1, 0, 0, 0], "predictions": None, "status": status, "error": None,
+                "explanation": f"word {f} {EVIL}", "explanation_of": of if of is not None else f, "mode": "batch",
+                "batch": batch, "examples": [], "n_examples": len(labels), "n_activating": sum(labels),
+                "n_predicted": len(preds) if preds else 0, "balanced_accuracy": balanced_accuracy(labels, preds) if preds else None,
+                "labels": labels, "predictions": preds, "probabilities": None, "status": status, "error": None,
                 "raw_response": None, "cached": False, "latency_s": None, "prompt_tokens": None,
-                "completion_tokens": None, "scorer_model": "m", "prompt_version": "v1"}
-    rows = [row(9, "detection", "real", 0.875), row(9, "detection", "shuffled", 0.25, of=7),
-            row(9, "fuzzing", "real", None, "malformed"), row(9, "fuzzing", "shuffled", 0.5, of=7),
-            row(7, "detection", "real", 0.625), row(7, "detection", "shuffled", 0.375, of=9),
-            row(7, "fuzzing", "real", 1.0), row(7, "fuzzing", "shuffled", 0.5, of=9)]
+                "completion_tokens": None, "scorer_model": "m", "prompt_version": "v2", "prompts": "ours"}
+    rows = [row(9, "detection", "real", [1, 1, 0, 0], [1, 1, 0, 0]),                       # feature 9: 1.0
+            row(7, "detection", "real", [1, 1, 1], [1, 0, 0]),                             # feature 7, two requests:
+            row(7, "detection", "real", [1, 0, 0], [0, 0, 0], batch=1),                    #   TPR 1/4, TNR 2/2: 0.625
+            row(9, "detection", "shuffled", [1, 1, 0, 0], [0, 0, 0, 0], of=7),
+            row(7, "detection", "shuffled", [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], of=9),
+            row(9, "fuzzing", "real", [1, 0], None, "malformed"), row(9, "fuzzing", "shuffled", [1, 0], [1, 0], of=7),
+            row(7, "fuzzing", "real", [1, 0], [1, 0]), row(7, "fuzzing", "shuffled", [1, 0], [1, 1], of=9)]
     table = pa.Table.from_pylist(rows, schema=SCORING_SCHEMA)
-    page = build_report(ReportInputs(**inputs(tmp_path), scoring=summarise(table), scoring_table=pl.from_arrow(table)))
+    summary = summarise(table)
+    g = {(x["method"], x["explanation_kind"]): x for x in summary["overall"]}
+    real = g[("detection", "real")]
+    # hand count: TP 2+1, FN 0+3, TN 2+2, FP 0 -> (3/6 + 4/4) / 2
+    assert real["confusion"] == {"tp": 3, "fn": 3, "tn": 4, "fp": 0}
+    assert real["pooled_balanced_accuracy"] == pytest.approx(0.75)
+    assert real["mean_balanced_accuracy"] == pytest.approx((1.0 + 0.625) / 2)
+    assert g[("detection", "shuffled")]["pooled_balanced_accuracy"] == pytest.approx((0 / 6 + 2 / 4) / 2)
+    assert g[("fuzzing", "real")]["n_failed"] == 1 and g[("fuzzing", "real")]["n_features_scored"] == 1
+    page = build_report(ReportInputs(**inputs(tmp_path), scoring=summary, scoring_table=pl.from_arrow(table)))
     section = page.split("id=scoring>")[1]
     assert EVIL not in page
-    assert "0.750" in section and "0.312" in section  # detection means: real (0.875+0.625)/2, shuffled (0.25+0.375)/2
+    assert "0.750 · 0.812" in section  # pooled · per-feature mean
     assert "1 failed" in section and "malformed" in section  # feature 9's fuzzing answer, not counted
+    assert "0.62" in section  # feature 7's detection score over its two requests
     assert "category: object" in section and "(shuffled: feature 7's)" in section
     assert "Explanation scoring" not in build_report(ReportInputs(**inputs(tmp_path)))  # no scoring input: no section
 
@@ -322,3 +337,118 @@ def test_a_remote_scorer_without_a_url_is_a_config_error():
     assert any("scoring.scorer.base_url" in e for e in config_errors(cfg))
     cfg["scoring"]["scorer"]["base_url"] = "http://127.0.0.1:9/v1"
     assert not any("scoring" in e for e in config_errors(cfg))
+
+
+def test_held_out_examples_disjoint_from_shown_and_span_quantiles(tmp_path):
+    """From the written files: scored activating examples never include a sample the explainer was
+    shown, and one is drawn from each activation-quantile bin (bins computed independently with
+    numpy quantile edges over the held-out samples' per-sample max activation)."""
+    from mmsae.core.io import write_parquet
+    from mmsae.explain.batch import EXPLANATION_SCHEMA
+    import pyarrow as pa
+    rng = np.random.default_rng(3)
+    samples, codes = [], []
+    for k in range(40):  # feature 5 fires on a few tokens of each sample; its per-sample max is planted
+        tokens = [FILLER[i] for i in rng.integers(len(FILLER), size=20)]
+        samples.append({"sample_id": f"t{k:02d}", "image_path": None, "tokens": tokens})
+        for j, a in ((3, 0.5), (8, 1.0 + k + 0.1 * (k % 3)), (12, 0.7)):
+            codes.append({"sample_id": f"t{k:02d}", "token_index": j, "modality": "text", "view": -1, "patch_row": None,
+                          "patch_col": None, "feature": 5, "activation": a})
+    for k in range(30):
+        samples.append({"sample_id": f"z{k:02d}", "image_path": None, "tokens": [FILLER[i] for i in rng.integers(len(FILLER), size=20)]})
+    codes_df = pl.DataFrame(codes, schema={"sample_id": pl.String, "token_index": pl.Int32, "modality": pl.String, "view": pl.Int16,
+                                           "patch_row": pl.Int16, "patch_col": pl.Int16, "feature": pl.Int32, "activation": pl.Float32})
+    shown_ids = [f"t{k:02d}" for k in range(35, 40)]  # the top 5 by activation, as the explainer saw them
+    row = {c: None for c in EXPLANATION_SCHEMA.names}
+    row.update(feature=5, kind="text", status="ok", explanation="filler words", n_inputs=5,
+               shown_examples=[{"sample_id": s, "token_index": 8} for s in shown_ids])
+    write_parquet(tmp_path / "explanations.parquet", pa.Table.from_pylist([row], schema=EXPLANATION_SCHEMA))
+    expl = pl.read_parquet(tmp_path / "explanations.parquet")
+    shown = {5: {e["sample_id"] for e in expl["shown_examples"][0]}}
+    ex = collect_examples([(5, "text", "filler words")], shown=shown, contexts=pl.DataFrame(), codes=codes_df.lazy(),
+                          samples=pl.DataFrame(samples), seed=0, side=1, n_quantiles=5, per_quantile=1)
+    tasks = build_tasks([(5, "text", "filler words")], ex, 0, batch_size=4)
+    with FakeEndpoint(reply=lambda body: "[" + ",".join(["1"] * body["messages"][-1]["content"].count("Example ")) + "]") as ep:
+        write_parquet(tmp_path / "scoring.parquet", score_tasks(tasks, scorer(ep.base_url, tmp_path)))
+    scored = pl.read_parquet(tmp_path / "scoring.parquet")
+    assert scored["status"].to_list() == ["ok"] * scored.height and scored["batch"].max() >= 1  # several requests
+    shown_file = {e["sample_id"] for e in pl.read_parquet(tmp_path / "explanations.parquet")["shown_examples"][0]}
+    examples = scored.select("method", "examples").explode("examples").unnest("examples")
+    active = examples.filter(pl.col("activating"))
+    assert set(active["sample_id"]).isdisjoint(shown_file)
+    held = codes_df.filter(~pl.col("sample_id").is_in(shown_ids)).group_by("sample_id").agg(pl.col("activation").max())
+    edges = np.quantile(held["activation"].to_numpy(), [0.2, 0.4, 0.6, 0.8])
+    bin_of = dict(zip(held["sample_id"], np.digitize(held["activation"].to_numpy(), edges, right=True)))
+    for method in ("detection", "fuzzing"):
+        ids = active.filter(pl.col("method") == method)["sample_id"].to_list()
+        assert sorted(bin_of[s] for s in ids) == [0, 1, 2, 3, 4]  # one per quantile bin
+        focus = active.filter(pl.col("method") == method)["token_index"].to_list()
+        assert focus == [8] * 5  # the window's focus: each sample's max-activating token
+    neg = examples.filter(~pl.col("activating"))
+    assert neg.height == 10 and not set(neg["sample_id"]) & set(codes_df["sample_id"])  # feature 0 there
+
+
+def test_logprob_mode_scores_p_of_one_and_auroc_matches_hand_count(tmp_path):
+    """One example per request, a one-token answer; P("1") normalised over {"0", "1"} from the
+    scripted top_logprobs; AUROC and balanced accuracy at 0.5 equal hand computations."""
+    from mmsae.evaluate.scoring_examples import Example
+    p_of = {"alpha": 0.9, "beta": 0.4, "gamma": 0.6, "delta": 0.1}
+    ex = {(3, "detection"): [Example("alpha", 1, "a", 0), Example("beta", 1, "b", 0),
+                             Example("gamma", 0, "c", 0), Example("delta", 0, "d", 0)]}
+    tasks = build_tasks([(3, "text", "greek letters")], ex, 0, mode="logprob")
+    tasks = [t for t in tasks if t.messages is not None]
+    assert len(tasks) == 4 and all(len(t.examples) == 1 for t in tasks)
+
+    def lp(body):
+        word = re.search(r"^Example 0: (\w+)", body["messages"][-1]["content"], re.M).group(1)
+        p = p_of[word]
+        return {"1": 0.8 * p, "0": 0.8 * (1 - p), "The": 0.2}  # the extra candidate is normalised away
+
+    cfg = dict(max_tokens=1, extra_body={"logprobs": True, "top_logprobs": 5})
+    with FakeEndpoint(reply="1", logprobs=lp) as ep:
+        table = score_tasks(tasks, scorer(ep.base_url, tmp_path, **{k: v for k, v in cfg.items() if k != "max_tokens"}))
+        assert all(b["logprobs"] is True and b["top_logprobs"] == 5 for b in ep.bodies)
+    df = pl.from_arrow(table)
+    assert df["status"].to_list() == ["ok"] * 4
+    probs = {e[0]["sample_id"]: p[0] for e, p in zip(df["examples"].to_list(), df["probabilities"].to_list())}
+    assert probs == pytest.approx({"a": 0.9, "b": 0.4, "c": 0.6, "d": 0.1})
+    g = summarise(table)["overall"][0]
+    assert g["pooled_auroc"] == pytest.approx(3 / 4)  # pairs (a>c, a>d, b<c, b>d)
+    assert g["pooled_balanced_accuracy"] == pytest.approx(0.5)  # a, c predicted 1
+    with FakeEndpoint(reply="0") as ep:  # an endpoint that ignores logprobs (transformers serve)
+        df = pl.from_arrow(score_tasks(tasks, scorer(ep.base_url, tmp_path / "b")))
+    assert df["status"].to_list() == ["no_logprobs"] * 4 and df["predictions"].to_list() == [[0]] * 4
+    assert summarise(score_tasks(tasks, scorer(ep.base_url, tmp_path / "b")))["overall"][0]["pooled_auroc"] is None
+
+
+def test_our_prompts_carry_no_delphi_text_and_delphi_needs_its_package():
+    import inspect
+    from mmsae.evaluate import scoring_prompts as sp
+    src = inspect.getsource(sp)
+    for phrase in ("meticulous", "tight end", "you guys", "Gronkowski", "Latent explanation", "DSCORER"[:0] + "Do not return anything else"):
+        assert phrase not in src
+    msgs = sp.text_messages("detection", "rivers", ["a b c"])
+    assert msgs[-1]["content"].startswith("Feature description: rivers") and "Example 0: a b c" in msgs[-1]["content"]
+    try:
+        import importlib.metadata as md
+        md.distribution("eai-delphi")
+        pytest.skip("eai-delphi is installed here")
+    except md.PackageNotFoundError:
+        pass
+    with pytest.raises(ImportError, match="eai-delphi"):
+        sp.text_messages("detection", "rivers", ["a"], prompts="delphi")
+    assert sp.prompt_params("delphi")["text_sha256"] == "delphi-not-installed"
+    assert sp.prompt_params("ours") != sp.prompt_params("ours", "logprob")
+    with pytest.raises(ValueError, match="logprob"):
+        sp.text_messages("detection", "rivers", ["a"], mode="logprob", prompts="delphi")
+
+
+def test_shown_examples_record_what_the_explainer_saw(tmp_path):
+    from mmsae.explain.batch import shown_examples
+    maps = pl.DataFrame({"feature": [1, 1, 1], "rank": [2, 0, 1], "sample_id": ["c", "a", "b"]})
+    contexts = pl.DataFrame({"feature": [2, 2], "rank": [0, 1], "sample_id": ["x", "y"]})
+    top = pl.DataFrame({"feature": [2, 2], "rank": [0, 1], "sample_id": ["x", "y"], "modality": ["text", "text"],
+                        "token_index": [7, 3]})
+    got = shown_examples([(1, "image", 2, []), (2, "text", 2, [])], maps, contexts, top)
+    assert got == {1: [{"sample_id": "a", "token_index": -1}, {"sample_id": "b", "token_index": -1}],
+                   2: [{"sample_id": "x", "token_index": 7}, {"sample_id": "y", "token_index": 3}]}

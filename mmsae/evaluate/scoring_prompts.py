@@ -1,153 +1,171 @@
-"""Prompts and answer parsing of explanation scoring by detection and fuzzing (EleutherAI delphi,
-arXiv 2410.13928 §3), on our OpenAI-compatible client.
+"""Prompts and answer parsing of explanation scoring by detection and fuzzing, after EleutherAI
+delphi's method (arXiv 2410.13928 §3), on our OpenAI-compatible client.
 
-The text prompts are delphi's (EleutherAI/delphi, ``delphi/scorers/classifier/prompts/
-detection_prompt.py`` and ``fuzz_prompt.py``, commit 3c2e139): the same system prompt, the same three
-few-shot user/assistant turns from Neuronpedia latents, the same ``Latent explanation: ...`` /
-``Text examples:`` layout with ``Example {i}: {text}`` lines (0-based, as delphi's
-``Classifier._build_prompt``) and, for fuzzing, the same ``<<`` ``>>`` markers
-(``delphi/scorers/classifier/sample.py``). The answer is a Python list of 0/1, one per example, parsed
-as delphi's ``Classifier._parse``: the first ``[...]`` in the answer, exactly one entry per example.
+Two prompt sets (``scoring.prompts``):
 
-Image features have no delphi prompt: :func:`image_messages` keeps delphi's system prompt with
-"text" replaced by "images", its answer format, and labels each image ``Example {i}:`` before it
-(zero-shot: delphi's few-shot examples are text).
+* ``ours`` (default): our own wording and our own few-shot examples, following delphi's published
+  method - the scorer reads a feature's explanation, then numbered examples (``Example {i}: ...``,
+  0-based); detection asks which examples show the feature; fuzzing marks token runs with ``<<``
+  ``>>`` and asks whether every marked run is what the explanation describes. In ``batch`` mode the
+  answer is a bracketed list of 0/1, one per example (parsed by :func:`parse_predictions`); in
+  ``logprob`` mode one example per request and the answer is a single ``1`` or ``0``, scored by the
+  probability of ``1`` (:func:`probability_of_one`).
+* ``delphi``: delphi's own system prompts and few-shot turns (``delphi/scorers/classifier/prompts/
+  {detection,fuzz}_prompt.py`` of the ``eai-delphi`` package), read at run time from the installed
+  package (:func:`delphi_prompt_texts`; never copied here). Text features in ``batch`` mode only.
+
+Image features have no delphi prompt: both sets use our image prompts (same answer formats,
+zero-shot, each image introduced by its ``Example {i}:`` label).
 
 Changing :data:`SCORING_VERSION` or any text below changes every request (and its cache key); the
-workflow passes a hash of the text as a param, so scores are redone.
+workflow passes :func:`prompt_params` (a hash of the text used) as a param, so scores are redone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import math
 import re
 
 from mmsae.explain.prompts import png_data_url
 
-SCORING_VERSION = "v1"
-L, R = "<<", ">>"  # delphi's markers
+SCORING_VERSION = "v2"
+PROMPT_SETS = ("ours", "delphi")
+MODES = ("batch", "logprob")
+DELPHI_PACKAGE = "eai-delphi"
+L, R = "<<", ">>"  # delphi's markers (a notation, not text)
 
-# delphi/scorers/classifier/prompts/detection_prompt.py, verbatim
-DETECTION_SYSTEM = """You are an intelligent and meticulous linguistics researcher.
+_LIST_ANSWER = ("Reply with a list in square brackets holding one 0 or 1 per example, in the order of the "
+                "examples, and nothing else.")
+_ONE_ANSWER = "Reply with the single character 1 or 0 and nothing else."
 
-You will be given a certain latent of text, such as "male pronouns" or "text with negative sentiment".
+DETECTION_SYSTEM = """You check descriptions of features of a neural network against text.
 
-You will then be given several text examples. Your task is to determine which examples possess the latent.
+Each request gives one feature description and some numbered text snippets. Some snippets come from places where the feature fires; the others were picked at random where it does not.
 
-For each example in turn, return 1 if the sentence is correctly labeled or 0 if the tokens are mislabeled. You must return your response in a valid Python list. Do not return anything else besides a Python list.
-"""
+Decide, snippet by snippet, whether the snippet contains what the description says the feature responds to: 1 if it does, 0 if it does not.
+{answer}"""
+
+FUZZING_SYSTEM = """You check descriptions of features of a neural network against text.
+
+Each request gives one feature description and some numbered text snippets. In every snippet one or more stretches are marked, each written between << and >>. For some snippets the marks sit where the feature fires; for others they were placed at random.
+
+Decide, snippet by snippet, whether every marked stretch is an instance of what the description says: 1 if all of them are, 0 if any marked stretch is not.
+{answer}"""
+
 DETECTION_FEWSHOT = [
-    ("""Latent explanation: Words related to American football positions, specifically the tight end position.
+    ("""Feature description: names of rivers.
 
-Test examples:
+Text examples:
 
-Example 0:<|endoftext|>Getty ImagesĊĊPatriots tight end Rob Gronkowski had his bossâĢĻ
-Example 1: names of months used in The Lord of the Rings:ĊĊâĢľâĢ¦the
-Example 2: Media Day 2015ĊĊLSU defensive end Isaiah Washington (94) speaks to the
-Example 3: shown, is generally not eligible for ads. For example, videos about recent tragedies,
-Example 4: line, with the left side âĢĶ namely tackle Byron Bell at tackle and guard Amini
-""", "[1,0,0,0,1]"),
-    ("""Latent explanation: The word "guys" in the phrase "you guys".
+Example 0: we rented a boat and drifted down the Danube past Vienna
+Example 1: the recipe calls for two cups of flour and a pinch of salt
+Example 2: the Mekong floods every monsoon season, feeding the rice fields
+Example 3: please restart the router before calling support
+""", [1, 0, 1, 0]),
+    ("""Feature description: a closing parenthesis that ends a function call in code.
 
-Test examples:
+Text examples:
 
-Example 0: enact an individual health insurance mandate?âĢĿ, Pelosi's response was to dismiss both
-Example 1: birth control access<|endoftext|> but I assure you women in Kentucky aren't laughing as they struggle
-Example 2: du Soleil Fall Protection Program with construction requirements that do not apply to theater settings because
-Example 3:Ċ<|endoftext|> distasteful. Amidst the slime lurk bits of Schadenfre
-Example 4: the<|endoftext|>ľI want to remind you all that 10 days ago (director Massimil
-""", "[0,0,0,0,0]"),
-    ("""Latent explanation: "of" before words that start with a capital letter.
-
-Test examples:
-
-Example 0: climate, TomblinâĢĻs Chief of Staff Charlie Lorensen said.Ċ
-Example 1: no wonderworking relics, no true Body and Blood of Christ, no true Baptism
-Example 2:ĊĊDeborah Sathe, Head of Talent Development and Production at Film London,
-Example 3:ĊĊIt has been devised by Director of Public Prosecutions (DPP)
-Example 4: and fair investigation not even include the Director of Athletics? Â· Finally, we believe the
-""", "[1,1,1,1,1]"),
+Example 0: the committee will meet again next Thursday at noon
+Example 1: birds migrate south once the days grow shorter
+Example 2: she wrapped the gift in blue paper and tied a bow
+""", [0, 0, 0]),
 ]
 
-# delphi/scorers/classifier/prompts/fuzz_prompt.py, verbatim
-FUZZING_SYSTEM = """You are an intelligent and meticulous linguistics researcher.
-
-You will be given a certain latent of text, such as "male pronouns" or "text with negative sentiment". You will be given a few examples of text that contain this latent. Portions of the sentence which strongly represent this latent are between tokens << and >>.
-
-Some examples might be mislabeled. Your task is to determine if every single token within << and >> is correctly labeled. Consider that all provided examples could be correct, none of the examples could be correct, or a mix. An example is only correct if every marked token is representative of the latent
-
-For each example in turn, return 1 if the sentence is correctly labeled or 0 if the tokens are mislabeled. You must return your response in a valid Python list. Do not return anything else besides a Python list.
-"""
 FUZZING_FEWSHOT = [
-    ("""Latent explanation: Words related to American football positions, specifically the tight end position.
+    ("""Feature description: units of time such as minutes and hours.
 
-Test examples:
+Text examples:
 
-Example 0:<|endoftext|>Getty ImagesĊĊPatriots<< tight end>> Rob Gronkowski had his bossâĢĻ
-Example 1: posted<|endoftext|>You should know this<< about>> offensive line coaches: they are large, demanding<< men>>
-Example 2: Media Day 2015ĊĊLSU<< defensive>> end Isaiah Washington (94) speaks<< to the>>
-Example 3:<< running backs>>," he said. .. Defensive<< end>> Carroll Phillips is improving and his injury is
-Example 4:<< line>>, with the left side âĢĶ namely<< tackle>> Byron Bell at<< tackle>> and<< guard>> Amini
-""", "[1,0,0,1,1]"),
-    ("""Latent explanation: The word "guys" in the phrase "you guys".
+Example 0: bake for forty<< minutes>> until golden
+Example 1: the train was two<< hours>> late again
+Example 2: she painted the<< fence>> bright green
+Example 3: wait a few<< seconds>> and then<< press>> the button
+""", [1, 1, 0, 0]),
+    ("""Feature description: negation words such as "not" and "never".
 
-Test examples:
+Text examples:
 
-Example 0: if you are<< comfortable>> with it. You<< guys>> support me in many other ways already and
-Example 1: birth control access<|endoftext|> but I assure you<< women>> in Kentucky aren't laughing as they struggle
-Example 2:âĢĻs gig! I hope you guys<< LOVE>> her, and<< please>> be nice,
-Example 3:American, told<< Hannity>> that âĢľyou<< guys>> are playing the race card.âĢĿ
-Example 4:<< the>><|endoftext|>ľI want to<< remind>> you all that 10 days ago (director Massimil
-""", "[0,0,0,0,0]"),
-    ("""Latent explanation: "of" before words that start with a capital letter.
-
-Test examples:
-
-Example 0: climate, TomblinâĢĻs Chief<< of>> Staff Charlie Lorensen said.Ċ
-Example 1: no wonderworking relics, no true Body and Blood<< of>> Christ, no true Baptism
-Example 2:ĊĊDeborah Sathe, Head<< of>> Talent Development and Production at Film London,
-Example 3:ĊĊIt has been devised by Director<< of>> Public Prosecutions (DPP)
-Example 4: and fair investigation not even include the Director<< of>> Athletics? Â· Finally, we believe the
-""", "[1,1,1,1,1]"),
+Example 0: I would<< never>> have guessed the ending
+Example 1: this is<< not>> what we ordered
+""", [1, 1]),
 ]
 
-GENERATION_PROMPT = """Latent explanation: {explanation}
+GENERATION_PROMPT = """Feature description: {explanation}
 
 Text examples:
 
 {examples}
 """
 
-# delphi's system prompts with "text" -> "images"; the answer format is delphi's
-IMAGE_DETECTION_SYSTEM = """You are an intelligent and meticulous vision researcher.
+IMAGE_DETECTION_SYSTEM = """You check descriptions of features of a vision-language network against images.
 
-You will be given a certain latent of images, such as "dog fur" or "red circles".
+Each request gives one feature description and some numbered images. Some images come from places where the feature fires; the others were picked at random among images where it never fires.
 
-You will then be given several image examples, each introduced by its number. Your task is to determine which examples possess the latent.
+Decide, image by image, whether the image contains what the description says the feature responds to: 1 if it does, 0 if it does not.
+{answer}"""
 
-For each example in turn, return 1 if the image possesses the latent or 0 if it does not. You must return your response in a valid Python list with one entry per example. Do not return anything else besides a Python list.
-"""
-IMAGE_FUZZING_SYSTEM = """You are an intelligent and meticulous vision researcher.
+IMAGE_FUZZING_SYSTEM = """You check descriptions of features of a vision-language network against images.
 
-You will be given a certain latent of images, such as "dog fur" or "red circles". You will be given a few image examples, each introduced by its number. In each image a region is kept bright and everything else is darkened; the bright region is supposed to strongly represent this latent.
+Each request gives one feature description and some numbered images. In every image one region is left bright and the rest is darkened. For some images the bright region is where the feature fires; for others it was placed at random.
 
-Some examples might be mislabeled. Your task is to determine if the bright region is correctly labeled. Consider that all provided examples could be correct, none of the examples could be correct, or a mix. An example is only correct if the bright region is representative of the latent.
+Decide, image by image, whether the bright region shows what the description says: 1 if it does, 0 if it does not.
+{answer}"""
 
-For each example in turn, return 1 if the image is correctly labeled or 0 if it is mislabeled. You must return your response in a valid Python list with one entry per example. Do not return anything else besides a Python list.
-"""
+OUR_TEXTS = (DETECTION_SYSTEM, FUZZING_SYSTEM, GENERATION_PROMPT, IMAGE_DETECTION_SYSTEM, IMAGE_FUZZING_SYSTEM,
+             _LIST_ANSWER, _ONE_ANSWER, *(u + str(a) for u, a in DETECTION_FEWSHOT + FUZZING_FEWSHOT))
 
-PROMPT_TEXTS = (DETECTION_SYSTEM, FUZZING_SYSTEM, GENERATION_PROMPT, IMAGE_DETECTION_SYSTEM, IMAGE_FUZZING_SYSTEM,
-                *(t for pair in DETECTION_FEWSHOT + FUZZING_FEWSHOT for t in pair))
+# the module files of eai-delphi that hold its classifier prompts, and the names read from them
+DELPHI_MODULES = {"detection": "delphi/scorers/classifier/prompts/detection_prompt.py",
+                  "fuzzing": "delphi/scorers/classifier/prompts/fuzz_prompt.py"}
+DELPHI_NAMES = ("DSCORER_SYSTEM_PROMPT", "default", "GENERATION_PROMPT")
+
+
+def delphi_prompt_texts() -> dict[str, dict]:
+    """delphi's classifier prompts, read from the installed ``eai-delphi`` package at run time:
+    ``{"detection" | "fuzzing": {"system": str, "fewshot": [chat turns], "generation": str}}``.
+
+    The two prompt modules are loaded from their files (``importlib.metadata`` locates them), so
+    delphi's package ``__init__`` (which imports torch and its clients) is not run.
+
+    Raises:
+        ImportError: ``eai-delphi`` is not installed (``pip install eai-delphi``), or its prompt
+            modules lack the expected names.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(DELPHI_PACKAGE)
+    except metadata.PackageNotFoundError as exc:
+        raise ImportError(f"scoring.prompts: delphi needs the package {DELPHI_PACKAGE!r} installed "
+                          f"(pip install {DELPHI_PACKAGE}); use scoring.prompts: ours without it") from exc
+    out = {}
+    for method, rel in DELPHI_MODULES.items():
+        path = dist.locate_file(rel)
+        spec = importlib.util.spec_from_file_location(f"_mmsae_delphi_{method}_prompt", str(path))
+        if spec is None or not path.exists():
+            raise ImportError(f"{DELPHI_PACKAGE} {dist.version}: no prompt module {rel} at {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        missing = [n for n in DELPHI_NAMES if not hasattr(module, n)]
+        if missing:
+            raise ImportError(f"{DELPHI_PACKAGE} {dist.version}: {rel} lacks {missing}")
+        out[method] = {"system": module.DSCORER_SYSTEM_PROMPT, "fewshot": list(module.default),
+                       "generation": module.GENERATION_PROMPT}
+    return out
 
 
 def _shown(token: str) -> str:
     """A token as the scorer sees it: line breaks written ``\\n``, so each example stays on its
-    ``Example {i}:`` line (delphi's few-shot examples show GPT-2's byte-level ``Ċ`` there)."""
+    ``Example {i}:`` line."""
     return token.replace("\r", "").replace("\n", "\\n")
 
 
 def highlight_tokens(tokens: list[str], marked: set[int] | list[bool]) -> str:
-    """Join tokens, wrapping each run of marked positions in ``<<`` ``>>`` (delphi's ``_highlight``:
-    adjacent marked tokens share one pair of markers). ``<image>`` placeholders are dropped, line
+    """Join tokens, wrapping each run of marked positions in ``<<`` ``>>`` (adjacent marked tokens
+    share one pair of markers, as in delphi's fuzzing). ``<image>`` placeholders are dropped, line
     breaks shown as ``\\n``."""
     flags = [i in marked for i in range(len(tokens))] if isinstance(marked, set) else list(marked)
     out, open_ = [], False
@@ -166,34 +184,81 @@ def highlight_tokens(tokens: list[str], marked: set[int] | list[bool]) -> str:
 
 
 def plain_text(tokens: list[str]) -> str:
-    """The context as delphi shows it to the detection scorer: the tokens joined, unmarked
-    (``<image>`` placeholders dropped, line breaks shown as ``\\n``)."""
+    """The context as the detection scorer sees it: the tokens joined, unmarked (``<image>``
+    placeholders dropped, line breaks shown as ``\\n``)."""
     return "".join(_shown(t) for t in tokens if t != "<image>")
 
 
-def text_messages(method: str, explanation: str, texts: list[str]) -> list[dict]:
-    """delphi's chat for one batch of text examples: system prompt, three few-shot turns, then the
-    explanation and ``Example {i}: {text}`` lines. ``method``: ``detection`` or ``fuzzing``.
-
-    Raises:
-        ValueError: an unknown method.
-    """
+def _check(method: str, mode: str, prompts: str) -> None:
     if method not in ("detection", "fuzzing"):
         raise ValueError(f"scoring method {method!r} is not one of detection, fuzzing")
-    system, shots = (DETECTION_SYSTEM, DETECTION_FEWSHOT) if method == "detection" else (FUZZING_SYSTEM, FUZZING_FEWSHOT)
+    if mode not in MODES:
+        raise ValueError(f"scoring.mode {mode!r} is not one of {', '.join(MODES)}")
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"scoring.prompts {prompts!r} is not one of {', '.join(PROMPT_SETS)}")
+    if prompts == "delphi" and mode == "logprob":
+        raise ValueError("scoring.prompts: delphi asks for a list of answers; scoring.mode: logprob (one example, "
+                         "a one-token answer) needs scoring.prompts: ours")
+
+
+def _fewshot_turns(shots: list[tuple[str, list[int]]], mode: str) -> list[dict]:
+    """Our few-shot turns: in batch mode each example set with its list; in logprob mode each
+    example of each set on its own, answered ``1`` or ``0``."""
+    turns = []
+    for user, answers in shots:
+        if mode == "batch":
+            turns += [{"role": "user", "content": user}, {"role": "assistant", "content": "[" + ",".join(map(str, answers)) + "]"}]
+            continue
+        head, body = user.split("Text examples:\n\n")
+        for line, a in zip(body.strip().splitlines(), answers):
+            text = line.split(": ", 1)[1] if ": " in line else ""
+            turns += [{"role": "user", "content": f"{head}Text examples:\n\nExample 0: {text}\n"},
+                      {"role": "assistant", "content": str(a)}]
+    return turns
+
+
+def text_messages(method: str, explanation: str, texts: list[str], mode: str = "batch", prompts: str = "ours",
+                  delphi: dict | None = None) -> list[dict]:
+    """The chat for one request of text examples: system prompt, few-shot turns, then the
+    explanation and ``Example {i}: {text}`` lines.
+
+    Args:
+        method: ``detection`` or ``fuzzing``; mode: ``batch`` (any number of texts, a list answer)
+            or ``logprob`` (exactly one text, a ``1``/``0`` answer); prompts: ``ours`` or ``delphi``.
+        delphi: :func:`delphi_prompt_texts` (read once by the caller); read here when None.
+
+    Raises:
+        ValueError: an unknown method, mode or prompt set; delphi's prompts in logprob mode; more
+            than one text in logprob mode.
+        ImportError: ``prompts="delphi"`` without the eai-delphi package.
+    """
+    _check(method, mode, prompts)
+    if mode == "logprob" and len(texts) != 1:
+        raise ValueError(f"logprob mode shows one example per request, not {len(texts)}")
     examples = "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts))
-    turns = [m for u, a in shots for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
-    return [{"role": "system", "content": system}, *turns,
+    if prompts == "delphi":
+        d = (delphi or delphi_prompt_texts())[method]
+        return [{"role": "system", "content": d["system"]}, *d["fewshot"],
+                {"role": "user", "content": d["generation"].format(explanation=explanation, examples=examples)}]
+    system, shots = (DETECTION_SYSTEM, DETECTION_FEWSHOT) if method == "detection" else (FUZZING_SYSTEM, FUZZING_FEWSHOT)
+    system = system.format(answer=_LIST_ANSWER if mode == "batch" else _ONE_ANSWER)
+    return [{"role": "system", "content": system}, *_fewshot_turns(shots, mode),
             {"role": "user", "content": GENERATION_PROMPT.format(explanation=explanation, examples=examples)}]
 
 
-def image_messages(method: str, explanation: str, pngs: list[bytes]) -> list[dict]:
-    """The chat for one batch of image examples: the image system prompt (see module doc), the
-    explanation, then ``Example {i}:`` and the image (a PNG data URL) for each example."""
-    if method not in ("detection", "fuzzing"):
-        raise ValueError(f"scoring method {method!r} is not one of detection, fuzzing")
-    system = IMAGE_DETECTION_SYSTEM if method == "detection" else IMAGE_FUZZING_SYSTEM
-    content = [{"type": "text", "text": f"Latent explanation: {explanation}\n\nImage examples:"}]
+def image_messages(method: str, explanation: str, pngs: list[bytes], mode: str = "batch") -> list[dict]:
+    """The chat for one request of image examples (both prompt sets): our image system prompt, the
+    explanation, then ``Example {i}:`` and the image (a PNG data URL) for each example; zero-shot.
+
+    Raises:
+        ValueError: an unknown method or mode; more than one image in logprob mode.
+    """
+    _check(method, mode, "ours")
+    if mode == "logprob" and len(pngs) != 1:
+        raise ValueError(f"logprob mode shows one example per request, not {len(pngs)}")
+    system = (IMAGE_DETECTION_SYSTEM if method == "detection" else IMAGE_FUZZING_SYSTEM).format(
+        answer=_LIST_ANSWER if mode == "batch" else _ONE_ANSWER)
+    content = [{"type": "text", "text": f"Feature description: {explanation}\n\nImage examples:"}]
     for i, png in enumerate(pngs):
         content += [{"type": "text", "text": f"Example {i}:"}, {"type": "image_url", "image_url": {"url": png_data_url(png)}}]
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
@@ -204,13 +269,12 @@ _ENTRY = {"0": 0, "1": 1, "false": 0, "true": 1}
 
 
 def parse_predictions(text: str | None, n: int) -> tuple[list[int] | None, str]:
-    """The scorer's 0/1 per example, as delphi's ``Classifier._parse``: the first ``[...]`` in the
-    answer must hold exactly ``n`` entries, each 0 or 1 (``True``/``False`` are accepted too).
+    """The scorer's 0/1 per example (batch mode): the first ``[...]`` in the answer must hold exactly
+    ``n`` entries, each 0 or 1 (``True``/``False`` are accepted too), as delphi parses its answers.
 
     Returns:
         ``(predictions, "ok")``, or ``(None, "malformed")`` for no list, a list of another length,
-        or an entry that is not 0/1 - the whole batch then has no prediction (delphi sets every
-        prediction of a batch it cannot parse to None). Never raises.
+        or an entry that is not 0/1 - the whole request then has no prediction. Never raises.
     """
     m = _LIST.search(text or "")
     if m is None:
@@ -222,9 +286,54 @@ def parse_predictions(text: str | None, n: int) -> tuple[list[int] | None, str]:
     return [_ENTRY[e] for e in entries], "ok"
 
 
-def prompt_params() -> dict:
-    """The prompt's version and a hash of its text: a rule's ``prompt`` param, so that changing either
-    redoes the answers."""
-    import hashlib
+def probability_of_one(logprobs: list[dict] | None) -> float | None:
+    """P("1") / (P("0") + P("1")) from the first answer token's ``top_logprobs`` (OpenAI chat
+    completions' ``choices[0].logprobs.content``: ``[{"token", "logprob", "top_logprobs": [{"token",
+    "logprob"}]}]``); candidates are compared stripped of whitespace, as delphi normalises over the
+    two answers.
 
-    return {"version": SCORING_VERSION, "text_sha256": hashlib.sha256(("".join(PROMPT_TEXTS)).encode()).hexdigest()[:16]}
+    Returns:
+        The probability in [0, 1]; None without logprobs or when neither ``0`` nor ``1`` is among
+        the top candidates.
+    """
+    if not logprobs:
+        return None
+    first = logprobs[0] or {}
+    cands = first.get("top_logprobs") or [{"token": first.get("token"), "logprob": first.get("logprob")}]
+    p = {"0": 0.0, "1": 0.0}
+    for c in cands:
+        tok = str(c.get("token") or "").strip()
+        if tok in p and c.get("logprob") is not None:
+            p[tok] += math.exp(c["logprob"])
+    total = p["0"] + p["1"]
+    return p["1"] / total if total > 0 else None
+
+
+def parse_single(text: str | None) -> int | None:
+    """A logprob-mode answer's text as a prediction: 1 or 0 when it is (stripped) ``1``/``0``, else None."""
+    t = (text or "").strip().strip("'\".").lower()
+    return _ENTRY.get(t)
+
+
+def prompt_params(prompts: str = "ours", mode: str = "batch") -> dict:
+    """The prompt set, mode, version and a hash of the prompt text used: a rule's ``prompt`` param, so
+    that changing any of them redoes the answers.
+
+    For ``delphi`` the hash covers the text read from the installed eai-delphi package; when the
+    package is absent (e.g. where the Snakefile is loaded) it covers the choice only
+    (``text_sha256`` is then ``"delphi-not-installed"``), and the scoring job itself fails with
+    :func:`delphi_prompt_texts`' error.
+    """
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"scoring.prompts {prompts!r} is not one of {', '.join(PROMPT_SETS)}")
+    texts = list(OUR_TEXTS[3:5]) + [_LIST_ANSWER, _ONE_ANSWER]  # image prompts: used by both sets
+    if prompts == "ours":
+        texts = list(OUR_TEXTS)
+    else:
+        try:
+            d = delphi_prompt_texts()
+        except ImportError:
+            return {"version": SCORING_VERSION, "prompts": prompts, "mode": mode, "text_sha256": "delphi-not-installed"}
+        texts += [repr(d[m]) for m in sorted(d)]
+    return {"version": SCORING_VERSION, "prompts": prompts, "mode": mode,
+            "text_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]}

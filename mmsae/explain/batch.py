@@ -32,6 +32,9 @@ EXPLANATION_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("n_inputs", pa.int32()),
         ("cached", pa.bool_()),
+        # what the explainer was shown: text, each context's sample and max-activating token;
+        # image, each top image's sample with token_index -1 ("the whole image")
+        ("shown_examples", pa.list_(pa.struct([("sample_id", pa.string()), ("token_index", pa.int32())]))),
     ]
 )
 
@@ -55,8 +58,33 @@ def build_requests(features: list[int], maps: pl.DataFrame, contexts: pl.DataFra
     return out
 
 
-def explain_features(requests: list[tuple[int, str, int, list[dict]]], explainer: Explainer) -> pa.Table:
-    """Send every request (cached ones are not sent) and parse the answers into a table."""
+def shown_examples(requests: list[tuple[int, str, int, list[dict]]], maps: pl.DataFrame, contexts: pl.DataFrame,
+                   top: pl.DataFrame | None = None) -> dict[int, list[dict]]:
+    """``{feature: [{"sample_id", "token_index"}]}``: what each request of :func:`build_requests`
+    showed, in rank order - its first ``n_inputs`` maps (token_index -1: the whole highlighted image)
+    or contexts (token_index: the context's focus, the sample's max-activating token, looked up in
+    ``top``, the top-samples table: feature, rank, sample_id, modality, token_index; -1 without it)."""
+    focus = {}
+    if top is not None and top.height:
+        t = top.filter(pl.col("modality") == "text")
+        focus = {(f, r, s): i for f, r, s, i in zip(t["feature"].to_list(), t["rank"].to_list(),
+                                                    t["sample_id"].to_list(), t["token_index"].to_list())}
+    out = {}
+    for f, kind, n, _ in requests:
+        if kind == "image":
+            sids = maps.filter(pl.col("feature") == f).sort("rank").head(n)["sample_id"].to_list()
+            out[f] = [{"sample_id": s, "token_index": -1} for s in sids]
+        else:
+            fc = contexts.filter(pl.col("feature") == f).sort("rank").head(n)
+            out[f] = [{"sample_id": s, "token_index": int(focus.get((f, r, s), -1))}
+                      for r, s in zip(fc["rank"].to_list(), fc["sample_id"].to_list())]
+    return out
+
+
+def explain_features(requests: list[tuple[int, str, int, list[dict]]], explainer: Explainer,
+                     shown: dict[int, list[dict]] | None = None) -> pa.Table:
+    """Send every request (cached ones are not sent) and parse the answers into a table;
+    ``shown`` (:func:`shown_examples`) fills the ``shown_examples`` column (null without it)."""
     answers = asyncio.run(explainer.complete_all([m for *_, m in requests]))
     rows = []
     for (f, kind, n, _), ans in zip(requests, answers):
@@ -69,5 +97,6 @@ def explain_features(requests: list[tuple[int, str, int, list[dict]]], explainer
             "explanation": explanation, "raw_response": ans["content"], "status": status, "error": ans["error"],
             "latency_s": ans["latency_s"], "prompt_tokens": ans["prompt_tokens"],
             "completion_tokens": ans["completion_tokens"], "kind": kind, "n_inputs": n, "cached": ans["cached"],
+            "shown_examples": (shown or {}).get(f),
         })
     return pa.Table.from_pylist(rows, schema=EXPLANATION_SCHEMA)

@@ -192,6 +192,9 @@ class Explainer:
             "prompt_tokens": getattr(usage, "prompt_tokens", None),
             "completion_tokens": getattr(usage, "completion_tokens", None),
         }
+        lp = getattr(resp.choices[0], "logprobs", None)  # asked for by scoring's logprob mode only
+        if lp is not None and getattr(lp, "content", None) is not None:
+            answer["logprobs"] = [c.model_dump() for c in lp.content]
         return answer, n
 
     async def complete(self, messages: list[dict]) -> dict:
