@@ -237,6 +237,7 @@ def test_env_built_from_its_file_alone_runs_its_scripts_imports(stage, tmp_path,
     monkeypatch.setenv("PATH", fake_conda_path(tmp_path))
     monkeypatch.setenv("FAKE_CONDA_MODE", "venv")
     monkeypatch.setenv("MMSAE_ROOT", str(REPO))
+    (tmp_path / "conda-envs").mkdir()  # Snakemake's persistence makes .snakemake/conda
     workflow = SimpleNamespace(
         persistence=SimpleNamespace(conda_env_path=str(tmp_path / "conda-envs"),
                                     conda_env_archive_path=str(tmp_path / "archive")),
