@@ -34,9 +34,11 @@ include: "rules/evaluate.smk"
 include: "rules/steer.smk"
 include: "rules/neurons.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
 
 
 rule all:
     input:
         "results/report/index.html",
+        export_targets(),
     default_target: True

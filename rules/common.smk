@@ -200,3 +200,23 @@ def train_sae_online_params():
         "corpus": corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
         "extract": extract_keys("batch_size", "max_image_pixels", "token_fraction", "seed"),
     }
+
+
+EXPORT = "results/export"
+
+
+def export_targets():
+    """The export folders when export.enabled, else nothing (rule all requests them)."""
+    return [f"{EXPORT}/neuronpedia", f"{EXPORT}/hub"] if config["export"]["enabled"] else []
+
+
+def export_inputs(wildcards):
+    """Explanations and their scores when those rules run; loss recovered when it runs."""
+    inputs = {}
+    if config["explain"]["enabled"]:
+        inputs["explanations"] = f"{EXPLANATIONS}/explanations.parquet"
+        if config["scoring"]["enabled"]:
+            inputs["scoring"] = f"{EVALUATION}/scoring.parquet"
+    if config["loss_recovered"]["enabled"]:
+        inputs["loss_recovered"] = f"{SAE_DIR}/loss_recovered.json"
+    return inputs

@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import copy
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.api import SnakemakeApi
-from snakemake.io import is_flagged
-from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings,
-                                      StorageSettings)
+from helpers import REPO, dry_run, fake_complete_tree
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.workflow  # ~150 DAGs: one per schema leaf and per module edit
 WORKFLOW_FILES = ["Snakefile", "rules", "workflow_scripts", "mmsae", "config", "envs", "report", "pyproject.toml"]
 
 # Rule groups, each with everything downstream of it in the default config.yaml.
 REPORT = {"report"}
-SCORE = {"score_explanations"} | REPORT
+EXPORT = {"export"}  # reads the scores, explanations, maps, selection, codes, SAE and model
+SCORE = {"score_explanations"} | REPORT | EXPORT
 EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate", "steer"} | SCORE  # steer judges by explanation words
 REFINE = {"refine_explanations", "evaluate"} | SCORE  # scoring reads the refined categories
 SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
@@ -212,6 +209,12 @@ RERUNS: dict[str, set[str]] = {
     "scoring.scorer.model": NONE,
     "scoring.scorer.api_key_env": NONE,
     "scoring.scorer.max_tokens": SCORE,
+    "export.enabled": NONE,  # only what rule all requests
+    "export.release": EXPORT,
+    "export.source_set": EXPORT,
+    "export.hub_repo_id": EXPORT,
+    "export.top_logits": EXPORT,
+    "export.logits_norm_weight": EXPORT,
 }
 
 # Changes that the generic rule (see `changed`) cannot make valid on its own: {leaf: {key: value}}.
@@ -288,35 +291,6 @@ def changed(key: str, sch: dict, value):
     raise AssertionError(f"no generic change for {key}={value!r}; add it to CHANGES")
 
 
-def dry_run(workdir: Path, snakefile: Path, executor: str = "dryrun", forceall: bool = False) -> tuple[set[str], dict]:
-    """The rules whose jobs would run, and {output: is directory} over the whole DAG."""
-    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-        wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(),
-                          storage_settings=StorageSettings(), snakefile=snakefile, workdir=workdir)
-        dag = wf.dag(DAGSettings(forceall=forceall))
-        updated: list[str] = []
-        dag.execute_workflow(executor=executor, updated_files=updated)
-        jobs = wf._workflow.dag.jobs
-        producer = {str(f): j.rule.name for j in jobs for f in j.output}
-        outputs = {str(f): is_flagged(f, "directory") for j in jobs for f in j.output}
-    return {producer[f] for f in updated}, outputs
-
-
-def fake_complete_tree(wd: Path, snakefile: Path):
-    """Create every output of the DAG and record the jobs' metadata as Snakemake's --touch does."""
-    _, outputs = dry_run(wd, snakefile)
-    for path, is_dir in outputs.items():
-        p = wd / path
-        if is_dir:
-            p.mkdir(parents=True, exist_ok=True)
-        else:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.touch()
-    dry_run(wd, snakefile, executor="touch", forceall=True)  # every job, so that every job has metadata
-    rerun, _ = dry_run(wd, snakefile)
-    assert rerun == set(), f"a touched tree should be complete, but these rules would run: {sorted(rerun)}"
-
-
 @pytest.fixture(scope="module")
 def complete(tmp_path_factory):
     """A copy of the workflow (so module edits stay local) and a touched results tree for config.yaml."""
@@ -355,7 +329,7 @@ def test_each_leaf_reruns_exactly_its_rules(complete):
             for k, v in change.items():
                 put(cfg, k, v)
             (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
-            rerun, _ = dry_run(wd, root / "Snakefile")
+            rerun = dry_run(wd, root / "Snakefile").rerun
             rerun.discard("all")
             if rerun != RERUNS[key]:
                 wrong.append(f"{key}: reruns {sorted(rerun)}; the table says {sorted(RERUNS[key])}"
@@ -381,12 +355,12 @@ def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rule
     text = path.read_text()
     try:
         path.write_text(text + "\n_EDITED = True\n")
-        rerun, _ = dry_run(wd, root / "Snakefile")
+        rerun = dry_run(wd, root / "Snakefile").rerun
     finally:
         path.write_text(text)
     rerun.discard("all")
     assert rerun == rules
-    rerun, _ = dry_run(wd, root / "Snakefile")
+    rerun = dry_run(wd, root / "Snakefile").rerun
     assert rerun <= {"all"}  # restoring the module restores the state
 
 
@@ -399,7 +373,7 @@ def test_editing_prose_in_a_module_reruns_nothing(complete):
     doc = text.index('"""') + 3
     try:
         path.write_text(text[:doc] + "Reworded. " + text[doc:] + "\n# a comment\n")
-        rerun, _ = dry_run(wd, root / "Snakefile")
+        rerun = dry_run(wd, root / "Snakefile").rerun
     finally:
         path.write_text(text)
     assert rerun <= {"all"}

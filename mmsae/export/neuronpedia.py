@@ -184,18 +184,24 @@ def image_examples(maps: pl.DataFrame, image_codes: pl.DataFrame, feature: int) 
 
 def per_feature_scores(scoring: pl.DataFrame | None) -> dict[int, dict[str, float | None]]:
     """Balanced accuracy of each feature's real explanation per scoring method (``detection``, ``fuzzing``),
-    from the confusion counts summed over its requests (as :mod:`mmsae.evaluate.scoring` summarises)."""
-    from mmsae.evaluate.scoring import balanced_from_counts, confusion
-
+    from the confusion counts summed over its requests, as :mod:`mmsae.evaluate.scoring` summarises (not
+    imported: it pulls in the endpoint client). Examples without a prediction count nothing; None when
+    the feature has no activating or no non-activating example."""
     out: dict[int, dict[str, float | None]] = {}
     if scoring is None or scoring.height == 0:
         return out
     real = scoring.filter(pl.col("explanation_kind") == "real")
     for (f, method), g in real.group_by(["feature", "method"]):
-        counts = [0, 0, 0, 0]
+        tp = fn = tn = fp = 0
         for labels, preds in g.select("labels", "predictions").iter_rows():
-            counts = [a + b for a, b in zip(counts, confusion(list(labels or []), list(preds) if preds is not None else None))]
-        out.setdefault(int(f), {})[method] = balanced_from_counts(*counts)
+            if preds is None or labels is None:
+                continue
+            for y, q in zip(labels, preds):
+                if q is None:
+                    continue
+                tp, fn, tn, fp = tp + (y == 1 and q == 1), fn + (y == 1 and q == 0), tn + (y == 0 and q == 0), fp + (y == 0 and q == 1)
+        ba = None if tp + fn == 0 or tn + fp == 0 else 0.5 * (tp / (tp + fn) + tn / (tn + fp))
+        out.setdefault(int(f), {})[method] = ba
     return out
 
 
