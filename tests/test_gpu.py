@@ -81,3 +81,38 @@ def test_try_hold_is_all_or_nothing(tmp_path):
     assert list(only) == [2]  # r2 was not left held by the failed attempt
     release([*first.values(), *only.values()])
     assert sorted(try_hold(paths, 3)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("scheduler", [True, False])
+def test_scheduler_assigned_devices_take_no_local_lease(eight, monkeypatch, scheduler):
+    """Two SLURM jobs on one node each see their own GPU as index 0: under SLURM_JOB_ID neither takes
+    gpu-0.lock, so they run at the same time; without a scheduler the one lock still serialises them."""
+    monkeypatch.setenv("MMSAE_NUM_GPUS", "1")
+    monkeypatch.delenv("MMSAE_GPU_LEASE", raising=False)
+    for var in ("SLURM_JOB_ID", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        monkeypatch.delenv(var, raising=False)
+    if scheduler:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, "1", "1.0", str(eight / f"{i}.json")], env=os.environ.copy())
+             for i in range(2)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    a, b = (json.loads((eight / f"{i}.json").read_text()) for i in range(2))
+    assert a["ids"] == b["ids"] == ["0"]
+    overlap = a["start"] < b["end"] and b["start"] < a["end"]
+    assert overlap == scheduler
+    assert (eight / "locks").exists() != scheduler  # no lock directory is made under a scheduler
+
+
+def test_gpu_lease_switch(eight, monkeypatch):
+    from mmsae.core.gpu import scheduler_assigned
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert scheduler_assigned() == "SLURM_JOB_ID=7"
+    monkeypatch.setenv("MMSAE_GPU_LEASE", "1")  # several jobs inside one allocation: lease anyway
+    assert scheduler_assigned() is None
+    monkeypatch.setenv("MMSAE_GPU_LEASE", "0")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert scheduler_assigned() == "MMSAE_GPU_LEASE=0"
+    monkeypatch.setenv("MMSAE_GPU_LEASE", "yes")
+    with pytest.raises(ValueError, match="MMSAE_GPU_LEASE='yes'"):
+        scheduler_assigned()
