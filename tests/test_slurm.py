@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -211,3 +212,44 @@ def test_slurm_run_equals_local_run(tmp_path, slurm, demo_model_dir):
     ma = json.loads((local / "results/sae/default/metrics.json").read_text())["heldout"]
     mb = json.loads((remote / "results/sae/default/metrics.json").read_text())["heldout"]
     assert ma["l0"] == pytest.approx(mb["l0"], abs=1e-3) and ma["fvu"] == pytest.approx(mb["fvu"], abs=1e-4)
+
+
+GPU_JOB = """
+import json, os, sys, time
+from mmsae.core.job import setup
+setup(None, gpus=1)
+t0 = time.time()
+time.sleep(4)
+json.dump({"start": t0, "end": time.time(), "job": os.environ.get("SLURM_JOB_ID"),
+           "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}, open(sys.argv[1], "w"))
+"""
+
+
+def test_two_gpu_jobs_on_one_node_run_at_once(tmp_path, slurm):
+    """Two --gpus=1 jobs on the one node, each seeing its own GPU as index 0 (as with ConstrainDevices),
+    with a shared lock directory: neither takes a local lease, so they overlap in time instead of
+    the second waiting on gpu-0.lock for the first (mmsae.core.gpu under SLURM_JOB_ID)."""
+    (tmp_path / "job.py").write_text(GPU_JOB)
+    env = {**slurm.env, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), "MMSAE_NUM_GPUS": "1",
+           "MMSAE_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("MMSAE_GPU_LEASE", None)
+    outs = [tmp_path / f"job{i}.json" for i in range(2)]
+    ids = []
+    for i, out in enumerate(outs):
+        script = f"#!/bin/sh\nexport CUDA_VISIBLE_DEVICES=0\nexec {sys.executable} {tmp_path / 'job.py'} {out}\n"
+        proc = subprocess.run(["sbatch", "--parsable", "-p", "gpu", "--gpus=1", "-n1", "-c1", "--mem=300",
+                               f"--comment=gpu_overlap_{i}", "-o", str(tmp_path / f"job{i}.log")],
+                              input=script, capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        ids.append(proc.stdout.strip().split(";")[0])
+    deadline = time.time() + 120
+    while not all(o.exists() for o in outs) and time.time() < deadline:
+        time.sleep(0.5)
+    logs = "\n".join((tmp_path / f"job{i}.log").read_text() for i in range(2) if (tmp_path / f"job{i}.log").exists())
+    assert all(o.exists() for o in outs), f"jobs did not finish in 120 s\n{logs}\n{slurm.logs()}"
+    a, b = (json.loads(o.read_text()) for o in outs)
+    assert a["cuda"] == b["cuda"] == "0" and {a["job"], b["job"]} == set(ids)
+    assert a["start"] < b["end"] and b["start"] < a["end"], (a, b, logs)  # held at the same time
+    assert logs.count("no local GPU lease") == 2, logs
+    jobs = {j["JobId"]: j for j in slurm.jobs()}
+    assert all("gres:gpu:1" in jobs[i].get("TresPerJob", "") for i in ids), [jobs[i] for i in ids]
