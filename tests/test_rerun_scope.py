@@ -84,6 +84,7 @@ RERUNS: dict[str, set[str]] = {
     "sae.lr": TRAIN,
     "sae.warmup_steps": TRAIN,
     "sae.decay_start": TRAIN,
+    "sae.lr_decay_steps": TRAIN,
     "sae.aux_coef": TRAIN,
     "sae.k_aux": TRAIN,
     "sae.dead_tokens": TRAIN,

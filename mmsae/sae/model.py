@@ -170,8 +170,11 @@ class TopKSAE(nn.Module):
         # The paper's released trainer (EvolvingLMMs-Lab/multimodal-sae train/sae/sae/sae.py, a fork of
         # EleutherAI's sae, today's sparsify): the encoder is nn.Linear(d_model, d_sae)'s default init,
         # U(-1/sqrt(d_model), 1/sqrt(d_model)) (kaiming_uniform_ with a=sqrt(5)), b_enc = 0, and the
-        # decoder rows are the encoder rows scaled to unit norm. So W_enc = W_dec^T up to each latent's
-        # encoder norm (~1/sqrt(3)), not W_dec^T itself (openai's init, ~5% worse FVU early in training).
+        # decoder rows are the encoder rows scaled to unit norm. So here W_dec has unit-norm rows (one
+        # per latent) and W_enc = W_dec^T times each latent's encoder-row norm (~1/sqrt(3): d_model
+        # entries of variance 1/(3 d_model)), i.e. the same directions but not the same scale.
+        # openai/sparse_autoencoder initialises differently: unit-norm decoder columns (one per latent) and
+        # the encoder set to exactly the decoder's transpose. We have not measured how the two compare.
         w_enc = torch.empty(d_sae, d_model, dtype=torch.float32)
         nn.init.kaiming_uniform_(w_enc, a=math.sqrt(5), generator=gen)
         w_dec = w_enc / (w_enc.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)

@@ -66,6 +66,8 @@ class TrainConfig:
     """After warm-up: flat_then_decay or linear_decay (:mod:`mmsae.sae.schedule`)."""
     decay_start: float = 0.8
     """flat_then_decay: fraction of steps after which lr decays linearly to 0."""
+    lr_decay_steps: int | None = None
+    """linear_decay: the horizon (in steps) the decay reaches 0 at; None = ``steps``."""
     aux_coef: float = 1 / 32
     """AuxK coefficient; 0 turns AuxK off."""
     k_aux: int | None = None
@@ -105,7 +107,7 @@ class TrainConfig:
 def cfg_lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of 0-based ``step`` under ``cfg`` (see :mod:`mmsae.sae.schedule`)."""
     return lr_at(step, base=cfg.learning_rate(), steps=cfg.steps, warmup_steps=cfg.warmup_steps,
-                 schedule=cfg.lr_schedule, decay_start=cfg.decay_start)
+                 schedule=cfg.lr_schedule, decay_start=cfg.decay_start, decay_steps=cfg.lr_decay_steps)
 
 
 @torch.no_grad()
