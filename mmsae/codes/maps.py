@@ -1,4 +1,4 @@
-"""Activation maps: where on an image a feature fires (paper step 3, ``shared/METHODS.md`` §3).
+"""Activation maps: where on an image a feature fires (paper step 3; docs/methods.md, 'Top activations and activation maps').
 
 The feature's activations on the base view's patch grid (``side x side``, the image squashed to a
 square by the processor, so the grid covers the whole image) are upsampled bilinearly to the

@@ -1,7 +1,7 @@
 """Paper step 3, first half: sparse codes per token.
 
 :func:`code_table` turns the SAE encoder's top-k output for a batch of tokens into code rows (only
-the nonzero latents, schema :data:`mmsae.codes.schema.CODE_SCHEMA`, ``codes`` in ``shared/DESIGN.md``);
+the nonzero latents, schema :data:`mmsae.codes.schema.CODE_SCHEMA`, ``codes`` in docs/development.md, 'Table schemas');
 both encoders use it: :func:`encode_shards` here (from dense activation shards, e.g. to encode
 cached training activations) and :func:`mmsae.codes.encode.encode_corpus` (from the model's forward
 passes, what rule ``encode`` runs). This module needs torch but not transformers; the statistics

@@ -1,4 +1,4 @@
-"""The code table between rules: the schema of the code shards (``codes`` in ``shared/DESIGN.md``),
+"""The code table between rules: the schema of the code shards (``codes`` in docs/development.md, 'Table schemas'),
 how a rule reads them, and the feature-stats predicate the selection, explain and steer rules share.
 
 Its own module so that the rules which only read or write codes (encode, maps, evaluation,

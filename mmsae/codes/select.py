@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def feature_stats(codes: pl.LazyFrame, n_tokens: int, n_image_tokens: int, n_text_tokens: int) -> pl.DataFrame:
-    """Per-feature statistics (schema ``feature stats`` in DESIGN.md), in one streaming pass.
+    """Per-feature statistics (schema ``feature stats`` in docs/development.md, 'Table schemas'), in one streaming pass.
 
     frequency = active tokens / all tokens; frequency_image/text likewise per modality;
     mean_activation is over the tokens where the feature is active; n_samples counts the samples

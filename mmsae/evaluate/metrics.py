@@ -1,4 +1,4 @@
-"""Metrics of the paper's Table 1 (arXiv 2411.14982 §4.2; ``shared/METHODS.md`` §4).
+"""Metrics of the paper's Table 1 (arXiv 2411.14982 §4.2; docs/methods.md, 'Evaluating explanations').
 
 * Activated region (:func:`activated_region`): the feature's base-view patch activations, binarised
   (a patch is active above ``threshold``), upsampled bilinearly to the image, and then

@@ -3,7 +3,7 @@
 :func:`build_requests` turns each feature's highlighted top images (or, for a feature with no image
 maps, its top text contexts) into chat messages; :func:`explain_features` sends them through an
 :class:`~mmsae.explain.client.Explainer` and returns one row per feature with the schema
-``explanations`` of ``shared/DESIGN.md``: failures and unparseable answers are rows too.
+``explanations`` in docs/development.md, 'Table schemas': failures and unparseable answers are rows too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The explainer prompt (paper step b, arXiv 2411.14982 §3.2; ``shared/METHODS.md`` §3) and parsing.
+"""The explainer prompt (paper step b, arXiv 2411.14982 §3.2; docs/methods.md, 'Explanations') and parsing.
 
 An image feature is shown as its top-N images with the activated regions kept bright and the rest
 darkened; the explainer is asked for what the highlighted regions have in common and to end with

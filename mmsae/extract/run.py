@@ -1,7 +1,7 @@
 """Paper step 1: run the subject model over the corpus and store one layer's residual stream.
 
 Writes, per shard index N, a unit of two Parquet files: ``shard-N.parquet`` (schema in
-``shared/DESIGN.md``; one row per token, ``activation`` a ``fixed_size_list<float>[d_model]``) and
+docs/development.md, 'Table schemas'; one row per token, ``activation`` a ``fixed_size_list<float>[d_model]``) and
 then ``samples-N.parquet`` (one row per sample of that shard: prompt, image, status, token ids).
 The samples file is written last, so a unit is complete only when both files exist and carry the
 run's config hash; its metadata (``mmsae_unit``) records the shard's bytes and rows, and a unit whose

@@ -7,7 +7,7 @@ seeded, randomly initialised CLIP vision tower and projector. The result is a re
 the same code path (``AutoModelForImageTextToText`` / ``AutoProcessor``) as
 ``llava-hf/llama3-llava-next-8b-hf``. Its image features are low-level by construction.
 
-Recipe (``shared/MODELS.md``): ``<image>`` is a new special token (id 49152) whose embedding row is
+Recipe (docs/methods.md, 'The default subject model'): ``<image>`` is a new special token (id 49152) whose embedding row is
 appended; ``tie_word_embeddings=True`` on the top-level config; 112 px tiles with 14 px patches
 (8x8 = 64 tokens per view) so a forward stays near one second on 2 CPU cores.
 """

@@ -1,5 +1,5 @@
 """Properties of multimodal neurons and editing them (arXiv 2311.07470 §4-5; editing is our design,
-``shared/METHODS.md`` §7).
+docs/methods.md, 'Multimodal neurons').
 
 Neurons are addressed as (layer, i); a neuron's output direction is column i of that layer's
 ``down_proj.weight`` (d_model, d_ff) - "its W_out row" in the paper's notation.

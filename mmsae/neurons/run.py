@@ -1,7 +1,7 @@
 """The two neuron stages of the workflow: :func:`find_all` (caption, find nouns, score every FFN
 neuron, map the top ones, measure their properties) and :func:`edit_all` (edit a source noun into a
 target noun through the top neurons and measure the edit). arXiv 2311.07470; editing is our design
-(``shared/METHODS.md`` §7)."""
+(docs/methods.md, 'Multimodal neurons')."""
 
 from __future__ import annotations
 

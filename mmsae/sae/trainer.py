@@ -1,7 +1,7 @@
 """One trainer loop for the TopK SAE: Adam with warm-up and linear decay (:mod:`mmsae.sae.schedule`),
 AuxK, checkpoints, resume.
 
-Hyperparameters follow Gao et al. 2024 and the paper's reference code (``shared/METHODS.md`` §2):
+Hyperparameters follow Gao et al. 2024 and the paper's reference code (docs/methods.md, 'TopK SAE'):
 lr = 2e-4 / sqrt(d_sae / 2^14) unless set, gradient clipping 1.0, AuxK with k_aux = d_model // 2 and
 coefficient 1/32, a latent is dead after ``dead_tokens`` training tokens without firing.
 

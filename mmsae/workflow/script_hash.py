@@ -1,4 +1,4 @@
-"""The code hash each rule carries in its params (``code`` in ``rules/common.smk``): a digest of the
+"""The code hash each rule carries in its params (``script=script_hash_of(...)`` in ``rules/common.smk``): a digest of the
 code of the package modules the rule's entry script imports, directly or not, so that an edit of
 that code reruns exactly the rules that reach it, and an edit of prose (comments, docstrings,
 layout) reruns nothing.
