@@ -84,7 +84,7 @@ class _Tok:
 def test_semantic_sensitivity_counts_whole_words_not_prefixes():
     # a planted single-letter token ('s' for scarf) and fragments are no hits; the noun, its lemma and
     # the multi-token noun's first sub-token (the token scored) are
-    assert not semantic_hit("scarf", " scarf", ["s", "sc", "scar", " Scarves", "c"])
+    assert not semantic_hit("scarf", " scarf", ["s", "sc", "scar", "c"])
     assert semantic_hit("scarf", " scarf", ["s", " Scarf "])
     assert semantic_hit("dogs", " dogs", ["dog"]) and not semantic_hit("dogs", " dogs", ["do", "d"])
     assert semantic_hit("giraffe", " gir", [" gir"]) and not semantic_hit("giraffe", " gir", ["g", "gi"])
@@ -100,6 +100,13 @@ def test_semantic_sensitivity_counts_whole_words_not_prefixes():
     # all three: + scarf (1,3) no ('d', 'Dog' are not scarf), dogs (1,3) yes
     assert semantic_sensitivity(cases, tokens, _Tok(), 3) == pytest.approx(2 / 6)
     assert semantic_sensitivity([], tokens, _Tok(), 3) is None
+
+
+def test_semantic_hit_lemmatises_the_top_tokens():
+    """A plural top token hits its singular noun (#28.9): both sides are lemmatised."""
+    assert semantic_hit("dog", " dog", ["dogs"]) and semantic_hit("dog", " dog", [" Dogs "])
+    assert semantic_hit("scarf", " scarf", [" Scarves"]) and semantic_hit("mouse", " mouse", ["mice"])
+    assert not semantic_hit("dog", " dog", ["do", "d", "cats"])
 
 
 def test_layer_matched_random_neurons(tiny_llava_dir):

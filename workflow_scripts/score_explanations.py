@@ -6,7 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
-from mmsae.evaluate.scoring import all_cached, build_tasks, explained_features, logprob_sampling, score_tasks, summarise
+from mmsae.evaluate.scoring import (all_cached, build_tasks, configured_scorer, explained_features, logprob_sampling,
+                                    score_tasks, summarise)
 from mmsae.evaluate.scoring_prompts import delphi_prompt_texts
 from mmsae.evaluate.scoring_examples import collect_examples
 from mmsae.explain import EndpointConfig, Explainer, endpoint_session
@@ -65,7 +66,7 @@ elif any(t.messages is not None for t in tasks):
 else:
     table = score_tasks(tasks, None, categories)
 cache.close()
-summary = summarise(table)
+summary = summarise(table, scorer_model=configured_scorer(endpoint))  # as configured, not this machine's path
 write_parquet(sm.output.scores, table)
 write_json(sm.output.summary, summary)
 log.info("sent %d requests; status %s; overall %s", scorer.sent if scorer else 0, summary["status"],

@@ -333,13 +333,20 @@ def _groups(rows: list[dict], by: tuple[str, ...]) -> list[dict]:
     return result
 
 
-def summarise(table: pa.Table) -> dict:
+def configured_scorer(endpoint: dict) -> str | None:
+    """The scorer as the config names it: a local server's ``local_model`` as configured (e.g. the
+    relative ``results/models/demo``, not the absolute path the server reports), else ``model``."""
+    return endpoint.get("local_model") if endpoint.get("server") == "local" else endpoint.get("model")
+
+
+def summarise(table: pa.Table, scorer_model: str | None = None) -> dict:
     """The summary per method and explanation kind (real, shuffled), overall, per modality and per
     category: balanced accuracy pooled (confusion counts summed over features, with the counts) and
     per feature (``mean_balanced_accuracy``: each feature's counts over its requests, mean over
     features), AUROC pooled and per-feature mean where probabilities exist (logprob mode), the
     number of features, requests, scored requests and failures (failed + malformed); and the
-    status counts."""
+    status counts. ``scorer_model``: the scorer's name to store (:func:`configured_scorer`); None =
+    the rows' ``scorer_model``."""
     rows = table.to_pylist()
     status: dict[str, int] = {}
     for r in rows:
@@ -348,7 +355,7 @@ def summarise(table: pa.Table) -> dict:
         "prompt_version": SCORING_VERSION,
         "prompts": rows[0]["prompts"] if rows else None,
         "mode": rows[0]["mode"] if rows else None,
-        "scorer_model": rows[0]["scorer_model"] if rows else None,
+        "scorer_model": scorer_model if scorer_model is not None else rows[0]["scorer_model"] if rows else None,
         "n_features": len({r["feature"] for r in rows}),
         "status": status,
         "overall": _groups(rows, ("method", "explanation_kind")),

@@ -4,8 +4,11 @@ docs/methods.md, 'Multimodal neurons').
 Neurons are addressed as (layer, i); a neuron's output direction is column i of that layer's
 ``down_proj.weight`` (d_model, d_ff) - "its W_out row" in the paper's notation.
 
-* Causal effect: Gaussian noise (``scale`` x the layer's W_out std) on the top-k neurons' columns
-  versus k random neurons', captions regenerated, the rate at which the noun disappears.
+* Causal effect (:func:`noise_delta`, measured by :func:`mmsae.neurons.properties.causal_sweep`):
+  Gaussian noise (``scale`` x the layer's W_out std) on the top-k neurons' columns versus k
+  layer-matched random neurons', teacher-forced on the unperturbed model's caption: noun_prob_drop
+  (P(noun token) before - after at its predicting position) and fluency_change (relative change of
+  the log-likelihood of the caption's other tokens).
 * Editing source noun -> target noun: closed form, column_i += eta * sign(a_i) * (u_t - u_s) /
   ||u_t - u_s||^2 (u = W_U rows), which raises logit_t - logit_s by eta * |a_i| before the final
   norm, eta doubled until the target wins at the predicting position; or optimised column deltas

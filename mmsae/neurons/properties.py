@@ -2,9 +2,9 @@
 cross-image invariance, and the causal effect of noise on their output weights.
 
 Semantic sensitivity (:func:`semantic_hit`): a (case, neuron) pair is a hit when one of the
-neuron's top tokens, stripped and lower-cased, *is* the noun - the noun itself, its lemma ("dogs" ->
-"dog"), or, when the noun spans several tokens, the noun's first sub-token (the token its score was
-computed for). The released code (opanhw/MM_Neurons ``src/preparation.py`` lines 63-77 and
+neuron's top tokens, stripped and lower-cased, or that token's lemma ("dogs" -> "dog"), *is* the
+noun - the noun itself, its lemma, or, when the noun spans several tokens, the noun's first
+sub-token (the token its score was computed for). The released code (opanhw/MM_Neurons ``src/preparation.py`` lines 63-77 and
 ``src/trainer.py`` lines 479-485) only lists each neuron's top 10 decoded tokens next to the noun and
 computes no hit rate; our earlier rule counted any prefix ("s" for "scarf") and is gone.
 
@@ -51,10 +51,17 @@ def noun_forms(noun: str, noun_token: str) -> set[str]:
     return forms
 
 
+def _token_forms(token: str) -> set[str]:
+    """A top token stripped and lower-cased, with its NOUN lemmas (lemminflect, as for the noun)."""
+    t = token.strip().lower()
+    return {t, *(lemma.lower() for lemma in getLemma(t, upos="NOUN"))} if t else {t}
+
+
 def semantic_hit(noun: str, noun_token: str, top_tokens: list[str]) -> bool:
-    """True when a top token (stripped, lower-cased) equals one of :func:`noun_forms`."""
+    """True when a top token (stripped, lower-cased) or its NOUN lemma equals one of
+    :func:`noun_forms`: "dogs" hits "dog" and "dog" hits "dogs"."""
     forms = noun_forms(noun, noun_token)
-    return any(t.strip().lower() in forms for t in top_tokens)
+    return any(_token_forms(t) & forms for t in top_tokens)
 
 
 def semantic_sensitivity(cases: list[dict], tokens: list[dict], tokenizer, n_neurons: int) -> float | None:
