@@ -37,6 +37,8 @@ def sae_view(metrics: dict, heldout_ids: list | None) -> dict:
     return {
         "heldout": [(k, ho.get(k)) for k in SAE_HELDOUT_KEYS],
         "training": [(k, metrics.get(k)) for k in SAE_TRAINING_KEYS],
+        "training_notes": {k: metrics.get(f"{k}_null_reason") for k in SAE_TRAINING_KEYS if metrics.get(f"{k}_null_reason")},
+        "dead_tokens_seen": metrics.get("dead_tokens_seen"),
         "n_heldout_tokens": ho.get("n_tokens"),
         "fvu_including_excluded": pick("fvu_including_excluded"),
         "n_excluded_tokens": pick("n_excluded_tokens"),

@@ -117,6 +117,10 @@ def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, data: T
     ``sae_weights.safetensors``, ``metrics.json``, ``heldout.json`` and ``log.parquet`` (or ``log_path``);
     return the metrics. Shared by cached and online training (:mod:`mmsae.sae.online`).
 
+    ``dead_tokens_seen`` gives the training tokens seen per modality and the window
+    (``sae.dead_tokens``); a per-modality dead fraction is null, with ``dead_fraction_{kind}_null_reason``,
+    while its modality has seen fewer tokens than the window.
+
     Args:
         rows: the training log (one dict per logged step); opts: the ``sae`` config section (stored in cfg.json).
         data: the model, hook point and held-out ids; norms: the pre-pass's findings.
@@ -137,6 +141,14 @@ def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, data: T
         "normalize_activations": {"method": cfg.normalize_activations, "scaling_factor": scale},
         **extra,
     }
+    last = rows[-1]
+    metrics["dead_tokens_seen"] = {"all": last["tokens"], "image": last.get("tokens_seen_image"),
+                                   "text": last.get("tokens_seen_text"), "window": cfg.dead_tokens}
+    for kind in ("image", "text"):
+        if metrics[f"dead_fraction_{kind}"] is None:
+            metrics[f"dead_fraction_{kind}_null_reason"] = (
+                f"training saw {last.get(f'tokens_seen_{kind}')} {kind} tokens, fewer than sae.dead_tokens "
+                f"({cfg.dead_tokens}): no latent can have gone that long without firing on them")
     if max_norm is not None:
         metrics["exclude_norm_above"] = {"multiple_of_median": cfg.exclude_norm_above, "threshold": max_norm,
                                          "n_excluded_train_tokens": n_excluded}

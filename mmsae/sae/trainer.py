@@ -41,7 +41,7 @@ from mmsae.sae.schedule import lr_at
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 3  # hashed with the config: checkpoints of another layout are not resumed (3: W_enc_T, contiguous Adam moments)
+CHECKPOINT_VERSION = 4  # hashed with the config: checkpoints of another layout are not resumed (3: W_enc_T, contiguous Adam moments; 4: tokens_seen_* in the log)
 
 
 @dataclass
@@ -208,12 +208,13 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: 
 
 
 @torch.no_grad()
-def update_since_fired(since_fired: torch.Tensor, out: SAEOutput, is_image: torch.Tensor) -> None:
+def update_since_fired(since_fired: torch.Tensor, out: SAEOutput, is_image: torch.Tensor) -> torch.Tensor:
     """Advance the "tokens since last fired" counters in place after a step.
 
     since_fired: (3, d_sae) int64, rows: all tokens, image tokens, text tokens; out: the step's
     forward output; is_image: (n,) bool. Each row grows by the number of tokens of its kind (summed
     over ranks) and is reset to 0 for latents active (value > 0) on such a token on any rank.
+    Returns the step's global token counts, (3,) int64: all, image, text.
     """
     active = out.top_vals > 0
     fired = torch.zeros_like(since_fired, dtype=torch.int32)
@@ -221,8 +222,18 @@ def update_since_fired(since_fired: torch.Tensor, out: SAEOutput, is_image: torc
     for row, mask in enumerate((torch.ones_like(is_image), is_image, ~is_image)):
         counts[row] = mask.sum()
         fired[row, out.top_idx[mask][active[mask]]] = 1
-    since_fired += maybe_all_reduce(counts, "sum")[:, None]  # global token counts
+    counts = maybe_all_reduce(counts, "sum")  # global token counts
+    since_fired += counts[:, None]
     since_fired[maybe_all_reduce(fired, "max").bool()] = 0  # fired on any rank
+    return counts
+
+
+def windowed_dead_fractions(since_fired: torch.Tensor, seen: list[int], dead_tokens: int) -> list[float | None]:
+    """Share of latents dead (``since_fired >= dead_tokens``) per row of ``since_fired`` (all, image,
+    text), or None for a row whose kind has seen fewer than ``dead_tokens`` tokens in all (``seen``):
+    its counters cannot have reached the window yet, so 0 would be so by construction."""
+    dead = (since_fired >= dead_tokens).float().mean(1).tolist()
+    return [d if n >= dead_tokens else None for d, n in zip(dead, seen)]
 
 def train(
     stream: ActivationStream,
@@ -252,7 +263,8 @@ def train(
     Returns:
         (sae, log): the trained SAE and one dict per step (step, tokens, loss, fvu, aux_loss, l0,
         dead_fraction, lr, fvu_image, fvu_text, l0_image, l0_text, dead_fraction_image,
-        dead_fraction_text, elapsed_s: wall seconds spent in :func:`train` up to this step, summed
+        dead_fraction_text (None until that modality has seen ``dead_tokens`` tokens:
+        :func:`windowed_dead_fractions`), tokens_seen_image, tokens_seen_text (summed over ranks), elapsed_s: wall seconds spent in :func:`train` up to this step, summed
         over a killed run and its resumption).
     """
     device = torch.device(cfg.device)
@@ -287,6 +299,8 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
                                         "train_seconds": seconds_before + time.perf_counter() - t_start})
         maybe_barrier()
 
+    # tokens seen so far per kind (all, image, text), summed over ranks: from the resumed log
+    seen = [rows[-1]["tokens"], rows[-1]["tokens_seen_image"], rows[-1]["tokens_seen_text"]] if rows else [0, 0, 0]
     batches = stream.train_batches()
     for _ in range(start):  # the stream's position: replay what the checkpoint has already seen
         next(batches)
@@ -301,8 +315,9 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
         out, loss, loss_fvu, aux = step_out["out"], step_out["loss"], step_out["fvu"], step_out["aux_loss"]
         with torch.no_grad():
             active = out.top_vals > 0
-            update_since_fired(since_fired, out, is_image)
-            dead_now = (since_fired >= cfg.dead_tokens).float().mean(1).tolist()
+            counts = update_since_fired(since_fired, out, is_image).tolist()
+            seen = [a + b for a, b in zip(seen, counts)]
+            dead_now = windowed_dead_fractions(since_fired, seen, cfg.dead_tokens)
             x_hat = out.x_hat.detach()
             means = maybe_all_reduce(torch.stack([loss, loss_fvu, aux, active.sum() / len(x)]).detach().double(), "mean")
             rows.append(
@@ -310,7 +325,7 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
                     "step": step,
                     "tokens": (step + 1) * cfg.batch_size,
                     **dict(zip(("loss", "fvu", "aux_loss", "l0"), means.tolist())),
-                    "dead_fraction": dead_now[0],
+                    "dead_fraction": (since_fired[0] >= cfg.dead_tokens).float().mean().item(),  # as before: the window is steps x batch
                     "lr": lr,
                     "fvu_image": _subset_fvu(x, x_hat, is_image),
                     "fvu_text": _subset_fvu(x, x_hat, ~is_image),
@@ -318,6 +333,8 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
                     "l0_text": _subset_l0(active, ~is_image),
                     "dead_fraction_image": dead_now[1],
                     "dead_fraction_text": dead_now[2],
+                    "tokens_seen_image": seen[1],
+                    "tokens_seen_text": seen[2],
                     "elapsed_s": seconds_before + time.perf_counter() - t_start,
                 }
             )
