@@ -6,6 +6,7 @@ Snakefile loads, so a bad config stops before any job (the schema itself is chec
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import re
@@ -95,8 +96,8 @@ def _image_source_errors(corpus: dict, name: str, base_dir) -> list[str]:
     p = Path(base_dir, corpus["path"])
     if corpus["source"] == "folder" and not p.is_dir():
         return [f"{name}.path={corpus['path']!r}: no such folder ({name}.source is 'folder')"]
-    if corpus["source"] == "table" and not p.is_file():
-        return [f"{name}.path={corpus['path']!r}: no such file ({name}.source is 'table')"]
+    if corpus["source"] == "table" and not (p.is_file() or p.is_dir() or glob.glob(str(p))):  # mmsae.data.tables.table_files
+        return [f"{name}.path={corpus['path']!r}: no such file, directory or glob match ({name}.source is 'table')"]
     return []
 
 
