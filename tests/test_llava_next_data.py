@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmsae.data import build_corpus, list_images, load_image
 from mmsae.data.corpus import table_samples
-from mmsae.data.parquet_images import parse_image_ref
+from mmsae.data.parquet_images import _row_group_images, parse_image_ref
 from mmsae.data.tables import iter_table
 
 # lmms-lab/LLaVA-NeXT-Data's schema, as `datasets` writes it (Image feature = struct bytes/path)
@@ -87,7 +87,9 @@ def test_published_parquet_counts_max_images_and_lists_images(published):
     samples = list(table_samples(root / "data", max_images=2, counts=counts))
     assert counts == {"rows": 5, "image": 2, "text": 1, "skipped: over corpus.max_images": 2}
     assert [s.sample_id for s in samples] == ["row-000000", "row-000001", "row-000003"]
+    _row_group_images.cache_clear()
     listing = list_images({"source": "table", "path": str(root / "data"), "max_images": None}, None).to_pylist()
+    assert _row_group_images.cache_info().misses == 3  # a pass in row order reads each row group with an image once
     assert [r["status"] for r in listing] == ["used", "used", "used", "skipped"]
     assert "without bytes" in listing[3]["reason"]
 

@@ -10,10 +10,11 @@ and the pixel cap, and marks each image used or skipped with the reason, by the 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 
-from mmsae.data.corpus import build_corpus, load_image
+from mmsae.data.corpus import build_corpus, load_image, table_samples
 
 LISTING_SCHEMA = pa.schema([("image_key", pa.string()), ("image_path", pa.string()), ("status", pa.string()),
                             ("reason", pa.string())])
@@ -29,13 +30,19 @@ def list_images(corpus: dict, max_image_pixels: int | None, base_dir: str | os.P
 
     Returns:
         A table with :data:`LISTING_SCHEMA`: ``status`` is ``used``, ``converted`` (usable after a
-        conversion; ``reason`` says which) or ``skipped`` (``reason`` says why).
+        conversion; ``reason`` says which) or ``skipped`` (``reason`` says why). Images inside
+        Parquet rows (:mod:`mmsae.data.parquet_images`) are listed by their reference, read in
+        row order (each row group once).
 
     Raises:
         ValueError / FileNotFoundError: as :func:`~mmsae.data.corpus.build_corpus`, naming the field.
     """
     images = {}
-    for s in build_corpus({**corpus, "prompts": ["-"], "text_prompts": [], "text_source": None}, base_dir):
+    if corpus.get("source") == "table":  # a stream: no list of the table's samples (conversations) is built
+        samples = table_samples(Path(base_dir, corpus["path"]), corpus.get("max_images"))
+    else:
+        samples = build_corpus({**corpus, "prompts": ["-"], "text_prompts": [], "text_source": None}, base_dir)
+    for s in samples:
         if s.image_path is not None:
             images.setdefault(s.image_key or s.image_path, s.image_path)
     rows = []
