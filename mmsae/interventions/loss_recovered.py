@@ -33,6 +33,13 @@ special tokens when the SAE was trained without them (``sae.exclude_special_toke
 replacement hook keeps its ``ignore_tokens`` positions likewise). Zero and mean ablation replace the
 same positions, so that a reconstruction of exactly 0 recovers exactly 0. Unlike SAELens, which
 zero-ablates every position even where it keeps the activation for the SAE.
+
+``all_positions``: SAELens's default beside ours. The same four forwards with EVERY position replaced
+(special tokens included; zero ablation at every position; mean ablation by the same mean vector),
+scored on every next-token prediction of the sequence (t in [0, n-2]; one sample per forward, so no
+padding; SAELens likewise scores every token outside its ignore list). The two can differ by an order
+of magnitude when a special token (an attention sink) carries a large activation the SAE was not
+trained on: ours leaves it alone, SAELens's replaces it.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ DEFINITION = ("ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) (SA
               "of the next-token distributions (nats); CE in nats per token, token t+1 predicted from position t")
 SPLICED = ("every token (image and text) of the hooked layer's output, special tokens excluded when the SAE was trained "
            "without them; zero and mean ablation replace the same positions")
+ALL_POSITIONS = ("SAELens-style: every position of the hooked layer's output replaced (special tokens included), "
+                 "every next-token prediction scored (t predicts t+1 for every t but the last; no padding)")
 
 
 def scored_positions(token_ids: np.ndarray, roles: np.ndarray, image_token_id: int | None,
@@ -201,8 +210,10 @@ def loss_recovered(subject: SubjectModel, sae: TopKSAE, corpus: list[Sample], he
         max_image_pixels: larger images are skipped (``extract.max_image_pixels``).
 
     Returns:
-        JSON-able dict: ``text`` and ``answer`` (:meth:`Totals.summary`, each None with a
-        ``*_null_reason``), the samples evaluated, skipped images, tokens in the mean, definitions.
+        JSON-able dict: ``text`` and ``answer`` (ours: trained positions spliced; text/answer
+        tokens scored) and ``all_positions`` (SAELens-style: every position spliced and scored),
+        each :meth:`Totals.summary` or None with a ``*_null_reason``; the samples evaluated, skipped
+        images, tokens in the mean, definitions.
 
     Raises:
         ValueError: a held-out id is not a sample of ``corpus`` (the SAE was trained on another
@@ -223,7 +234,7 @@ def loss_recovered(subject: SubjectModel, sae: TopKSAE, corpus: list[Sample], he
         raise ValueError(f"the SAE has d_model={sae.d_model} but {hook_point} outputs {mean.shape[0]} dimensions")
     recon = SteeringHook(sae, [], mode="reference", positions="all")  # decode(TopK(ReLU(pre_acts(x)))), no clamp
     replacements = {"sae": recon.steer, "zero": torch.zeros_like, "mean": lambda x: mean.to(x.dtype).expand_as(x)}
-    totals = {"text": Totals(), "answer": Totals()}
+    totals = {"text": Totals(), "answer": Totals(), "all_positions": Totals()}
     for batch in image_batches([s for s in samples if s.sample_id in layouts], 1, max_image_pixels, []):
         (s, img, _), = batch
         inputs = prepare_inputs(subject, [(s, img)]).to(subject.device)
@@ -235,17 +246,22 @@ def loss_recovered(subject: SubjectModel, sae: TopKSAE, corpus: list[Sample], he
             raise RuntimeError(f"{s.sample_id}: the model's inputs differ between the two passes")
         text, answer = scored_positions(ids.numpy(), roles, subject.image_token_id, special)
         pos = np.concatenate([text, answer])
-        if not len(pos):
-            continue
         where = torch.from_numpy(splice_mask(ids.numpy(), special, keep_special))[None]
         dev = subject.device
-        positions = torch.from_numpy(pos).to(dev)
-        targets = inputs["input_ids"][0, positions + 1]  # token t+1, predicted at position t
-        ce, kl = next_token_losses(model, module, dict(inputs), positions, targets, replacements, where)
-        totals["text"].add(ce, kl, torch.arange(len(text), device=dev))
-        totals["answer"].add(ce, kl, torch.arange(len(text), len(pos), device=dev))
-        log.info("%s: %d text and %d answer tokens scored", s.sample_id, len(text), len(answer))
+        if len(pos):
+            positions = torch.from_numpy(pos).to(dev)
+            targets = inputs["input_ids"][0, positions + 1]  # token t+1, predicted at position t
+            ce, kl = next_token_losses(model, module, dict(inputs), positions, targets, replacements, where)
+            totals["text"].add(ce, kl, torch.arange(len(text), device=dev))
+            totals["answer"].add(ce, kl, torch.arange(len(text), len(pos), device=dev))
+        every = torch.arange(len(ids) - 1, device=dev)  # SAELens-style: every position spliced and scored
+        if len(every):
+            ce, kl = next_token_losses(model, module, dict(inputs), every, inputs["input_ids"][0, 1:], replacements,
+                                       torch.ones_like(where))
+            totals["all_positions"].add(ce, kl, torch.arange(len(every), device=dev))
+        log.info("%s: %d text and %d answer tokens scored (%d all-positions)", s.sample_id, len(text), len(answer), len(every))
     out = {"definition": DEFINITION, "hook_point": hook_point, "spliced_positions": SPLICED,
+           "all_positions_definition": ALL_POSITIONS,
            "special_tokens_spliced": not keep_special,
            "n_heldout_samples": len(heldout_ids), "max_samples": max_samples, "samples": chosen,
            "n_mean_ablation_tokens": n_mean, "skipped": skipped}
@@ -259,6 +275,8 @@ def loss_recovered(subject: SubjectModel, sae: TopKSAE, corpus: list[Sample], he
 def _null_reason(name: str, chosen: list[str], has_answers: bool) -> str:
     if not chosen:
         return "no held-out samples (sae.heldout_fraction is 0 or no sample fell in the held-out split)"
+    if name == "all_positions":
+        return "no held-out sample ran (images skipped, or fewer than 2 tokens)"
     if name == "answer" and not has_answers:
         return "no held-out sample has an assistant answer (the corpus has no responses)"
     return f"no {name} tokens to score in the held-out samples"

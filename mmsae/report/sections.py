@@ -53,12 +53,20 @@ LOSS_RECOVERED_ROWS = (("ce_clean", "CE clean"), ("ce_sae", "CE with the SAE spl
                        ("n_tokens", "tokens"))
 
 
+LOSS_RECOVERED_LABELS = {"text": "ours (trained positions; text/answer tokens)",
+                         "answer": "ours (trained positions; text/answer tokens)",
+                         "all_positions": "SAELens-style (all positions, all tokens)"}
+
+
 def loss_recovered_view(result: dict) -> dict:
     """The table "Loss recovered (held-out, spliced SAE)" from ``loss_recovered.json``: one row per
-    metric, one column per token set (text, answer); a set that is null shows its reason."""
-    parts = [(name, result.get(name), result.get(f"{name}_null_reason")) for name in ("text", "answer")]
+    metric, one column per token set (text, answer: ours; all_positions: SAELens-style, when the
+    result has it), each with its ``label``; a set that is null shows its reason."""
+    names = ("text", "answer", "all_positions") if "all_positions" in result else ("text", "answer")
+    parts = [(name, result.get(name), result.get(f"{name}_null_reason")) for name in names]
     return {
-        "columns": [{"name": name, "reason": None if r is not None else (reason or "not computed")} for name, r, reason in parts],
+        "columns": [{"name": name, "label": LOSS_RECOVERED_LABELS[name],
+                     "reason": None if r is not None else (reason or "not computed")} for name, r, reason in parts],
         "rows": [(label, [None if r is None else r.get(key) for _, r, _ in parts]) for key, label in LOSS_RECOVERED_ROWS],
         "n_samples": len(result.get("samples") or []),
         "n_heldout_samples": result.get("n_heldout_samples"),
