@@ -24,7 +24,7 @@ heldout = json.loads(Path(sm.input.heldout).read_text())
 out = loss_recovered(subject, sae, build_corpus(p.corpus), heldout, hook_point, keep_special,
                      p.loss_recovered["max_samples"], p.max_image_pixels)
 write_json(sm.output[0], out)
-for part in ("text", "answer"):
+for part in ("text", "answer", "all_positions"):
     r = out[part]
     if r is None:
         log.info("%s: none (%s)", part, out[f"{part}_null_reason"])
