@@ -52,14 +52,14 @@ RERUNS: dict[str, set[str]] = {
     "demo_model.seed": DEMO,
     "corpus.train.source": EXTRACT,
     "corpus.train.names": EXTRACT,
-    "corpus.train.path": NONE,  # unused with corpus.train.source skimage
+    "corpus.train.path": EXTRACT,  # with source folder: a path with skimage is an error at load
     "corpus.train.prompts": EXTRACT,
     "corpus.train.text_prompts": EXTRACT,
     "corpus.train.max_images": EXTRACT,
     "corpus.train.text_source": EXTRACT,  # text passages: extracted, not listed (the listing is about images)
     "corpus.interpret.source": ENCODE | LIST,  # list_images lists the interpretation images (find_neurons reads it)
     "corpus.interpret.names": ENCODE | LIST,
-    "corpus.interpret.path": NONE,  # unused with corpus.interpret.source skimage
+    "corpus.interpret.path": ENCODE | LIST,  # with source folder: a path with skimage is an error at load
     "corpus.interpret.prompts": ENCODE,
     "corpus.interpret.text_prompts": ENCODE,
     "corpus.interpret.max_images": ENCODE | LIST,
@@ -171,6 +171,7 @@ RERUNS: dict[str, set[str]] = {
     "neurons.edits": EDIT,
     "neurons.locality_prompts": EDIT,
     "evaluate.enabled": SCORE,  # scoring labels features with the evaluation's categories (its answers come from the cache)
+    "evaluate.require_models": NONE,  # only gates the load (a model presence check)
     "evaluate.include_untagged": REFINE,
     "evaluate.refiner.server": NONE,  # null = the explainer's (local); set to local: the same endpoint
     "evaluate.refiner.local_model": REFINE,
@@ -225,6 +226,8 @@ CHANGES: dict[str, dict] = {
     "model.hook_point": {"model.hook_point": "model.language_model.layers.14"},
     "corpus.train.source": {"corpus.train.source": "folder", "corpus.train.path": "images"},
     "corpus.interpret.source": {"corpus.interpret.source": "folder", "corpus.interpret.path": "images"},
+    "corpus.train.path": {"corpus.train.source": "folder", "corpus.train.path": "images"},
+    "corpus.interpret.path": {"corpus.interpret.source": "folder", "corpus.interpret.path": "images"},
     "corpus.train.text_source": {"corpus.train.text_source": {"name": "python-topics", "max_tokens": 500}},
     "corpus.interpret.text_source": {"corpus.interpret.text_source": {"name": "python-topics", "max_tokens": 500}},
     "sae.name": {"sae.name": "other"},
@@ -294,7 +297,22 @@ def changed(key: str, sch: dict, value):
 
 @pytest.fixture(scope="module")
 def complete(tmp_path_factory):
-    """A copy of the workflow (so module edits stay local) and a touched results tree for config.yaml."""
+    """A copy of the workflow (so module edits stay local) and a touched results tree for config.yaml;
+    HF_HUB_CACHE is a fake cache holding the evaluation's models (so evaluate.require_models: true loads)."""
+    cache = tmp_path_factory.mktemp("hub")
+    for repo_id in ("IDEA-Research/grounding-dino-base", "facebook/sam-vit-huge", "openai/clip-vit-base-patch32"):
+        snap = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        snap.mkdir(parents=True)
+        (snap.parents[1] / "refs").mkdir()
+        (snap.parents[1] / "refs/main").write_text("0" * 40)
+        for name in ("config.json", "model.safetensors"):
+            (snap / name).write_text("{}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_CACHE", str(cache))
+        yield _complete(tmp_path_factory)
+
+
+def _complete(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     for name in WORKFLOW_FILES:
         src = REPO / name

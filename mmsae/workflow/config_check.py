@@ -73,13 +73,17 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
 
 
 def corpus_errors(corpus: dict, name: str, base_dir: str | os.PathLike = ".") -> list[str]:
-    """A folder or table corpus needs a ``path`` that exists, and so does a ``text_source`` file; messages
-    name the field as ``{name}.path`` / ``{name}.text_source.path``."""
+    """A folder or table corpus needs a ``path`` that exists, and so does a ``text_source`` file; a source
+    that takes no path (``skimage``, text source ``python-topics``) must not be given one (it would be
+    ignored in silence). Messages name the field as ``{name}.path`` / ``{name}.text_source.path``."""
     return _image_source_errors(corpus, name, base_dir) + _text_source_errors(corpus.get("text_source") or {}, name, base_dir)
 
 
 def _text_source_errors(text_source: dict, name: str, base_dir) -> list[str]:
     if text_source.get("name") != "file":
+        if text_source.get("path"):  # python-topics reads CPython's own help text: a path would be ignored
+            return [f"{name}.text_source.path={text_source['path']!r} is set but {name}.text_source.name is "
+                    f"{text_source['name']!r}, which takes no path: set {name}.text_source.name to 'file' or remove the path"]
         return []
     if not text_source.get("path"):
         return [f"{name}.text_source.path is required when {name}.text_source.name is 'file'"]
@@ -90,6 +94,9 @@ def _text_source_errors(text_source: dict, name: str, base_dir) -> list[str]:
 
 def _image_source_errors(corpus: dict, name: str, base_dir) -> list[str]:
     if corpus["source"] not in ("folder", "table"):
+        if corpus.get("path"):  # skimage reads the photos inside scikit-image's wheel: a path would be ignored
+            return [f"{name}.path={corpus['path']!r} is set but {name}.source is {corpus['source']!r}, which takes "
+                    f"no path: set {name}.source to 'folder' or 'table', or remove {name}.path"]
         return []
     if not corpus.get("path"):
         return [f"{name}.path is required when {name}.source is {corpus['source']!r}"]
