@@ -6,8 +6,8 @@ import sys
 from snakemake.utils import min_version, validate
 
 from mmsae.workflow.config_check import config_errors, normalise_corpus
-from mmsae.workflow.config_load import (EFFECTIVE_CONFIG, coerce_to_schema, describe_sources, load_schema,
-                                        missing_models, missing_models_message, write_effective_config)
+from mmsae.workflow.config_load import (EFFECTIVE_CONFIG, coerce_to_schema, describe_sources, in_file_order,
+                                        load_schema, missing_models, missing_models_message, write_effective_config)
 
 min_version("9.0")
 # envs/*.yaml install this checkout as -e ${MMSAE_ROOT}[<stage>] (--sdm conda runs pip from .snakemake/conda/)
@@ -20,6 +20,9 @@ os.environ.setdefault("MMSAE_ROOT", workflow.basedir)
 if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
+
+    if not workflow.config_settings.replace_workflow_config:  # --config: keys in the file's order
+        in_file_order(config, "config.yaml", workflow.config_settings.overwrite_config)
 
 
 _sources = describe_sources(workflow.configfiles, workflow.config_settings.config)

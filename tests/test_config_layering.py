@@ -269,3 +269,35 @@ def test_config_errors_name_the_merged_files(tmp_path):
     with pytest.raises(Exception) as info:
         load_workflow_config(wd, configfiles=[overlay])
     assert str(overlay) in str(info.value) + str(info.value.__cause__ or "")
+
+
+def test_config_value_and_overlay_file_give_the_same_params(tmp_path):
+    """``--config 'sae={k: 64}'`` and an overlay file with ``sae: {k: 64}`` give every job the same
+    params (so they rerun the same rules: those whose params include sae.k, and what follows)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.cli import parse_config
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings,
+                                          StorageSettings)
+
+    wd = tmp_path / "run"
+    wd.mkdir()
+    shutil.copy2(REPO / "config.yaml", wd / "config.yaml")
+    overlay = tmp_path / "k64.yaml"
+    overlay.write_text("sae: {k: 64}\n")
+
+    def params(configfiles=(), config_args=()):
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                              config_settings=ConfigSettings(config=parse_config(list(config_args)),
+                                                             configfiles=[Path(f) for f in configfiles]),
+                              storage_settings=StorageSettings(), snakefile=REPO / "Snakefile", workdir=wd)
+            wf.dag(DAGSettings()).execute_workflow(executor="dryrun")
+            # (without the code hash `script`: other modules may be edited between the three DAGs)
+            return {j.rule.name: repr(sorted((k, v) for k, v in j.params.items() if k != "script"))
+                    for j in wf._workflow.dag.jobs}
+
+    by_value, by_file, demo = params(config_args=["sae={k: 64}"]), params([REPO / "config.yaml", overlay]), params()
+    assert by_value == by_file
+    assert {r for r in demo if demo[r] != by_value[r]} == {"train_sae"}  # the only rule with sae.k among its params
+    # config.yaml's own value on the command line changes no params (Snakemake compares their repr, key order included)
+    assert params(config_args=["sae={k: 16}"]) == demo

@@ -56,6 +56,26 @@ def describe_sources(configfiles: Iterable[str | os.PathLike], cli_config: Mappi
     return " + ".join(parts) or "no config file"
 
 
+def in_file_order(config: dict, configfile: str | os.PathLike, cli_config: Mapping | None) -> None:
+    """Rebuild ``config`` in place as ``configfile`` with the ``--config`` values merged over it.
+
+    With ``--config``, Snakemake starts from the command line's values and merges the Snakefile's
+    ``configfile`` into them, so ``sae.k`` would come before the file's ``sae.name``. A rule's params
+    are compared by their ``repr`` (key order included), so ``--config 'sae={k: 16}'`` (config.yaml's own
+    value) would rerun training; this restores the order a file merge gives (``--configfile config.yaml
+    mine.yaml``), leaving the values as they are.
+    """
+    if not cli_config:
+        return
+    from snakemake.common.configfile import load_configfile
+    from snakemake.utils import update_config
+
+    merged = load_configfile(str(configfile))
+    update_config(merged, dict(cli_config))
+    config.clear()
+    config.update(merged)
+
+
 def load_schema(path: str | os.PathLike) -> dict:
     """The run configuration's JSON Schema (config/schema.yaml) as a dict."""
     return yaml.safe_load(Path(path).read_text())
