@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmsae.models import prepare_inputs
-from mmsae.interventions.attribution import ablation_effects, agreement, attribute, reference_attribution, run_case
+from mmsae.interventions.attribution import (ablation_effects, agreement, attribute, reconstruction_ablation_effects,
+                                             reference_attribution, run_case)
 from mmsae.data import Sample
 from mmsae.models import ActivationCapture, load_subject_model, resolve_hook_point
 from mmsae.sae import TopKSAE
@@ -90,7 +91,8 @@ def test_run_case_validates_both_methods_against_zero_ablation(tiny, method):
     assert summary["method"] == method and len(v["features"]) == 6
     inputs = dict(prepare_inputs(s, [(Sample("c", case["prompt"]), None)], suffix=case["answer_prefix"]))
     a, b = (s.tokenizer.encode(case[k], add_special_tokens=False)[0] for k in ("answer", "baseline"))
-    _, effects = ablation_effects(s.model, module, sae, inputs, a, b, v["features"])  # the truth, recomputed
+    truth = reconstruction_ablation_effects if method == "reference" else ablation_effects  # the model each explains
+    _, effects = truth(s.model, module, sae, inputs, a, b, v["features"])  # the truth, recomputed
     np.testing.assert_allclose(v["ablation_effect"], [effects[f] for f in v["features"]], rtol=1e-4, atol=1e-6)
     _, ref = reference_attribution(s.model, module, sae, inputs, a, b, v["features"])
     np.testing.assert_allclose(v["reference"]["attribution"], [ref[f].sum() for f in v["features"]], rtol=1e-4, atol=1e-6)

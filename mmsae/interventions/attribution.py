@@ -26,9 +26,15 @@ gradient is taken at the ablated point:
 Two forwards and a backward per feature (the clean forward is the same for every feature, so it
 runs once here).
 
-:func:`ablation_effects` is the truth both are checked against: the effect m - m(f zeroed at every
+:func:`ablation_effects` is the truth ours is checked against: the effect m - m(f zeroed at every
 position, error term kept) of each of the top features (:func:`agreement`: Pearson r and sign
-agreement).
+agreement). In ``reference`` mode the validation runs on the model that method explains:
+:func:`reconstruction_ablation_effects`, m_recon - m_recon(f masked to 0 before TopK), error term
+dropped; that mode's summary reports ``metric`` = m_recon (``metric_reconstruction``; the
+reconstruction-spliced model's answer can flip: the demo's "capital" case has +5.36 clean, -0.87
+spliced), keeps the unmodified model's in ``metric_clean``, and has no error node
+(``error_attribution`` null). The ``ours`` column of the validation is then checked against that
+ablation too.
 
 Special tokens the SAE was trained without (``sae.exclude_special_tokens``, SAELens's
 ``exclude_special_tokens``) are not decomposed by either method (``skip``, :func:`run_case`'s
@@ -61,7 +67,8 @@ class AttributionResult:
     """Everything one case yields.
 
     Attributes:
-        metric: m on the unmodified model.
+        metric: m on the model the attribution explains (ours: the unmodified model; reference: the
+            reconstruction-spliced one).
         positions, features, values: the nonzero A[t, f] as three aligned arrays (n,).
         error: (seq,) the error node's attribution per position.
         grad_norm: (seq,) ||dm/dx'_t||.
@@ -191,6 +198,27 @@ class ReconstructionSplice:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+def reconstruction_ablation_effects(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int,
+                                    baseline_id: int, features: list[int], skip: torch.Tensor | None = None
+                                    ) -> tuple[float, dict[int, float]]:
+    """The true effect of each feature inside the reconstruction-only splice (the model the reference
+    method explains): m(x_hat) - m(x_hat with f masked to 0 before TopK), error term dropped in both
+    (:class:`ReconstructionSplice`, ``off=f``), one re-run each.
+
+    Returns (m with the reconstruction spliced in, {feature: effect}). ``skip``: positions left as they are.
+    """
+    def run(off):
+        handle = module.register_forward_hook(ReconstructionSplice(sae, off=off, skip=skip))
+        try:
+            with torch.no_grad():
+                return logit_diff(model, inputs, answer_id, baseline_id).item()
+        finally:
+            handle.remove()
+
+    base = run(None)
+    return base, {f: base - run(f) for f in features}
+
+
 def reference_attribution(model: nn.Module, module: nn.Module, sae: TopKSAE, inputs: dict, answer_id: int, baseline_id: int,
                           features: list[int], skip: torch.Tensor | None = None) -> tuple[float, dict[int, np.ndarray]]:
     """The released code's attribution (module docstring) of m to each of ``features``.
@@ -294,7 +322,8 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
         image features ``{(feature, view): (side, side) array}``. ``summary["validation"]``:
         ``features`` and their true ``ablation_effect``; ``ours`` and ``reference``, each
         :func:`agreement` plus its ``attribution`` (totals over positions) of those features;
-        ``pearson`` and ``attribution`` repeat ``ours`` for readers of the older layout.
+        ``pearson`` and ``attribution`` repeat ``ours`` for readers of the older layout;
+        ``ablation_splice``: ``error_kept`` (ours) or ``reconstruction`` (reference).
         ``special_tokens_spliced`` (not ``keep_special``) and ``n_positions_unspliced``.
 
     Raises:
@@ -333,7 +362,7 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
         m_recon, ref_values = reference_attribution(model, module, sae, inputs, answer, baseline, sorted(ours_totals), skip)
         t_ref = time.perf_counter() - t0
         pos = [np.nonzero(a)[0] for a in ref_values.values()] or [np.zeros(0, np.int64)]
-        res = AttributionResult(metric=ours.metric, positions=np.concatenate(pos).astype(np.int64),
+        res = AttributionResult(metric=m_recon, positions=np.concatenate(pos).astype(np.int64),
                                 features=np.concatenate([np.full(len(p), f) for f, p in zip(ref_values, pos)] or [pos[0]]).astype(np.int64),
                                 values=np.concatenate([a[p] for a, p in zip(ref_values.values(), pos)] or [pos[0]]).astype(np.float32),
                                 error=ours.error, grad_norm=ours.grad_norm)  # the error node is ours' (the reference has none)
@@ -344,7 +373,10 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     pooled = pool(res, modality, how)  # "mean": over the decomposed positions of a modality
     check = sorted(totals, key=lambda f: -abs(totals[f]))[:validate_top]
     t0 = time.perf_counter()
-    m_spliced, effects = ablation_effects(model, module, sae, inputs, answer, baseline, check, skip)
+    if method == "reference":  # the model it explains: the reconstruction alone, no error term
+        m_spliced, effects = reconstruction_ablation_effects(model, module, sae, inputs, answer, baseline, check, skip)
+    else:
+        m_spliced, effects = ablation_effects(model, module, sae, inputs, answer, baseline, check, skip)
     t_abl = time.perf_counter() - t0
     if method == "ours":
         t0 = time.perf_counter()
@@ -354,6 +386,7 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     x_ours = [ours_totals.get(f, 0.0) for f in check]
     x_ref = [float(ref_values[f].sum()) for f in check]
     validation = {"features": check, "ablation_effect": y,
+                  "ablation_splice": "reconstruction" if method == "reference" else "error_kept",
                   "ours": {**agreement(x_ours, y), "attribution": x_ours},
                   "reference": {**agreement(x_ref, y), "attribution": x_ref}}
     validation.update(pearson=validation["ours"]["pearson_r"], attribution=x_ours)
@@ -376,9 +409,10 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     np.add.at(per_token, res.positions, res.values)
     summary = {
         "case": case["name"], "prompt": case["prompt"], "image": case.get("image"), "answer": case["answer"],
-        "baseline": case["baseline"], "method": method, "metric": res.metric, "metric_spliced": m_spliced,
-        "metric_reconstruction": m_recon,
-        "error_attribution": float(res.error.sum()), "feature_attribution": float(res.values.sum()),
+        "baseline": case["baseline"], "method": method, "metric": res.metric, "metric_clean": ours.metric,
+        "metric_spliced": m_spliced, "metric_reconstruction": m_recon,
+        "error_attribution": float(res.error.sum()) if method == "ours" else None,  # the reference has no error node
+        "feature_attribution": float(res.values.sum()),
         "pool": how, "top_image": [{"feature": f, "attribution": pooled["image"][f]} for f in top["image"]],
         "top_text": [{"feature": f, "attribution": pooled["text"][f]} for f in top["text"]],
         "text_tokens": [tokens[p] for p in text_pos], "text_attribution": per_token[text_pos].tolist(),
