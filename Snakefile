@@ -32,18 +32,18 @@ if _note:
 _schema = load_schema(os.path.join(workflow.basedir, "config/schema.yaml"))
 _errors = coerce_to_schema(config, _schema)
 if _errors:  # --config 'sae={k: abc}': typed by the schema before Snakemake's validation
-    raise ValueError(f"config ({_sources}): " + "; ".join(_errors))
+    raise ValueError(f"config ({_sources}): {'; '.join(_errors)}")
 try:
     validate(config, "config/schema.yaml")
 except Exception as e:
     raise ValueError(f"config ({_sources}) does not match config/schema.yaml: {e}") from e
 _errors = config_errors(config)
 if _errors:
-    raise ValueError(f"config ({_sources}): " + "; ".join(_errors))
+    raise ValueError(f"config ({_sources}): {'; '.join(_errors)}")
 if config["evaluate"]["require_models"] and config["evaluate"]["enabled"] and config["explain"]["enabled"]:
     _missing = missing_models(config)
     if _missing:
-        raise ValueError(f"config ({_sources}): " + missing_models_message(_missing))
+        raise ValueError(f"config ({_sources}): {missing_models_message(_missing)}")
 if workflow.is_main_process:  # job processes (cluster, --sdm) load the Snakefile too
     write_effective_config(EFFECTIVE_CONFIG, config, _sources, _schema)  # the report shows it
 
