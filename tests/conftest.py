@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny random LLaVA-NeXT (shapes only), the real demo model, odd images."""
+"""Shared fixtures: a tiny random LLaVA-NeXT (shapes only), the real demo model, both loaded once per
+session as subject models, odd images. Shared non-fixture helpers (the checkout, Snakemake dry runs,
+declared dependencies) are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -36,6 +38,24 @@ def tiny_llava_dir(tmp_path_factory):
 def demo_model_dir(tmp_path_factory):
     """The real embedded default model (SmolLM2-135M-Instruct weights), built once per session."""
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def subject(tiny_llava_dir):
+    """The tiny LLaVA-NeXT loaded once per session (float32 on the CPU, whatever GPU is visible).
+    Shared: a test that hooks or edits it must undo that before it returns."""
+    from mmsae.models import load_subject_model
+
+    return load_subject_model(tiny_llava_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_subject(demo_model_dir):
+    """The demo model (SmolLM2-135M-Instruct language model) loaded once per session (float32, CPU); shared as
+    :func:`subject` is."""
+    from mmsae.models import load_subject_model
+
+    return load_subject_model(demo_model_dir, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,15 @@ from mmsae.models import prepare_inputs
 from mmsae.interventions.attribution import (ablation_effects, agreement, attribute, reconstruction_ablation_effects,
                                              reference_attribution, run_case)
 from mmsae.data import Sample
-from mmsae.models import ActivationCapture, load_subject_model, resolve_hook_point
+from mmsae.models import ActivationCapture, resolve_hook_point
 from mmsae.sae import TopKSAE
 
 HOOK = "model.language_model.layers.2"
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llava_dir):
-    s = load_subject_model(tiny_llava_dir)
+def tiny(subject):
+    s = subject
     sae = TopKSAE(64, 128, k=8, seed=1)
     return s, resolve_hook_point(s.model, HOOK), sae
 

@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import REPO, dry_run
 from report_inputs import inputs
-from snakemake.api import SnakemakeApi
-from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings, StorageSettings
 from snakemake.utils import validate
 
 from mmsae.extract.run import ExtractConfig, extract
@@ -27,13 +26,11 @@ from mmsae.data import build_corpus, corpus_part
 from mmsae.codes.encode import EncodeConfig, encode_corpus
 from mmsae.codes.schema import CODE_SCHEMA
 from mmsae.codes.select import base_view_counts
-from mmsae.models import load_subject_model
 from mmsae.report.page import ReportInputs, build_report
 from mmsae.sae import TopKSAE, trained_without_special_tokens
 from mmsae.codes.rows import encode_shards
 from mmsae.core.shards import shard_paths
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "config/schema.yaml")
 HOOK = "model.language_model.layers.2"
 KEY = ["sample_id", "token_index", "feature"]
@@ -84,14 +81,10 @@ def test_default_config_interprets_its_own_corpus():
 # --- the DAG: encode depends on the model and the SAE, not on the activations -----------------
 
 def _jobs(workdir: Path) -> list:
-    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-        wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(),
-                          storage_settings=StorageSettings(), snakefile=REPO / "Snakefile", workdir=workdir)
-        dag = wf.dag(DAGSettings())
-        dag.execute_workflow(executor="dryrun")
-        return [(j.rule.name, [str(f) for f in j.input], dict(j.params.items())) for j in wf._workflow.dag.jobs]
+    return [(j.rule, j.input, j.params) for j in dry_run(workdir).jobs]
 
 
+@pytest.mark.workflow
 def test_encode_reads_the_model_and_the_sae_not_the_activations(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     jobs = _jobs(tmp_path)
@@ -109,9 +102,8 @@ def test_encode_reads_the_model_and_the_sae_not_the_activations(tmp_path):
 # --- encoding from the model = encoding the extracted dense shards --------------------------------
 
 @pytest.fixture(scope="module")
-def encoded(tiny_llava_dir, tmp_path_factory):
+def encoded(subject, tmp_path_factory):
     """The same samples extracted densely and encoded, and encoded from the model (both base_view_only values)."""
-    subject = load_subject_model(tiny_llava_dir)
     samples = build_corpus({"source": "skimage", "names": ["chelsea", "rocket", "coffee"], "prompts": ["", "Describe it."],
                             "text_prompts": ["What is 2+2?", "Name a colour."]})
     sae = TopKSAE(64, 256, k=8, seed=0)

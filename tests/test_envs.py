@@ -1,7 +1,6 @@
 """Every rule's conda env lists, pinned, each third-party package its entry script imports - directly
 or through the mmsae modules it reaches (imports inside functions included)."""
 
-import ast
 import os
 import importlib.metadata as md
 import re
@@ -10,21 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-# import name -> distribution, where the distribution's own metadata does not say (editable/odd installs)
-ALIASES = {"PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image"}
-OPTIONAL = {"open_clip", "snakemake"}  # an optional CLIP backend; snakemake runs the scripts
-
-
-def guarded(tree) -> set[int]:
-    """ids of import nodes inside ``try:`` blocks that catch ImportError (optional imports)."""
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try) and any(
-                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
-            out |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    return out
+from helpers import PROJECT, REPO, distribution, extra_requirements, imports, requirements_txt
 
 
 def rules() -> list[tuple[str, str, str]]:
@@ -38,44 +23,6 @@ def rules() -> list[tuple[str, str, str]]:
             assert conda and script, f"rule {name} in {smk.name} needs conda: and script:"
             out.append((name, (smk.parent / conda.group(1)).resolve(), (smk.parent / script.group(1)).resolve()))
     return out
-
-
-def imports(path: Path, seen: set) -> set[str]:
-    """Top-level third-party modules imported by ``path`` and, recursively, by the mmsae modules it imports."""
-    if path in seen:
-        return set()
-    seen.add(path)
-    found = set()
-    tree = ast.parse(path.read_text())
-    skip = guarded(tree)
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
-        for name in names:
-            top = name.split(".")[0]
-            if top == "mmsae":
-                mod = REPO / Path(*name.split("."))
-                for cand in (mod.with_suffix(".py"), mod / "__init__.py"):
-                    if cand.is_file():
-                        found |= imports(cand, seen)
-                if isinstance(node, ast.ImportFrom):  # from mmsae.x import submodule
-                    for a in node.names:
-                        sub = mod / f"{a.name}.py"
-                        if sub.is_file():
-                            found |= imports(sub, seen)
-            elif top not in sys.stdlib_module_names and top not in OPTIONAL:
-                found.add(top)
-    return found
-
-
-def distribution(module: str) -> str:
-    if module in ALIASES:
-        return ALIASES[module]
-    dists = md.packages_distributions().get(module)
-    assert dists, f"no installed distribution provides {module!r}"
-    return dists[0].lower()
 
 
 def pinned(env: Path) -> dict[str, str]:
@@ -115,7 +62,6 @@ def pip_lines(env: Path) -> list[str]:
 def stage_requirements(stage: str):
     """pyproject.toml's base dependencies plus those of the extra ``stage`` (packaging Requirements)."""
     from packaging.requirements import Requirement
-    from test_packaging import PROJECT, extra_requirements
     return [Requirement(r) for r in PROJECT["dependencies"]] + extra_requirements(stage)
 
 
@@ -155,7 +101,6 @@ def test_env_installs_this_checkout_with_its_stage_extra(env):
 def test_env_pins_exactly_what_its_stage_reaches(env):
     """The env pins, at requirements.txt's versions, every pinned distribution that mmsae[<stage>]
     reaches, and nothing else (features.yaml gets no torch)."""
-    from test_packaging import requirements_txt
     pins = requirements_txt()
     want = {name: pins[name][0] for name in reached(stage_requirements(env.stem)) if name in pins}
     have = {name: version for name, version in pinned(env).items()}
@@ -186,6 +131,7 @@ def fake_conda_path(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 def test_snakemake_deploys_every_env_and_pip_resolves_it(tmp_path):
     """``snakemake --sdm conda --conda-create-envs-only`` on this workflow, with a stand-in conda
     (tests/fake_conda.py) that runs pip on each deployed env file as conda would, with --dry-run
@@ -193,7 +139,6 @@ def test_snakemake_deploys_every_env_and_pip_resolves_it(tmp_path):
     post-deploy script runs."""
     import json
     import subprocess
-    from test_packaging import requirements_txt
     environ = {**os.environ, "PATH": fake_conda_path(tmp_path), "FAKE_CONDA_MODE": "dry"}
     environ.pop("MMSAE_ROOT", None)  # the Snakefile must set it
     prefix = tmp_path / "envs"

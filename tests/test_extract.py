@@ -5,19 +5,12 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 
 from mmsae.extract.run import ExtractConfig, extract
 from mmsae.data import Sample, build_corpus
-from mmsae.models import load_subject_model
 from mmsae.core.shards import iter_activations, read_shard_meta, shard_paths, shard_schema
 
 HOOK = "model.language_model.layers.2"
-
-
-@pytest.fixture(scope="module")
-def subject(tiny_llava_dir):
-    return load_subject_model(tiny_llava_dir)
 
 
 def _corpus(image_dir):

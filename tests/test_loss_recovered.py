@@ -12,17 +12,12 @@ from report_inputs import inputs
 
 from mmsae.data.corpus import Sample
 from mmsae.interventions.loss_recovered import loss_recovered, scored_positions, select_samples
-from mmsae.models import ActivationCapture, load_subject_model, prepare_inputs, resolve_hook_point, token_roles
+from mmsae.models import ActivationCapture, prepare_inputs, resolve_hook_point, token_roles
 from mmsae.report.page import ReportInputs, build_report
 from mmsae.sae.model import TopKSAE
 
 HOOK = "model.language_model.layers.1"
 ANSWER = "Paris is the capital of France."
-
-
-@pytest.fixture(scope="module")
-def subject(tiny_llava_dir):
-    return load_subject_model(tiny_llava_dir, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

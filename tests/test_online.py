@@ -18,7 +18,6 @@ import yaml
 from mmsae.extract.run import ExtractConfig, extract
 from mmsae.workflow.config_check import config_errors
 from mmsae.data import build_corpus
-from mmsae.models import load_subject_model
 from mmsae.sae.online import ModelSource, OnlineStream, token_fractions, train_online
 from mmsae.sae.run import train_from_manifest
 from mmsae.sae.io import load_sae
@@ -31,11 +30,6 @@ CORPUS = {"source": "skimage", "names": ["retina", "astronaut", "chelsea", "coff
                            "Write a haiku about rain.", "Tell me a fact about octopuses.", "Describe tree bark."]}
 OPTS = dict(d_sae=128, k=8, steps=160, batch_size=64, warmup_steps=10, dead_tokens=2000, buffer_tokens=512,
             b_dec_init_tokens=256, heldout_fraction=0.3, heldout_max_tokens=65536, checkpoint_every=1000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def subject(tiny_llava_dir):
-    return load_subject_model(str(tiny_llava_dir), dtype="float32", device="cpu")
 
 
 def _source(subject, samples):

@@ -4,8 +4,6 @@ license file agree with what pyproject.toml states."""
 
 import re
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,37 +11,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from test_envs import REPO, distribution, imports
-
-PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-PROJECT = PYPROJECT["project"]
-
-
-def extra_requirements(extra: str) -> list[Requirement]:
-    """The requirements of ``mmsae[extra]`` beyond the base list, self-references (``mmsae[a,b]``) expanded."""
-    out = []
-    for line in PROJECT["optional-dependencies"][extra]:
-        req = Requirement(line)
-        if canonicalize_name(req.name) == "mmsae":
-            for sub in sorted(req.extras):
-                out += extra_requirements(sub)
-        else:
-            out.append(req)
-    return out
-
-
-def requirements_txt() -> dict[str, tuple[str, str]]:
-    """requirements.txt as {canonical name: (version, trailing comment)}; every line must be ``name==version``."""
-    out = {}
-    for n, line in enumerate((REPO / "requirements.txt").read_text().splitlines(), 1):
-        spec, _, comment = line.partition("#")
-        if not spec.strip():
-            continue
-        req = Requirement(spec.strip())
-        pins = [s for s in req.specifier if s.operator == "=="]
-        assert len(pins) == 1 and len(req.specifier) == 1, f"requirements.txt:{n}: {line!r} is not pinned as name==version"
-        out[canonicalize_name(req.name)] = (pins[0].version, comment.strip())
-    return out
+from helpers import PROJECT, REPO, distribution, extra_requirements, imports, requirements_txt
 
 
 def test_every_import_of_the_package_is_declared():

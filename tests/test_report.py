@@ -5,15 +5,13 @@ show when present and older outputs without them still render."""
 import re
 import tomllib
 from fnmatch import fnmatch
-from pathlib import Path
 
 import polars as pl
+from helpers import REPO
 from report_inputs import EVIL, inputs
 
 from mmsae.report.page import ReportInputs, build_report
 from mmsae.report.views import curve
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _text(html: str) -> str:

@@ -12,7 +12,6 @@ from mmsae.codes.schema import scan_codes
 from mmsae.core.shards import ShardError, iter_activations, merge_manifests, shard_paths
 from mmsae.data import build_corpus
 from mmsae.extract.run import ExtractConfig, extract
-from mmsae.models import load_subject_model
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.model import TopKSAE
 from mmsae.sae.run import train_from_manifest
@@ -21,9 +20,8 @@ HOOK = "model.language_model.layers.2"
 
 
 @pytest.fixture(scope="module")
-def extracted(tiny_llava_dir, image_dir, tmp_path_factory):
+def extracted(subject, image_dir, tmp_path_factory):
     """A finished extraction (3 shards) and what the rule needs to run it again."""
-    subject = load_subject_model(tiny_llava_dir)
     samples = build_corpus({"source": "folder", "path": str(image_dir), "prompts": ["Describe it."],
                             "text_prompts": ["What is 2+2?", "Name a colour."]})
     cfg = ExtractConfig(hook_point=HOOK, shard_tokens=150)

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from test_workflow import REPO, SNAKEMAKE, TINY
+from helpers import REPO, SNAKEMAKE, TINY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.workflow]
 
 DAEMONS = ["munged", "slurmctld", "slurmd"]
 # The jobstep plugin drops SLURM_* variables (SLURM_CONF included) before its inner srun, so the

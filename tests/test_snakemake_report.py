@@ -5,9 +5,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-from test_rerun_scope import fake_complete_tree
+import pytest
+from helpers import REPO, fake_complete_tree
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.workflow
+
 REGISTERED = {"metrics.json", "log.parquet", "index.html", "table.md", "steering.parquet", "summary.json",
               "properties.json", "loss_recovered.json", "scoring.parquet"}
 

@@ -15,8 +15,8 @@ HOOK = "model.language_model.layers.15"
 
 
 @pytest.fixture(scope="module")
-def demo(demo_model_dir):
-    s = load_subject_model(demo_model_dir)
+def demo(demo_subject):
+    s = demo_subject
     sae = TopKSAE(576, 512, k=8, seed=0)
     with torch.no_grad():  # a data-like b_dec so that latents fire with realistic magnitudes
         x = _layer_output(s, "The quick brown fox jumps over the lazy dog.")

@@ -22,11 +22,6 @@ HOOK = "model.language_model.layers.2"
 
 
 @pytest.fixture(scope="module")
-def subject(tiny_llava_dir):
-    return load_subject_model(tiny_llava_dir)
-
-
-@pytest.fixture(scope="module")
 def corpus(image_dir):
     """Image samples, text samples and a training conversation with answers."""
     samples = build_corpus({"source": "folder", "path": str(image_dir), "prompts": ["Describe it."],

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,31 +12,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import yaml
+from helpers import REPO, SNAKEMAKE, TINY
 from markupsafe import escape
 
 from mmsae.workflow.script_hash import script_hash
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-TINY = {
-    "model": {"source": "demo", "hook_point": "model.language_model.layers.6"},
-    "corpus": {"source": "skimage", "names": ["chelsea", "rocket", "coffee"], "prompts": ["Describe this image."],
-               "text_prompts": ["What is the capital of France?", "Write a haiku about the sea."]},
-    "extract": {"shard_tokens": 400, "parts": 2},
-    "sae": {"d_sae": 256, "k": 8, "steps": 30, "batch_size": 64, "warmup_steps": 3, "buffer_tokens": 256,
-            "b_dec_init_tokens": 256, "checkpoint_every": 10, "dead_tokens": 2000, "heldout_fraction": 0.2},
-    "features": {"top_n": 3, "select": {"n": 4, "min_samples": 1, "per_modality": True}},
-    "explain": {"server": "local", "max_tokens": 8, "concurrency": 1},
-    "steer": {"auto": 1, "values": [10], "max_new_tokens": 6, "prompts": [{"prompt": "Tell me a story."}]},
-    "attribution": {"validate_top": 4, "cases": [
-        {"name": "capital", "prompt": "What is the capital of France?", "answer_prefix": "The capital of France is",
-         "answer": " Paris", "baseline": " London"},
-        {"name": "cat", "prompt": "Is there a cat?", "image": "chelsea", "answer": "Yes", "baseline": "No"}]},
-    "neurons": {"max_images": 1, "max_new_tokens": 8, "text_prompts": ["Describe a cat in few words."], "top_k": 50,
-                "causal_cases": 1, "causal_k": 5, "opt_steps": 3, "edits": [{"name": "e", "source": "auto", "target": "dog"}],
-                "locality_prompts": ["Hi"]},
-}
 EXPLAIN_AND_AFTER = {"explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1, "steer": 1,
                      "score_explanations": 1, "report": 1, "all": 1}  # steer judges its generations by the explanations' words
 DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "steer": 1, **EXPLAIN_AND_AFTER}
@@ -81,11 +60,13 @@ def workdir_with(tmp_path, cfg) -> Path:
     return tmp_path
 
 
+@pytest.mark.workflow
 def test_lint_is_clean(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "--lint")
     assert "good condition" in proc.stdout + proc.stderr
 
 
+@pytest.mark.workflow
 def test_default_config_dry_runs(tmp_path):
     proc = smk(workdir_with(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text())), "-n")
     assert jobs(proc) == {"build_demo_model": 1, "extract": 1, "merge_activations": 1, "train_sae": 1, "encode": 1,
@@ -96,6 +77,7 @@ def test_default_config_dry_runs(tmp_path):
                           "all": 1}
 
 
+@pytest.mark.workflow
 def test_paper_config_dry_runs_to_the_evaluation_table(tmp_path):
     cfg = yaml.safe_load((REPO / "config/llava-next-8b.yaml").read_text())
     cfg["evaluate"]["require_models"] = False  # the models are not in this machine's cache (tests/test_config_layering.py)
@@ -106,6 +88,7 @@ def test_paper_config_dry_runs_to_the_evaluation_table(tmp_path):
     assert "results/sae/llava-next-8b-l24/cfg.json" in proc.stdout + proc.stderr
 
 
+@pytest.mark.workflow
 def test_slurm_profile_dry_runs(tmp_path):
     cfg = yaml.safe_load((REPO / "config/llava-next-8b.yaml").read_text())
     cfg["evaluate"]["require_models"] = False  # the models are not in this machine's cache (tests/test_config_layering.py)
@@ -114,12 +97,14 @@ def test_slurm_profile_dry_runs(tmp_path):
     assert jobs(proc)["explain_chunk"] == 8 and "slurm_partition=gpu" in text and "runtime=1440" in text
 
 
+@pytest.mark.workflow
 def test_hub_model_needs_no_demo_build(tmp_path):
     cfg = {**TINY, "model": {"source": "llava-hf/llama3-llava-next-8b-hf", "hook_point": "model.language_model.layers.24",
                              "dtype": "bfloat16"}}
     assert "build_demo_model" not in jobs(smk(workdir_with(tmp_path, cfg), "-n"))
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("cfg,field", [
     ({"sae": {"kk": 3}}, "kk"),
     ({"sae": {"k": 0}}, "k"),
@@ -135,6 +120,7 @@ def test_bad_config_stops_before_any_job(tmp_path, cfg, field):
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     wd = workdir_with(tmp_path, TINY)
     # The demo model is built once per test session (hard links, no copy); the rule is tested by the
@@ -182,6 +168,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
     """A remote endpoint with a key from the environment: 2 chunk jobs, and the key is nowhere on disk.
     The corpus is a dirty folder (three photos plus every kind of bad file): the workflow runs to the
@@ -231,6 +218,7 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
     assert leaks == []
 
 
+@pytest.mark.workflow
 def test_failed_job_logs_its_traceback(tmp_path):
     """An uncaught exception in an entry script reaches the rule's log file, not only stderr."""
     (tmp_path / "fail.py").write_text("from mmsae.core.job import setup\n"
@@ -249,6 +237,7 @@ def test_every_entry_script_sets_up_its_log():
         assert "setup(sm.log[0]" in script.read_text(), f"{script.name} does not log to its rule's log file"
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("cfg,field", [
     ({"sae": {"k": 64, "d_sae": 32}}, "sae.k=64"),
     ({"model": {"hook_point": "model.language_model.layers.30"}}, "model.hook_point"),
@@ -263,6 +252,7 @@ def test_config_errors_stop_at_load(tmp_path, cfg, field):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.workflow
 def test_hook_point_is_checked_against_a_local_models_config(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -273,6 +263,7 @@ def test_hook_point_is_checked_against_a_local_models_config(tmp_path):
     smk(workdir_with(tmp_path, {"model": {"source": str(model), "hook_point": "model.language_model.layers.3"}}), "-n")
 
 
+@pytest.mark.workflow
 def test_failed_encode_leaves_no_code_folder(tmp_path, tiny_llava_dir):
     """A part's codes are a directory output written whole (into a hidden sibling renamed at the end):
     after a failed encode there is no folder of the part and no temporary one, and the next run redoes it.
