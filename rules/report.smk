@@ -6,6 +6,7 @@ rule report:
         activations=ACTIVATIONS,  # the training corpus (tokens trained on)
         codes=CODES,  # the interpretation corpus (samples and images whose top activations are shown)
         metrics=f"{SAE_DIR}/metrics.json",
+        heldout=f"{SAE_DIR}/heldout.json",  # the held-out sample ids, beside metrics.json
         log_table=f"{SAE_DIR}/log.parquet",
         stats=f"{FEATURES}/stats.parquet",
         selected=f"{FEATURES}/selected.json",
