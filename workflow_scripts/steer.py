@@ -49,6 +49,7 @@ rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sa
                       {f: feature_words(f, contexts, expl) for f in {*features, *selected}})  # selected: the controls
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
                     ("value", pa.float64()), ("clamp_value", pa.float64()), ("positions", pa.string()), ("mode", pa.string()),
+                    ("baseline", pa.string()),  # unsteered, or reconstruction (reference mode): what text_before is
                     ("text_before", pa.string()), ("text_after", pa.string()), ("changed", pa.bool_()),
                     ("ppl_before", pa.float64()), ("ppl_after", pa.float64()), ("feature_words", pa.list_(pa.string())),
                     ("toward_words", pa.list_(pa.string())), ("toward_feature", pa.bool_()), ("success", pa.bool_()),

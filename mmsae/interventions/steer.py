@@ -122,9 +122,16 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
                    cfg: SweepConfig, max_activation: dict[int, float], words: dict[int, list[str]]) -> list[dict]:
     """Greedy text before and after clamping each feature to each value, for each prompt, judged.
 
-    Per prompt, one batched greedy ``generate``: row 0 unhooked (the "before" text), one row per
+    Per prompt, one batched greedy ``generate``: row 0 the baseline (the "before" text), one row per
     (feature, value) with its clamp (:class:`SteeringHook` per-row clamps), so the prompt is batched
     rather than re-run per clamp and every row shares the baseline's numerics.
+
+    The baseline is the model the clamp acts on, with no clamp, so that ``changed``, the perplexity
+    ratio and ``toward_feature`` measure the clamp alone: in ``error_term`` mode the unsteered model
+    (no clamp is the identity there); in ``reference`` mode the reconstruction-spliced model (the
+    reference hook with no clamp), whose own effect on the text would otherwise count as the clamp's.
+    Both perplexities are judged by the same model, the unmodified one: ``ppl_before`` is that of
+    the baseline's greedy text, ``ppl_after`` of the steered text.
 
     Args:
         subject: the loaded model; module: its hooked layer.
@@ -137,8 +144,9 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
 
     Returns:
         One row per (feature, prompt, value): feature, prompt, image, scale, value, clamp_value,
-        positions, mode, text_before, text_after, changed, ppl_before, ppl_after (perplexities of the
-        unsteered / steered continuation under the unsteered model), feature_words,
+        positions, mode, baseline (``unsteered`` or ``reconstruction``: what text_before came from),
+        text_before, text_after, changed, ppl_before, ppl_after (perplexities of the baseline's /
+        steered continuation under the unmodified model), feature_words,
         toward_words (those that newly appear), toward_feature (None: no words known), success,
         control_features (the others with words; empty when this feature or every other has
         none), control_toward and control_success (the fractions of those whose words, in place
@@ -157,9 +165,12 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             if image is None:
                 raise ValueError(f"steer.prompts: image {p['image']}: {status}")
         inputs = dict(prepare_inputs(subject, [(Sample("steer", p["prompt"], p.get("image")), image)]).to(subject.device))
-        # one batched generate: row 0 unsteered, then every (feature, value); the rows share their numerics
+        # one batched generate: row 0 the baseline, then every (feature, value); the rows share their numerics.
+        # The baseline is the model the clamps act on with no clamp: the unsteered model (error_term, where
+        # no clamp is the identity) or the reconstruction-spliced one (reference: [] = the hook, no clamp)
         runs = [(f, v, resolve_clamp_value(v, cfg.scale, max_activation.get(f))) for f in features for v in cfg.values]
-        hook = SteeringHook(sae, [None] + [[Clamp(f, c)] for f, _, c in runs], mode=cfg.mode, positions=cfg.positions,
+        baseline = [] if cfg.mode == "reference" else None
+        hook = SteeringHook(sae, [baseline] + [[Clamp(f, c)] for f, _, c in runs], mode=cfg.mode, positions=cfg.positions,
                             skip_token_ids=subject.special_token_ids if cfg.keep_special else None)
         batch = {k: t.repeat(len(runs) + 1, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
         out = [_until_eos(ids, eos) for ids in generate(subject.model, batch, module, hook, cfg.max_new_tokens)]
@@ -174,7 +185,8 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
             c_toward = [bool(toward_feature(before, after, words[g])[0]) for g in control[f]]
             c_success = [is_success(changed, ppl_before, ppl_after, t, cfg.max_ppl_ratio) for t in c_toward]
             rows.append({"feature": f, "prompt": p["prompt"], "image": p.get("image"), "scale": cfg.scale, "value": float(v),
-                         "clamp_value": c, "positions": hook.positions, "mode": cfg.mode, "text_before": before,
+                         "clamp_value": c, "positions": hook.positions, "mode": cfg.mode,
+                         "baseline": "reconstruction" if cfg.mode == "reference" else "unsteered", "text_before": before,
                          "text_after": after, "changed": changed, "ppl_before": ppl_before, "ppl_after": ppl_after,
                          "feature_words": list(words.get(f, [])), "toward_words": hit, "toward_feature": toward,
                          "success": is_success(changed, ppl_before, ppl_after, toward, cfg.max_ppl_ratio),
