@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from mmsae.evaluate.scoring import balanced_from_counts, confusion
+from mmsae.evaluate.accuracy import balanced_from_counts, confusion
 
 METHODS = ("detection", "fuzzing")
 
