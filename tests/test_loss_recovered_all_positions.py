@@ -22,13 +22,6 @@ HOOK = "model.language_model.layers.1"
 
 
 @pytest.fixture(scope="module")
-def subject(tiny_llava_dir):
-    from mmsae.models import load_subject_model
-
-    return load_subject_model(tiny_llava_dir, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("img")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(d / "a.png")

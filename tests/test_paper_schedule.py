@@ -6,15 +6,13 @@ accumulation steps: the effective horizon H is 4x the optimiser steps, and the l
 warm-up is lr * (H - t) / (H - warmup). Its ``auxk_alpha`` is 0.
 """
 
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from mmsae.sae.schedule import lr_at
 from mmsae.sae.trainer import TrainConfig, cfg_lr_at
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _paper_sae() -> dict:

@@ -1,13 +1,10 @@
 """scoring_summary.json names the scorer as the config does (#28.9), not as a local server reports
 it (the absolute path of this machine's model directory)."""
 
-from pathlib import Path
-
 import pyarrow as pa
+from helpers import REPO
 
 from mmsae.evaluate.scoring import SCORING_SCHEMA, configured_scorer, summarise
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _table(model: str) -> pa.Table:
