@@ -12,6 +12,8 @@ rule report:
         selected=f"{FEATURES}/selected.json",
         maps=f"{MAPS}/maps.parquet",
         contexts=f"{MAPS}/contexts.parquet",
+        # written when the Snakefile loads; ancient: a setting that changes no result reruns nothing
+        effective_config=ancient(EFFECTIVE_CONFIG),
     output:
         report(
             "results/report/index.html",

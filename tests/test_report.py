@@ -92,3 +92,11 @@ def test_training_curve_breaks_where_a_metric_is_missing(tmp_path):
     assert [len(g["points"].split()) if "points" in g else "dot" for g in image] == [2, "dot", 3]
     svg = build_report(ReportInputs(**{**inputs(tmp_path), "log": log}))
     assert svg.count("<polyline") == 3 and svg.count("<circle") == 1
+
+
+def test_report_shows_the_effective_config_verbatim(tmp_path):
+    text = "# effective config of this run: config/llava-next-8b.yaml + --config sae\nsae:\n  k: 64\n"
+    page = build_report(ReportInputs(**inputs(tmp_path), effective_config=text))
+    assert "config/llava-next-8b.yaml + --config sae" in page and "k: 64" in page
+    assert "every key, as the workflow used it" in page
+    assert "every key, as the workflow used it" not in build_report(ReportInputs(**inputs(tmp_path)))

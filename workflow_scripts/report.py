@@ -34,6 +34,7 @@ page = build_report(ReportInputs(
     scoring=json.loads(Path(i.scoring).read_text()) if "scoring" in i.keys() else None,
     scoring_table=pl.read_parquet(i.scoring_table) if "scoring_table" in i.keys() else None,
     crossmodal=pl.read_parquet(i.crossmodal) if "crossmodal" in i.keys() else None,
+    effective_config=Path(i.effective_config).read_text() if "effective_config" in i.keys() else None,
     crossmodal_examples=pl.read_parquet(i.crossmodal_examples) if "crossmodal" in i.keys() else None,
     neurons=None if "neuron_properties" not in i.keys() else {
         "props": json.loads(Path(i.neuron_properties).read_text()),

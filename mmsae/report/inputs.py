@@ -29,6 +29,8 @@ class ReportInputs:
         evaluation: Table 1's ``summary.json``; loss_recovered: ``loss_recovered.json``.
         scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
         crossmodal, crossmodal_examples: ``crossmodal.parquet`` and ``crossmodal_examples.parquet``.
+        effective_config: the text of ``results/config.effective.yaml`` (the run's whole config, its
+            header naming the files it came from), shown verbatim.
     """
 
     manifest: dict
@@ -53,3 +55,4 @@ class ReportInputs:
     scoring_table: pl.DataFrame | None = None
     crossmodal: pl.DataFrame | None = None
     crossmodal_examples: pl.DataFrame | None = None
+    effective_config: str | None = None

@@ -36,6 +36,7 @@ def build_report(inputs: ReportInputs) -> str:
     status = explanations["status"].to_list() if explanations is not None else None
     return ENV.get_template("page.html.j2").render(
         run=r.run,
+        effective_config=r.effective_config,
         manifest=r.manifest,
         codes=r.codes,
         metrics=r.metrics,
