@@ -101,8 +101,8 @@ RERUNS: dict[str, set[str]] = {
     "sae.exclude_norm_above": TRAIN,
     "sae.checkpoint_every": NONE,
     "sae.source": TRAIN,  # online: train_sae reads the model instead of the activations
-    "loss_recovered.enabled": REPORT,
-    "loss_recovered.max_samples": {"loss_recovered"} | REPORT,
+    "loss_recovered.enabled": REPORT | EXPORT,  # the Hub card carries loss recovered
+    "loss_recovered.max_samples": {"loss_recovered"} | REPORT | EXPORT,
     "features.top_n": SELECT,
     "features.rank_by": SELECT,
     "features.map_threshold": MAPS | CROSS,  # also the cross-modal examples' highlight
@@ -118,7 +118,7 @@ RERUNS: dict[str, set[str]] = {
     "features.crossmodal.n_boot": CROSS,
     "features.crossmodal.seed": CROSS,
     "features.crossmodal.show": CROSS,
-    "explain.enabled": {"steer"} | REPORT,  # steer reads explanation words when there are explanations
+    "explain.enabled": {"steer"} | REPORT | EXPORT,  # steer reads explanation words when there are explanations
     "explain.server": EXPLAIN,
     "explain.local_model": EXPLAIN,
     "explain.base_url": NONE,  # unused with explain.server local
@@ -199,12 +199,17 @@ RERUNS: dict[str, set[str]] = {
     "evaluate.clip_trials": {"evaluate"} | REPORT,
     "evaluate.n_boot": {"evaluate"} | REPORT,
     "evaluate.seed": {"evaluate"} | REPORT,
-    "scoring.enabled": REPORT,
+    "scoring.enabled": REPORT | EXPORT,  # the export carries the scores
     "scoring.n_examples": SCORE,
     "scoring.max_features": SCORE,
     "scoring.seed": SCORE,
     "scoring.include_untagged": SCORE,
     "scoring.fuzz_threshold": SCORE,
+    "scoring.n_quantiles": SCORE,
+    "scoring.per_quantile": SCORE,
+    "scoring.mode": SCORE,
+    "scoring.top_logprobs": SCORE,
+    "scoring.prompts": SCORE,
     "scoring.scorer.server": NONE,  # null = the explainer's (local); set to local: the same endpoint
     "scoring.scorer.local_model": SCORE,
     "scoring.scorer.base_url": NONE,  # unused with a local scorer
