@@ -78,3 +78,15 @@ def image_dir(tmp_path_factory):
     Image.fromarray(rgb[:4, :4]).save(d / "tiny.png")
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(d / "blank.png")
     return d
+
+
+# Fixtures that load the real demo model (SmolLM2-135M-Instruct's weights: ~30 s to build, then
+# seconds per forward on 2 cores). A test that uses one is an integration test of the demo, so it
+# belongs to the slow tier; the fast tier (-m "not slow and not workflow") keeps the tiny models.
+_DEMO_FIXTURES = {"demo_model_dir", "demo_subject"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _DEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

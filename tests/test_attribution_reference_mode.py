@@ -16,6 +16,8 @@ CASE = {"name": "c", "prompt": "What is the capital of France?", "answer_prefix"
         "baseline": " London"}
 
 
+pytestmark = pytest.mark.slow  # two attribution runs per method on the tiny model (~50 s on 2 cores)
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llava_dir):
     s = load_subject_model(tiny_llava_dir, dtype="float32", device="cpu")
