@@ -14,12 +14,11 @@ from __future__ import annotations
 import base64
 import re
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"  # v2: our own opening sentence (v1 reused the released code's)
 
 IMAGE_INSTRUCTION = (
-    "You are a meticulous AI researcher conducting an important investigation into a certain neuron "
-    "in a vision-language model. Your task is to describe what this neuron responds to.\n"
-    "You are shown {n} images. In each, the regions where the neuron activates are kept bright and "
+    "We are studying one unit inside a vision-language model and want to know what makes it fire.\n"
+    "You are shown {n} images. In each, the regions where the unit activates are kept bright and "
     "everything else is darkened. Look only at the highlighted regions; ignore images with very few "
     "highlighted regions. Find what the highlighted regions have in common - an object, a part, a "
     "texture, a colour, a material or a scene - and describe it literally in a few words.\n"
@@ -30,8 +29,8 @@ IMAGE_INSTRUCTION = (
 )
 
 TEXT_INSTRUCTION = (
-    "You are a meticulous AI researcher conducting an important investigation into a certain neuron "
-    "in a language model. Below are text excerpts where the neuron activates; the tokens where it "
+    "We are studying one unit inside a language model and want to know what makes it fire. "
+    "Below are text excerpts where the unit activates; the tokens where it "
     "activates most are marked like «this». Find what the marked tokens have in common and describe "
     "it literally in a few words.\n"
     "End your answer with one line of the form\n"
