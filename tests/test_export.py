@@ -153,3 +153,12 @@ def test_hub_folder_card_parses_and_sae_loads(tmp_path):
     rel = entry["mmsae-llava"]
     assert rel["conversion_func"] is None and rel["repo_id"] == "<user>/<repo>"
     assert rel["saes"] == [{"id": hook, "path": hook, "l0": 4.0, "neuronpedia": None, "variance_explained": 0.75}]
+
+
+def test_image_tokens_without_a_patch_get_a_label():
+    """The image-newline tokens (view -2) carry no column in the codes; the default run's export
+    stopped on them."""
+    from mmsae.export.neuronpedia import image_token_label
+
+    assert image_token_label(0, 3, 5) == "<img v0 r3 c5>"
+    assert image_token_label(-2, 3, None) == "<img v-2 r3>" and image_token_label(-2, None, None) == "<img v-2>"

@@ -62,9 +62,12 @@ class SourceInfo:
         return f"{self.layer}-{self.source_set}"
 
 
-def image_token_label(view: int, row: int, col: int) -> str:
-    """The token string that stands for image patch (view, row, col): ``<img v0 r3 c5>``."""
-    return f"<img v{int(view)} r{int(row)} c{int(col)}>"
+def image_token_label(view: int, row: int | None, col: int | None) -> str:
+    """The token string that stands for image patch (view, row, col): ``<img v0 r3 c5>``; an image
+    token without a patch (the image-newline tokens, view -2, have no column) is ``<img v-2 r3>`` or
+    ``<img v-2>``."""
+    parts = [f"v{int(view)}"] + [f"{k}{int(x)}" for k, x in (("r", row), ("c", col)) if x is not None]
+    return "<img " + " ".join(parts) + ">"
 
 
 def _id(*parts) -> str:
