@@ -52,7 +52,7 @@ feats, acts, expls, images = build_records(
     explanations=pl.read_parquet(i.explanations) if "explanations" in i.keys() else None,
     scoring=pl.read_parquet(i.scoring) if "scoring" in i.keys() else None)
 rule_text = "with the final norm's weight" if norm is not None else "no final norm, as SAEDashboard's Neuronpedia runner"
-base = npx.write_export(sm.output.neuronpedia, src, feats, acts, expls, images, README.format(logit_rule=rule_text))
+base = npx.write_export(sm.output.neuronpedia, src, feats, acts, expls, images, README.format(logit_rule=rule_text, model_id=src.model_id, source_id=src.source_id))
 log.info("neuronpedia export: %d features, %d examples, %d explanations in %s", len(feats), len(acts), len(expls), base)
 
 # Hub
