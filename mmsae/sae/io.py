@@ -111,6 +111,6 @@ def check_hook_point(sae_cfg: dict, configured: str, where: str) -> str:
     if name is None:
         return configured
     if name != configured:
-        raise ValueError(f"{where}: the SAE was trained at hook_name {name!r} but model.hook_point is {configured!r}; "
+        raise ValueError(f"{where}: the SAE was trained at hook point {name!r} (cfg.json hook_name) but model.hook_point is {configured!r}; "
                          "set model.hook_point to the SAE's hook point or use an SAE trained there")
     return name
