@@ -18,7 +18,7 @@ from markupsafe import escape
 from mmsae.workflow.script_hash import script_hash
 
 EXPLAIN_AND_AFTER = {"explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1, "steer": 1,
-                     "score_explanations": 1, "report": 1, "all": 1}  # steer judges its generations by the explanations' words
+                     "score_explanations": 1, "report": 1, "export": 1, "all": 1}  # steer judges its generations by the explanations' words
 DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "steer": 1, **EXPLAIN_AND_AFTER}
 
 
@@ -156,7 +156,7 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     changed = {**TINY, "sae": {**TINY["sae"], "k": 4}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
     assert jobs(smk(wd, "-n")) == {"train_sae": 1, "encode": 2, "merge_codes": 1, "attribute": 1, "loss_recovered": 1,
-                                   **DOWNSTREAM_OF_SELECTION}
+                                   "crossmodal": 1, **DOWNSTREAM_OF_SELECTION}
     # a selection parameter reruns only selection and what follows
     changed = {**TINY, "features": {**TINY["features"], "top_n": 2}}
     (wd / "config.yaml").write_text(yaml.safe_dump(changed))
