@@ -195,7 +195,7 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
             smk(wd, "--cores", "2")
         finally:
             del os.environ["MMSAE_TEST_KEY"]
-        explain_requests = [b for b in ep.bodies if "[EXPLANATION]" in json.dumps(b["messages"])]
+        explain_requests = [b for b in ep.bodies if "We are studying one unit" in json.dumps(b["messages"])]  # the explainer prompts open so
         assert len(explain_requests) == 4 + 2 and set(ep.auth_headers) == {f"Bearer {secret}"}
         assert len(ep.bodies) > len(explain_requests)  # the refiner used the same endpoint and key
         assert ep.max_in_flight <= 2
