@@ -34,6 +34,8 @@ from pathlib import Path
 import jsonschema
 import polars as pl
 
+from mmsae.evaluate.accuracy import balanced_from_counts, confusion
+
 SCHEMA_FILE = Path(__file__).with_name("neuronpedia_schema.json")
 FEATURES_PER_BATCH = 128  # SAEDashboard's usual n_features_per_batch: one batch file per 128 features
 CREATOR_ID = "<creator-id>"  # Neuronpedia's user id of the uploader: filled in by whoever imports
@@ -187,24 +189,17 @@ def image_examples(maps: pl.DataFrame, image_codes: pl.DataFrame, feature: int) 
 
 def per_feature_scores(scoring: pl.DataFrame | None) -> dict[int, dict[str, float | None]]:
     """Balanced accuracy of each feature's real explanation per scoring method (``detection``, ``fuzzing``),
-    from the confusion counts summed over its requests, as :mod:`mmsae.evaluate.scoring` summarises (not
-    imported: it pulls in the endpoint client). Examples without a prediction count nothing; None when
-    the feature has no activating or no non-activating example."""
+    from the confusion counts summed over its requests (:mod:`mmsae.evaluate.accuracy`, as the scoring
+    summary pools them). Examples without a prediction count nothing; None when the feature has no
+    activating or no non-activating example."""
     out: dict[int, dict[str, float | None]] = {}
     if scoring is None or scoring.height == 0:
         return out
     real = scoring.filter(pl.col("explanation_kind") == "real")
     for (f, method), g in real.group_by(["feature", "method"]):
-        tp = fn = tn = fp = 0
-        for labels, preds in g.select("labels", "predictions").iter_rows():
-            if preds is None or labels is None:
-                continue
-            for y, q in zip(labels, preds):
-                if q is None:
-                    continue
-                tp, fn, tn, fp = tp + (y == 1 and q == 1), fn + (y == 1 and q == 0), tn + (y == 0 and q == 0), fp + (y == 0 and q == 1)
-        ba = None if tp + fn == 0 or tn + fp == 0 else 0.5 * (tp / (tp + fn) + tn / (tn + fp))
-        out.setdefault(int(f), {})[method] = ba
+        counts = [confusion(labels, preds) for labels, preds in g.select("labels", "predictions").iter_rows()
+                  if labels is not None]
+        out.setdefault(int(f), {})[method] = balanced_from_counts(*map(sum, zip(*counts))) if counts else None
     return out
 
 
