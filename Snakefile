@@ -3,11 +3,11 @@
 import os
 import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from mmsae.workflow.config_check import config_errors, normalise_corpus
-from mmsae.workflow.config_load import (EFFECTIVE_CONFIG, coerce_to_schema, describe_sources, in_file_order,
-                                        load_schema, missing_models, missing_models_message, write_effective_config)
+from mmsae.workflow.config_check import normalise_corpus
+from mmsae.workflow.config_load import (EFFECTIVE_CONFIG, check_config, describe_sources, in_file_order,
+                                        write_effective_config)
 
 min_version("9.0")
 # envs/*.yaml install this checkout as -e ${MMSAE_ROOT}[<stage>] (--sdm conda runs pip from .snakemake/conda/)
@@ -29,21 +29,7 @@ _sources = describe_sources(workflow.configfiles, workflow.config_settings.confi
 _note = normalise_corpus(config)  # a single legacy corpus section -> corpus.train and corpus.interpret
 if _note:
     print(_note, file=sys.stderr)
-_schema = load_schema(os.path.join(workflow.basedir, "config/schema.yaml"))
-_errors = coerce_to_schema(config, _schema)
-if _errors:  # --config 'sae={k: abc}': typed by the schema before Snakemake's validation
-    raise ValueError(f"config ({_sources}): {'; '.join(_errors)}")
-try:
-    validate(config, "config/schema.yaml")
-except Exception as e:
-    raise ValueError(f"config ({_sources}) does not match config/schema.yaml: {e}") from e
-_errors = config_errors(config)
-if _errors:
-    raise ValueError(f"config ({_sources}): {'; '.join(_errors)}")
-if config["evaluate"]["require_models"] and config["evaluate"]["enabled"] and config["explain"]["enabled"]:
-    _missing = missing_models(config)
-    if _missing:
-        raise ValueError(f"config ({_sources}): {missing_models_message(_missing)}")
+_schema = check_config(config, os.path.join(workflow.basedir, "config/schema.yaml"), _sources)
 if workflow.is_main_process:  # job processes (cluster, --sdm) load the Snakefile too
     write_effective_config(EFFECTIVE_CONFIG, config, _sources, _schema)  # the report shows it
 

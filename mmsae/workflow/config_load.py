@@ -261,3 +261,40 @@ def write_effective_config(dest: str | os.PathLike, config: Mapping, sources: st
     with atomic_path(dest, ".yaml") as tmp:
         tmp.write_text(text)
     return True
+
+
+def check_config(config: dict, schema_path: str | os.PathLike, sources: str) -> dict:
+    """Everything the Snakefile checks when it loads, in order: the ``--config`` values typed by the
+    schema (:func:`coerce_to_schema`), Snakemake's schema validation (which fills the defaults), the
+    checks the schema cannot express (:func:`mmsae.workflow.config_check.config_errors`), and, with
+    ``evaluate.require_models``, the evaluation models in the local cache (:func:`missing_models`).
+
+    Args:
+        config: the merged config, changed in place (typed values, defaults).
+        schema_path: ``config/schema.yaml``; sources: :func:`describe_sources`, named in every error.
+
+    Returns:
+        The parsed schema.
+
+    Raises:
+        ValueError: the first failing step, prefixed with ``config (<sources>)``.
+    """
+    from snakemake.utils import validate
+
+    from mmsae.workflow.config_check import config_errors
+
+    schema = load_schema(schema_path)
+    errors = coerce_to_schema(config, schema)  # --config 'sae={k: abc}': typed before validation
+    if not errors:
+        try:
+            validate(config, str(schema_path))
+        except Exception as e:
+            raise ValueError(f"config ({sources}) does not match config/schema.yaml: {e}") from e
+        errors = config_errors(config)
+    ev = config["evaluate"] if not errors else {}
+    if ev.get("require_models") and ev.get("enabled") and config["explain"]["enabled"]:
+        missing = missing_models(config)
+        errors = [missing_models_message(missing)] if missing else []
+    if errors:
+        raise ValueError(f"config ({sources}): {'; '.join(errors)}")
+    return schema
