@@ -6,8 +6,9 @@ import sys
 from snakemake.utils import min_version
 
 from mmsae.workflow.config_check import normalise_corpus
-from mmsae.workflow.config_load import (EFFECTIVE_CONFIG, check_config, describe_sources, in_file_order,
+from mmsae.workflow.config_load import (EFFECTIVE_CONFIG_NAME, check_config, describe_sources, in_file_order,
                                         write_effective_config)
+from mmsae.workflow.run_name import run_dir
 
 min_version("9.0")
 # envs/*.yaml install this checkout as -e ${MMSAE_ROOT}[<stage>] (--sdm conda runs pip from .snakemake/conda/)
@@ -30,8 +31,13 @@ _note = normalise_corpus(config)  # a single legacy corpus section -> corpus.tra
 if _note:
     print(_note, file=sys.stderr)
 _schema = check_config(config, os.path.join(workflow.basedir, "config/schema.yaml"), _sources)
+# Everything that depends on the SAE goes under results/runs/<run_name>/ (mmsae.workflow.run_name);
+# the model, corpora, activations and neurons stay shared under results/.
+RUN = run_dir(config)
+EFFECTIVE_CONFIG = f"{RUN}/{EFFECTIVE_CONFIG_NAME}"
 if workflow.is_main_process:  # job processes (cluster, --sdm) load the Snakefile too
     write_effective_config(EFFECTIVE_CONFIG, config, _sources, _schema)  # the report shows it
+    print(f"This run's SAE, features, explanations, evaluation and report: {RUN}/", file=sys.stderr)
 
 
 include: "rules/common.smk"
@@ -49,6 +55,6 @@ include: "rules/export.smk"
 
 rule all:
     input:
-        "results/report/index.html",
+        REPORT,
         export_targets(),
     default_target: True

@@ -3,17 +3,32 @@
 from mmsae.extract.subsample import fractions_of, is_subsampling
 from mmsae.workflow.script_hash import script_hash
 from mmsae.explain import endpoints
+from mmsae.workflow.run_name import sae_settings
 
 DEMO_MODEL_DIR = "results/models/demo"
 ACTIVATIONS = "results/activations/manifest.json"
 SAMPLES = "results/activations/samples.parquet"
 IMAGES = "results/corpus/images.parquet"
 PARTS = list(range(config["extract"]["parts"]))
-SAE_DIR = f"results/sae/{config['sae']['name']}"
-CODES = "results/codes/manifest.json"
-CODE_SAMPLES = "results/codes/samples.parquet"
-FEATURES = "results/features"
-MAPS = "results/features/maps"
+# Shared by every SAE over this model and corpus: the model, corpora and activations (above). Per SAE
+# (RUN = results/runs/<run_name>, set in the Snakefile): the SAE and everything downstream of it.
+SAE_DIR = f"{RUN}/sae"
+CODES_DIR = f"{RUN}/codes"
+CODES = f"{CODES_DIR}/manifest.json"
+CODE_SAMPLES = f"{CODES_DIR}/samples.parquet"
+FEATURES = f"{RUN}/features"
+MAPS = f"{FEATURES}/maps"
+REPORT = f"{RUN}/report/index.html"
+REPORT_PLOTS = f"{RUN}/report/plots"  # the report's figures as SVG and PNG files
+
+
+def run_log(rule):
+    """The log of an SAE-dependent rule, in its run folder."""
+    return f"{RUN}/logs/{rule}.log"
+
+
+def run_benchmark(rule):
+    return f"{RUN}/benchmarks/{rule}.tsv"
 
 
 def keys(section, *names):
@@ -60,7 +75,7 @@ def model_input(wildcards):
     return [DEMO_MODEL_DIR] if is_demo_model() else []
 
 
-EXPLANATIONS = "results/explanations"
+EXPLANATIONS = f"{RUN}/explanations"
 
 
 def explain_inputs(wildcards):
@@ -92,10 +107,11 @@ def explain_prompt_params():
     return prompt_params()
 
 
-STEERING = "results/steering"
-NEURONS = "results/neurons"
-EVALUATION = "results/evaluation"
-ATTRIBUTION = "results/attribution"
+STEERING = f"{RUN}/steering"
+NEURONS = "results/neurons"  # the model's neurons: no SAE, shared by every run
+EVALUATION = f"{RUN}/evaluation"
+ATTRIBUTION = f"{RUN}/attribution"
+REPAIR = f"{RUN}/repair"
 
 
 def steer_inputs(wildcards):
@@ -202,7 +218,7 @@ def train_sae_online_params():
     }
 
 
-EXPORT = "results/export"
+EXPORT = f"{RUN}/export"
 
 
 def export_targets():

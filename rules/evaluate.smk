@@ -14,7 +14,7 @@ rule refine_explanations:
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     log:
-        "results/logs/refine_explanations.log",
+        run_log("refine_explanations"),
     threads: 1
     resources:
         gpu=1 if "local" in (refiner_endpoint_params()["server"], categorizer_endpoint_params()["server"]) else 0,
@@ -42,9 +42,9 @@ rule evaluate:
         device=config["model"]["device"],
         script=script_hash_of("evaluate.py"),
     log:
-        "results/logs/evaluate.log",
+        run_log("evaluate"),
     benchmark:
-        "results/benchmarks/evaluate.tsv"
+        run_benchmark("evaluate")
     threads: workflow.cores
     resources:
         gpu=1,
@@ -70,9 +70,9 @@ rule score_explanations:
         cache=f"{EXPLANATIONS}/cache.sqlite",
         slots=f"{EXPLANATIONS}/.slots",
     log:
-        "results/logs/score_explanations.log",
+        run_log("score_explanations"),
     benchmark:
-        "results/benchmarks/score_explanations.tsv"
+        run_benchmark("score_explanations")
     threads: 1
     resources:
         gpu=1 if scorer_endpoint_params()["server"] == "local" else 0,

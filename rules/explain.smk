@@ -15,9 +15,9 @@ rule explain_chunk:
     wildcard_constraints:
         chunk=r"\d+",
     log:
-        f"results/logs/explain_chunk-{{chunk}}.log",
+        f"{RUN}/logs/explain_chunk-{{chunk}}.log",
     benchmark:
-        f"results/benchmarks/explain_chunk-{{chunk}}.tsv"
+        f"{RUN}/benchmarks/explain_chunk-{{chunk}}.tsv"
     threads: 1
     resources:
         gpu=1 if config["explain"]["server"] == "local" else 0,
@@ -37,7 +37,7 @@ rule gather_explanations:
     params:
         script=script_hash_of("gather_explanations.py"),
     log:
-        "results/logs/gather_explanations.log",
+        run_log("gather_explanations"),
     threads: 1
     resources:
         gpu=0,

@@ -20,7 +20,7 @@ rule export:
         corpus_train=corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
         script=script_hash_of("export.py"),
     log:
-        "results/logs/export.log",
+        run_log("export"),
     threads: 1
     resources:
         gpu=0,

@@ -13,9 +13,9 @@ rule select_top:
         select=config["features"]["select"],
         script=script_hash_of("select_top.py"),
     log:
-        "results/logs/select_top.log",
+        run_log("select_top"),
     benchmark:
-        "results/benchmarks/select_top.tsv"
+        run_benchmark("select_top")
     threads: 2
     resources:
         gpu=0,
@@ -39,7 +39,7 @@ rule render_maps:
         threshold=config["features"]["map_threshold"],
         script=script_hash_of("render_maps.py"),
     log:
-        "results/logs/render_maps.log",
+        run_log("render_maps"),
     threads: 1
     resources:
         gpu=0,
@@ -62,9 +62,9 @@ rule crossmodal:
         threshold=config["features"]["map_threshold"],
         script=script_hash_of("crossmodal.py"),
     log:
-        "results/logs/crossmodal.log",
+        run_log("crossmodal"),
     benchmark:
-        "results/benchmarks/crossmodal.tsv"
+        run_benchmark("crossmodal")
     threads: 1
     resources:
         gpu=0,

@@ -16,16 +16,17 @@ rule report:
         effective_config=ancient(EFFECTIVE_CONFIG),
     output:
         report(
-            "results/report/index.html",
+            REPORT,
             caption="../report/index.rst",
             category="Feature cards",
         ),
+        plots=directory(REPORT_PLOTS),  # the page's figures as files (SVG and PNG)
     params:
         model=model_path(),
         demo=is_demo_model(),
         script=script_hash_of("report.py"),
     log:
-        "results/logs/report.log",
+        run_log("report"),
     threads: 1
     resources:
         gpu=0,

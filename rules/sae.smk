@@ -10,15 +10,15 @@ rule train_sae:
         heldout=f"{SAE_DIR}/heldout.json",
         log_table=report(f"{SAE_DIR}/log.parquet", caption="../report/training_curve.rst", category="SAE"),
     params:
-        sae={k: v for k, v in config["sae"].items() if k not in ("name", "gpus", "checkpoint_every")},
+        sae=sae_settings(config),  # mmsae.workflow.run_name: the same settings name the run folder
         device=config["model"]["device"],
         checkpoint_dir=f"{SAE_DIR}/checkpoints",
         online=train_sae_online_params(),
         script=script_hash_of("train_sae.py"),
     log:
-        "results/logs/train_sae.log",
+        run_log("train_sae"),
     benchmark:
-        "results/benchmarks/train_sae.tsv"
+        run_benchmark("train_sae")
     threads: workflow.cores
     resources:
         gpu=config["sae"]["gpus"],
@@ -36,7 +36,7 @@ rule encode:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
     output:
-        directory("results/codes/part-{part}"),
+        directory(f"{CODES_DIR}/part-{{part}}"),
     params:
         model=model_path(),
         dtype=config["model"]["dtype"],
@@ -50,9 +50,9 @@ rule encode:
     wildcard_constraints:
         part=r"\d+",
     log:
-        "results/logs/encode-{part}.log",
+        f"{RUN}/logs/encode-{{part}}.log",
     benchmark:
-        "results/benchmarks/encode-{part}.tsv"
+        f"{RUN}/benchmarks/encode-{{part}}.tsv"
     threads: workflow.cores
     resources:
         gpu=1,
@@ -65,14 +65,14 @@ rule encode:
 rule merge_codes:
     """One manifest and one samples table over the code parts (the interpretation corpus)."""
     input:
-        expand("results/codes/part-{part}", part=PARTS),
+        expand(f"{CODES_DIR}/part-{{part}}", part=PARTS),
     output:
         manifest=CODES,
         samples=CODE_SAMPLES,
     params:
         script=script_hash_of("merge_manifests.py"),
     log:
-        "results/logs/merge_codes.log",
+        run_log("merge_codes"),
     threads: 1
     resources:
         gpu=0,
@@ -101,9 +101,9 @@ rule loss_recovered:
         loss_recovered=keys("loss_recovered", "max_samples"),
         script=script_hash_of("loss_recovered.py"),
     log:
-        "results/logs/loss_recovered.log",
+        run_log("loss_recovered"),
     benchmark:
-        "results/benchmarks/loss_recovered.tsv"
+        run_benchmark("loss_recovered")
     threads: workflow.cores
     resources:
         gpu=1,

@@ -16,9 +16,9 @@ rule steer:
         steer=keys("steer", "features", "match", "auto", "auto_pick", "prompts", "values", "scale", "positions", "mode", "max_new_tokens", "success_max_ppl_ratio"),
         script=script_hash_of("steer.py"),
     log:
-        "results/logs/steer.log",
+        run_log("steer"),
     benchmark:
-        "results/benchmarks/steer.tsv"
+        run_benchmark("steer")
     threads: workflow.cores
     resources:
         gpu=1,
@@ -45,9 +45,9 @@ rule attribute:
         attribution=keys("attribution", "method", "pool", "top_k", "validate_top", "cases"),
         script=script_hash_of("attribute.py"),
     log:
-        "results/logs/attribute.log",
+        run_log("attribute"),
     benchmark:
-        "results/benchmarks/attribute.tsv"
+        run_benchmark("attribute")
     threads: workflow.cores
     resources:
         gpu=1,

@@ -2,6 +2,7 @@
 
 - :data:`REPO`, :data:`SNAKEMAKE`, :data:`TINY`: the checkout, the Snakemake command line and the
   tiny end-to-end config of the workflow tests.
+- :func:`run_dir_for`: the ``results/runs/<run_name>`` folder a config's SAE-dependent results go to.
 - :func:`dry_run`: one in-process Snakemake DAG through its API, what it would run and every job's
   declared files and params; :func:`fake_complete_tree` makes a results tree that is up to date.
 - :func:`imports`, :func:`distribution`, :data:`PROJECT`, :func:`extra_requirements`,
@@ -39,6 +40,28 @@ TINY = {
                 "causal_cases": 1, "causal_k": 5, "opt_steps": 3, "edits": [{"name": "e", "source": "auto", "target": "dog"}],
                 "locality_prompts": ["Hi"]},
 }
+
+
+def run_dir_for(cfg: dict) -> str:
+    """``results/runs/<run_name>`` for ``cfg`` (a config file's content) as the Snakefile names it: the
+    schema's defaults filled in, then :func:`mmsae.workflow.run_name.run_dir`."""
+    import copy
+
+    from mmsae.workflow.config_check import normalise_corpus
+    from mmsae.workflow.config_load import check_config
+    from mmsae.workflow.run_name import run_dir
+
+    filled = copy.deepcopy(cfg)
+    normalise_corpus(filled)
+    check_config(filled, REPO / "config/schema.yaml", "test")
+    return run_dir(filled)
+
+
+def default_run_dir() -> str:
+    """:func:`run_dir_for` the demo's ``config.yaml``."""
+    import yaml
+
+    return run_dir_for(yaml.safe_load((REPO / "config.yaml").read_text()))
 
 
 # ---- Snakemake DAGs, in-process ------------------------------------------------------------------

@@ -143,10 +143,12 @@ def test_named_files_layer_in_order_and_config_values_on_top(tmp_path, hf_cache)
 
 
 def test_effective_config_is_written_beside_the_results(tmp_path, hf_cache):
-    from mmsae.workflow.config_load import EFFECTIVE_CONFIG
+    from mmsae.workflow.config_load import EFFECTIVE_CONFIG_NAME
+    from mmsae.workflow.run_name import run_dir
 
     wd = paper_workdir(tmp_path)
     effective = load_workflow_config(wd, configfiles=[PAPER])
+    EFFECTIVE_CONFIG = f"{run_dir(effective)}/{EFFECTIVE_CONFIG_NAME}"  # in the paper run's own folder
     text = (wd / EFFECTIVE_CONFIG).read_text()
     assert yaml.safe_load(text) == effective
     header = text.splitlines()[0]
@@ -154,8 +156,9 @@ def test_effective_config_is_written_beside_the_results(tmp_path, hf_cache):
     mtime = (wd / EFFECTIVE_CONFIG).stat().st_mtime_ns
     load_workflow_config(wd, configfiles=[PAPER])  # the same config: the file is left as it is
     assert (wd / EFFECTIVE_CONFIG).stat().st_mtime_ns == mtime
-    load_workflow_config(wd)  # the demo run
-    assert yaml.safe_load((wd / EFFECTIVE_CONFIG).read_text())["model"]["source"] == "demo"
+    demo = load_workflow_config(wd)  # the demo run: its own folder, the paper run's file stays
+    assert yaml.safe_load((wd / run_dir(demo) / EFFECTIVE_CONFIG_NAME).read_text())["model"]["source"] == "demo"
+    assert (wd / EFFECTIVE_CONFIG).stat().st_mtime_ns == mtime
 
 
 # ---- --config values typed by the schema ---------------------------------------------------------

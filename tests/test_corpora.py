@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from helpers import REPO, dry_run
+from helpers import REPO, default_run_dir, dry_run
 from report_inputs import inputs
 from snakemake.utils import validate
 
@@ -90,12 +90,13 @@ def test_encode_reads_the_model_and_the_sae_not_the_activations(tmp_path):
     jobs = _jobs(tmp_path)
     rules = {name: (inputs, params) for name, inputs, params in jobs}
     inputs, params = rules["encode"]
-    assert sorted(inputs) == ["results/models/demo", "results/sae/default/cfg.json", "results/sae/default/sae_weights.safetensors"]
+    run = default_run_dir()
+    assert sorted(inputs) == ["results/models/demo", f"{run}/sae/cfg.json", f"{run}/sae/sae_weights.safetensors"]
     assert params["corpus"]["prompts"] == [""] and params["encode"]["base_view_only"] is False
     assert rules["extract"][1]["corpus"]["prompts"] == ["Describe this image.", "What stands out in this picture?"]
     for name in ("encode", "select_top", "render_maps", "evaluate"):  # the interpretation side reads codes only
         assert not [f for f in rules[name][0] if f.startswith("results/activations")], name
-    assert "results/codes/samples.parquet" in rules["select_top"][0]
+    assert f"{run}/codes/samples.parquet" in rules["select_top"][0]
     assert "results/activations/manifest.json" in rules["train_sae"][0]  # the train side keeps its cache
 
 

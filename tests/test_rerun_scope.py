@@ -41,6 +41,7 @@ DEMO = {"build_demo_model"} | MODEL | EXPLAIN  # the local explainer serves the 
 NONE: set[str] = set()
 
 RERUNS: dict[str, set[str]] = {
+    "run_name": TRAIN,  # a new folder under results/runs/: the SAE and everything after it, not the activations
     "model.source": (MODEL | EXPLAIN) - {"build_demo_model"},
     "model.dtype": MODEL,
     "model.device": MODEL | {"evaluate"},

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from helpers import REPO, SNAKEMAKE, TINY
+from helpers import REPO, SNAKEMAKE, TINY, run_dir_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.workflow]
 
@@ -37,7 +37,8 @@ DAEMONS = ["munged", "slurmctld", "slurmd"]
 # cluster's config has to be at the default path; the test writes it there only when there is none.
 ETC = Path("/etc/slurm")
 CLIENTS = ["sbatch", "squeue", "scontrol", "sinfo", "srun"]
-TARGET = "results/sae/default/metrics.json"
+SAE = f"{run_dir_for({**TINY, 'extract': {**TINY['extract'], 'parts': 1}})}/sae"
+TARGET = f"{SAE}/metrics.json"
 SLICE_RESOURCES = ["build_demo_model", "extract", "merge_activations", "train_sae"]
 
 
@@ -206,11 +207,11 @@ def test_slurm_run_equals_local_run(tmp_path, slurm, demo_model_dir):
         a = pq.read_table(local / "results/activations" / shard["path"])
         b = pq.read_table(remote / "results/activations" / shard["path"])
         assert a.equals(b)
-    wa = load_file(local / "results/sae/default/sae_weights.safetensors")
-    wb = load_file(remote / "results/sae/default/sae_weights.safetensors")
+    wa = load_file(local / f"{SAE}/sae_weights.safetensors")
+    wb = load_file(remote / f"{SAE}/sae_weights.safetensors")
     assert wa.keys() == wb.keys() and all(np.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    ma = json.loads((local / "results/sae/default/metrics.json").read_text())["heldout"]
-    mb = json.loads((remote / "results/sae/default/metrics.json").read_text())["heldout"]
+    ma = json.loads((local / f"{SAE}/metrics.json").read_text())["heldout"]
+    mb = json.loads((remote / f"{SAE}/metrics.json").read_text())["heldout"]
     assert ma["l0"] == pytest.approx(mb["l0"], abs=1e-3) and ma["fvu"] == pytest.approx(mb["fvu"], abs=1e-4)
 
 

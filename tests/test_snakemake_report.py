@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import REPO, fake_complete_tree
+from helpers import REPO, default_run_dir, fake_complete_tree
 
 pytestmark = pytest.mark.workflow
 
@@ -17,8 +17,9 @@ REGISTERED = {"metrics.json", "log.parquet", "index.html", "table.md", "steering
 def test_snakemake_report_zip(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     fake_complete_tree(tmp_path, REPO / "Snakefile")
-    for f in ["results/sae/default/metrics.json", "results/attribution/summary.json", "results/neurons/properties.json",
-              "results/sae/default/loss_recovered.json"]:
+    run = default_run_dir()
+    for f in [f"{run}/sae/metrics.json", f"{run}/attribution/summary.json", "results/neurons/properties.json",
+              f"{run}/sae/loss_recovered.json"]:
         (tmp_path / f).write_text('{"fvu": 0.1}')  # the report skips an empty JSON file
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--report", "report.zip"],
                           cwd=tmp_path, capture_output=True, text=True)

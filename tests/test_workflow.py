@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import yaml
-from helpers import REPO, SNAKEMAKE, TINY
+from helpers import REPO, SNAKEMAKE, TINY, run_dir_for
 from markupsafe import escape
 
 from mmsae.workflow.script_hash import script_hash
@@ -81,11 +81,13 @@ def test_default_config_dry_runs(tmp_path):
 def test_paper_config_dry_runs_to_the_evaluation_table(tmp_path):
     cfg = yaml.safe_load((REPO / "config/llava-next-8b.yaml").read_text())
     cfg["evaluate"]["require_models"] = False  # the models are not in this machine's cache (tests/test_config_layering.py)
-    proc = smk(workdir_with(tmp_path, cfg), "-n", "results/evaluation/table.md")
+    run = run_dir_for(cfg)
+    assert run.startswith("results/runs/llava-next-8b-l24-k256-")
+    proc = smk(workdir_with(tmp_path, cfg), "-n", f"{run}/evaluation/table.md")
     assert jobs(proc) == {"extract": 1, "merge_activations": 1, "train_sae": 1, "encode": 1, "merge_codes": 1,
                           "select_top": 1, "render_maps": 1, "explain_chunk": 8,
                           "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1}
-    assert "results/sae/llava-next-8b-l24/cfg.json" in proc.stdout + proc.stderr
+    assert f"{run}/sae/cfg.json" in proc.stdout + proc.stderr
 
 
 @pytest.mark.workflow
@@ -127,29 +129,30 @@ def test_end_to_end_and_rerun_scope(tmp_path, demo_model_dir):
     # identity test and by the default run.
     shutil.copytree(demo_model_dir, wd / "results/models/demo", copy_function=os.link)
     smk(wd, "--cores", "2")
-    report = (wd / "results/report/index.html").read_text()
+    run = wd / run_dir_for(TINY)
+    report = (run / "report/index.html").read_text()
     assert "Embedded demo model" in report and "Feature " in report and "data:image/jpeg;base64" in report
     assert "Explanations:" in report and "id=evaluation" in report and "unavailable" in report and "id=steering" in report and "id=attribution" in report
-    summary = json.loads((wd / "results/attribution/summary.json").read_text())
+    summary = json.loads((run / "attribution/summary.json").read_text())
     assert [c["case"] for c in summary["cases"]] == ["capital", "cat"] and summary["cases"][1]["maps"]
     assert "id=neurons" in report
     assert "Loss recovered (held-out, spliced SAE)" in report
-    assert set(json.loads((wd / "results/sae/default/loss_recovered.json").read_text())) >= {"text", "answer", "samples"}
+    assert set(json.loads((run / "sae/loss_recovered.json").read_text())) >= {"text", "answer", "samples"}
     edits = pl.read_parquet(wd / "results/neurons/edits/edits.parquet")
     assert edits["method"].to_list() == ["closed_form", "optimised"]
     assert all((wd / "results/neurons/edits" / p).is_file() for p in edits["delta_path"])
-    expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
+    expl = pl.read_parquet(run / "explanations/explanations.parquet")
     assert expl.height == 4 and expl["error"].null_count() == 4  # every feature answered by transformers serve
     manifest = json.loads((wd / "results/activations/manifest.json").read_text())
     assert manifest["n_samples"] == 5 and manifest["n_image_tokens"] > 0 and manifest["n_text_tokens"] > 0
     assert manifest["parts"] == ["part-0", "part-1"]  # extraction fanned out over 2 jobs
-    codes = json.loads((wd / "results/codes/manifest.json").read_text())
+    codes = json.loads((run / "codes/manifest.json").read_text())
     assert codes["parts"] == ["part-0", "part-1"]
     # the same corpus: every extracted token is encoded but the special tokens the SAE was trained without
     assert codes["n_tokens_excluded"] > 0 and codes["n_tokens"] + codes["n_tokens_excluded"] == manifest["n_tokens"]
-    metrics = json.loads((wd / "results/sae/default/metrics.json").read_text())
+    metrics = json.loads((run / "sae/metrics.json").read_text())
     assert metrics["heldout"]["l0"] <= 8 and 0 < metrics["heldout"]["fvu"] < 2
-    cfg = json.loads((wd / "results/sae/default/cfg.json").read_text())
+    cfg = json.loads((run / "sae/cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["d_sae"] == 256 and cfg["d_in"] == 576
     assert jobs(smk(wd, "-n")) == {}  # nothing to do
     # an SAE parameter reruns training and everything after it, not extraction
@@ -199,9 +202,10 @@ def test_remote_explainer_chunks_and_secret_stays_out(tmp_path, demo_model_dir):
         assert len(explain_requests) == 4 + 2 and set(ep.auth_headers) == {f"Bearer {secret}"}
         assert len(ep.bodies) > len(explain_requests)  # the refiner used the same endpoint and key
         assert ep.max_in_flight <= 2
-    expl = pl.read_parquet(wd / "results/explanations/explanations.parquet")
+    run = wd / run_dir_for(cfg)
+    expl = pl.read_parquet(run / "explanations/explanations.parquet")
     assert expl["status"].to_list() == ["ok"] * 4 and set(expl["explanation"]) == {"red circles"}
-    report = (wd / "results/report/index.html").read_text()
+    report = (run / "report/index.html").read_text()
     assert "red circles" in report
     manifest = json.loads((wd / "results/activations/manifest.json").read_text())
     skipped = {(wd / s["image"]).resolve().relative_to(images.resolve()).as_posix(): s["reason"] for s in manifest["skipped"]}
@@ -272,32 +276,34 @@ def test_failed_encode_leaves_no_code_folder(tmp_path, tiny_llava_dir):
     from mmsae.sae import TopKSAE, save_sae
 
     hook = "model.language_model.layers.2"
-    wd = workdir_with(tmp_path, {"model": {"source": str(tiny_llava_dir), "hook_point": hook},
-                                 "corpus": {"interpret": {"names": ["chelsea"], "prompts": [""], "text_prompts": ["Hi."]}},
-                                 "encode": {"shard_tokens": 20}, "extract": {"parts": 1}})
+    cfg = {"model": {"source": str(tiny_llava_dir), "hook_point": hook},
+           "corpus": {"interpret": {"names": ["chelsea"], "prompts": [""], "text_prompts": ["Hi."]}},
+           "encode": {"shard_tokens": 20}, "extract": {"parts": 1}}
+    wd = workdir_with(tmp_path, cfg)
+    run = run_dir_for(cfg)
     # a trained SAE (its training inputs stand in: encode does not read them)
     write_json(wd / "results/activations/part-0/manifest.json", {})
     write_parquet(wd / "results/activations/part-0/samples.parquet", pa.table({"sample_id": ["s0"]}))
     write_json(wd / "results/activations/manifest.json", {})
     write_parquet(wd / "results/activations/samples.parquet", pa.table({"sample_id": ["s0"]}))
-    sae_dir = wd / "results/sae/default"
+    sae_dir = wd / run / "sae"
     save_sae(TopKSAE(64, 128, k=4, seed=0), sae_dir, model_name="m", hook_point=hook)
-    for f in ["metrics.json", "heldout.json", "log.parquet"]:
+    for f in ["metrics.json", "heldout.json", "log.parquet", "sparsity.safetensors"]:
         (sae_dir / f).write_text("{}")
-    codes = wd / "results/codes/part-0"
-    smk(wd, "--cores", "1", "results/codes/part-0")
+    codes = wd / run / "codes/part-0"
+    smk(wd, "--cores", "1", f"{run}/codes/part-0")
     made = sorted(p.name for p in codes.iterdir())
     assert {"manifest.json", "samples.parquet", "codes-00000.parquet", "codes-00001.parquet"} <= set(made)
     assert not (wd / "results/activations/part-0/shard-00000.parquet").exists()  # no dense activations were written
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     (sae_dir / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "model.language_model.layers.3"}))
-    proc = smk(wd, "results/codes/part-0", "--cores", "1", check=False)
+    proc = smk(wd, f"{run}/codes/part-0", "--cores", "1", check=False)
     assert proc.returncode != 0
-    log = (wd / "results/logs/encode-0.log").read_text()
+    log = (wd / run / "logs/encode-0.log").read_text()
     assert "trained at hook point 'model.language_model.layers.3'" in log
     assert not codes.exists(), f"a failed encode left {sorted(p.name for p in codes.iterdir())}"
     assert not list(codes.parent.glob(".part-0.tmp-*"))
-    assert "encode" in jobs(smk(wd, "-n", "results/codes/part-0"))
+    assert "encode" in jobs(smk(wd, "-n", f"{run}/codes/part-0"))
 
 
 def test_code_hash_ignores_prose_and_layout_but_not_code(tmp_path):

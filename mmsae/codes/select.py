@@ -135,7 +135,7 @@ def base_view_counts(samples: pl.DataFrame) -> pl.DataFrame:
     """
     if "n_base_tokens" not in samples.columns:
         raise ValueError("samples table has no n_base_tokens column: pass the codes' samples.parquet "
-                         "(results/codes/samples.parquet), not the activations'")
+                         "(results/runs/<run>/codes/samples.parquet), not the activations'")
     return (
         samples.select("sample_id", pl.col("n_base_tokens").cast(pl.UInt32).alias("n_base"), "image_path")
         .filter(pl.col("n_base") > 0)

@@ -44,7 +44,7 @@ def feature_words(feature: int, contexts=None, explanations=None) -> list[str]:
     """The words that stand for a feature: its top activating tokens and its explanation's content words.
 
     Args:
-        contexts: ``results/features/maps/contexts.parquet`` (feature, tokens, focus, ...): the token
+        contexts: ``results/runs/<run>/features/maps/contexts.parquet`` (feature, tokens, focus, ...): the token
             at ``focus`` of each of the feature's top text contexts; None = not available.
         explanations: ``explanations.parquet`` (feature, explanation); None = not available.
 

@@ -24,7 +24,7 @@ import yaml
 
 from mmsae.core.io import atomic_path
 
-EFFECTIVE_CONFIG = "results/config.effective.yaml"
+EFFECTIVE_CONFIG_NAME = "config.effective.yaml"  # in the run folder, results/runs/<run_name>/
 NULL_STRINGS = ("null", "Null", "NULL", "~", "")
 # a model folder in the hub cache is usable when it has its config and one weights file
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
