@@ -6,6 +6,7 @@ rule export:
         codes=CODES,
         metrics=f"{SAE_DIR}/metrics.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
+        sparsity=f"{SAE_DIR}/sparsity.safetensors",  # copied into the Hub folder
         stats=f"{FEATURES}/stats.parquet",
         selected=f"{FEATURES}/selected.json",
         maps=f"{MAPS}/maps.parquet",

@@ -6,6 +6,7 @@ rule train_sae:
     output:
         cfg=f"{SAE_DIR}/cfg.json",
         weights=f"{SAE_DIR}/sae_weights.safetensors",
+        sparsity=f"{SAE_DIR}/sparsity.safetensors",
         metrics=report(f"{SAE_DIR}/metrics.json", caption="../report/sae_metrics.rst", category="SAE"),
         heldout=f"{SAE_DIR}/heldout.json",
         log_table=report(f"{SAE_DIR}/log.parquet", caption="../report/training_curve.rst", category="SAE"),

@@ -58,6 +58,7 @@ def test_ddp_two_ranks_matches_single_process(tmp_path):
     assert abs(ddp["heldout"]["fvu"] - single["heldout"]["fvu"]) < 0.05
     sae, cfg = load_sae(tmp_path / "ddp")
     assert cfg["d_sae"] == 128 and not (tmp_path / "ck2" / "checkpoint.pt").exists()
+    assert (tmp_path / "ddp" / "sparsity.safetensors").is_file()
 
 
 def _rank_worker(rank, world, init_file, paths, out_dir):
@@ -72,8 +73,8 @@ def _rank_worker(rank, world, init_file, paths, out_dir):
         stream = ActivationStream(paths[rank::world], batch_size=64, seed=rank, buffer_tokens=256, heldout_ids=())
         cfg = TrainConfig(d_sae=128, k=4, steps=30, batch_size=128, warmup_steps=3, dead_tokens=300, b_dec_init_tokens=128,
                           checkpoint_every=1000)
-        sae, rows = train(stream, 32, cfg, f"{out_dir}/ck{rank}", progress=False)
-        torch.save({"sae": sae.state_dict(), "rows": rows}, f"{out_dir}/rank{rank}.pt")
+        sae, rows, fires = train(stream, 32, cfg, f"{out_dir}/ck{rank}", progress=False)
+        torch.save({"sae": sae.state_dict(), "rows": rows, "fires": fires}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -94,3 +95,6 @@ def test_ddp_ranks_stay_identical_with_auxk(tmp_path):
     assert max(dead) > 0 and any(r["aux_loss"] > 0 for r in a["rows"])  # AuxK was in play
     assert dead == [r["dead_fraction"] for r in b["rows"]]
     assert [r["fvu"] for r in a["rows"]] == [r["fvu"] for r in b["rows"]]  # logged means over ranks
+    # fire counts summed over ranks: equal on both, and their total is the global L0 x the global batch per step
+    assert torch.equal(a["fires"], b["fires"])
+    assert int(a["fires"].sum()) == pytest.approx(sum(r["l0"] * 128 for r in a["rows"]), rel=1e-6)

@@ -56,12 +56,12 @@ def _train(tmp_path, dead_tokens):
     cfg = TrainConfig(d_sae=64, k=2, steps=STEPS, batch_size=N, lr=0.0, warmup_steps=1, checkpoint_every=100,
                       dead_tokens=dead_tokens, b_dec_init_tokens=64, aux_coef=0.0)
     stream = _Stream()
-    sae, rows = train(stream, D, cfg, tmp_path / "ckpt", progress=False)
-    return cfg, stream, sae, rows
+    sae, rows, fires = train(stream, D, cfg, tmp_path / "ckpt", progress=False)
+    return cfg, stream, sae, rows, fires
 
 
 def test_modality_below_the_window_is_null_with_tokens_seen(tmp_path):
-    cfg, stream, sae, rows = _train(tmp_path, dead_tokens=100)  # 80 image tokens < 100 <= 560 text tokens
+    cfg, stream, sae, rows, fires = _train(tmp_path, dead_tokens=100)  # 80 image tokens < 100 <= 560 text tokens
     assert [r["tokens_seen_image"] for r in rows] == [N_IMAGE * (s + 1) for s in range(STEPS)]
     assert [r["tokens_seen_text"] for r in rows] == [(N - N_IMAGE) * (s + 1) for s in range(STEPS)]
     assert all(r["dead_fraction_image"] is None for r in rows)
@@ -70,7 +70,7 @@ def test_modality_below_the_window_is_null_with_tokens_seen(tmp_path):
     assert rows[0]["dead_fraction_text"] is None  # 28 text tokens after the first step
 
     heldout = (torch.randn(40, D), torch.arange(40) < 10)
-    metrics = finish_training(sae, rows, cfg, {}, TrainedOn(D, "m", "h", []), NormPass({}), heldout, tmp_path / "out")
+    metrics = finish_training(sae, rows, fires, cfg, {}, TrainedOn(D, "m", "h", []), NormPass({}), heldout, tmp_path / "out")
     assert metrics["dead_fraction_image"] is None and "80" in metrics["dead_fraction_image_null_reason"]
     assert metrics["dead_tokens_seen"] == {"all": N * STEPS, "image": 80, "text": 560, "window": 100}
     assert metrics["dead_fraction_text"] == pytest.approx(text)
@@ -82,7 +82,7 @@ def test_modality_below_the_window_is_null_with_tokens_seen(tmp_path):
 
 
 def test_modality_past_the_window_matches_an_independent_count(tmp_path):
-    cfg, stream, sae, rows = _train(tmp_path, dead_tokens=40)  # 80 image tokens > 40
+    cfg, stream, sae, rows, _ = _train(tmp_path, dead_tokens=40)  # 80 image tokens > 40
     image = _independent_dead_fraction(sae, stream, lambda m: m, 40)
     assert rows[-1]["dead_fraction_image"] == pytest.approx(image) and image > 0
     assert rows[8]["dead_fraction_image"] is None and rows[9]["dead_fraction_image"] is not None  # 36, then 40 seen

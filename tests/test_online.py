@@ -20,7 +20,7 @@ from mmsae.workflow.config_check import config_errors
 from mmsae.data import build_corpus
 from mmsae.sae.online import ModelSource, OnlineStream, token_fractions, train_online
 from mmsae.sae.run import train_from_manifest
-from mmsae.sae.io import load_sae
+from mmsae.sae.io import load_sae, load_sparsity
 
 HOOK = "model.language_model.layers.2"
 # At heldout_fraction 0.3, retina and two of the text prompts are held out (CRC32 of their names).
@@ -57,13 +57,14 @@ def test_online_equals_cached_when_shards_hold_one_sample(subject, tmp_path, mon
     # online writes no activation shard: its only Parquet file is the training log
     assert [Path(w).name.split(".")[1] for w in writes] == ["log"], writes
     assert sorted(p.name for p in (tmp_path / "sae-o").iterdir()) == ["cfg.json", "heldout.json", "log.parquet", "metrics.json",
-                                                                       "sae_weights.safetensors"]
+                                                                       "sae_weights.safetensors", "sparsity.safetensors"]
     assert online["source"] == "online" and cached["source"] == "cache"
     assert online["final_train_fvu"] == cached["final_train_fvu"]
     a, _ = load_sae(tmp_path / "sae-c")
     b, _ = load_sae(tmp_path / "sae-o")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+    assert torch.equal(load_sparsity(tmp_path / "sae-c"), load_sparsity(tmp_path / "sae-o"))  # the same firings
     # more steps than one pass gives: several epochs were read
     assert online["data"]["epochs_started"] > 1
     assert online["data"]["n_tokens"] == json.loads((tmp_path / "acts/manifest.json").read_text())["n_tokens"]

@@ -163,18 +163,18 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     paths = _shards(tmp_path)
     stream = ActivationStream(paths, batch_size=64, seed=0, buffer_tokens=256, heldout_ids=HELD)
     cfg = TrainConfig(d_sae=64, k=4, steps=60, batch_size=64, warmup_steps=5, checkpoint_every=10, dead_tokens=500, b_dec_init_tokens=200)
-    full, rows = train(stream, 16, cfg, tmp_path / "a", progress=False)
+    full, rows, fires = train(stream, 16, cfg, tmp_path / "a", progress=False)
     assert rows[-1]["fvu"] < 0.6 * max(r["fvu"] for r in rows[:5])  # training reduces FVU
     assert {"l0_image", "l0_text", "dead_fraction_image", "dead_fraction_text", "fvu_image", "fvu_text"} <= set(rows[-1])
     assert rows[-1]["l0_image"] <= 4 and 0 <= rows[-1]["dead_fraction_text"] <= 1
     assert not (tmp_path / "a" / "checkpoint.pt").exists()  # removed once complete
-    part, _ = train(stream, 16, cfg, tmp_path / "b", progress=False, stop_after=30)  # a "killed" run
+    part, _, _ = train(stream, 16, cfg, tmp_path / "b", progress=False, stop_after=30)  # a "killed" run
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 30
     for name, p in part.state_dict().items():  # the checkpoint holds exactly the state at the kill
         assert torch.equal(state["sae"][name], p)
     t0 = time.perf_counter()
-    resumed, rows_b = train(stream, 16, cfg, tmp_path / "b", progress=False)
+    resumed, rows_b, fires_b = train(stream, 16, cfg, tmp_path / "b", progress=False)
     wall = time.perf_counter() - t0
     # the time of the killed part is carried over: the final elapsed_s is the sum of both parts
     assert rows_b[29]["elapsed_s"] <= state["train_seconds"] < rows_b[-1]["elapsed_s"] <= state["train_seconds"] + wall
@@ -182,6 +182,7 @@ def test_training_reduces_fvu_and_resume_matches(tmp_path):
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name  # bit-identical on CPU
     assert [r["fvu"] for r in rows] == [r["fvu"] for r in rows_b]
+    assert torch.equal(fires, fires_b) and int(state["fire_counts"].sum()) < int(fires.sum())  # counts carried over the kill
     x, m = stream.heldout(65536)
     ev = evaluate(resumed, x, m)
     assert ev["l0"] <= 4 and 0 <= ev["fvu"] < 1 and ev["n_image_tokens"] + ev["n_text_tokens"] == len(x)
@@ -196,7 +197,7 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     s1 = ActivationStream(_shards(tmp_path / "d1", seed=1), batch_size=32, seed=0, buffer_tokens=128, heldout_ids=())
     train(s1, 16, cfg, tmp_path / "ck", progress=False, stop_after=10)
     s2 = ActivationStream(_shards(tmp_path / "d2", seed=2, n=200), batch_size=32, seed=0, buffer_tokens=128, heldout_ids=())
-    _, rows = train(s2, 16, cfg, tmp_path / "ck", progress=False)
+    _, rows, _ = train(s2, 16, cfg, tmp_path / "ck", progress=False)
     assert rows[0]["step"] == 0  # started afresh
 
 
@@ -210,11 +211,11 @@ def test_resume_is_bit_identical_with_another_thread_count_and_rng_use(tmp_path)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        full, _ = train(stream, 32, cfg, tmp_path / "a", progress=False)
+        full, _, _ = train(stream, 32, cfg, tmp_path / "a", progress=False)
         train(stream, 32, cfg, tmp_path / "b", progress=False, stop_after=12)
         torch.set_num_threads(1)
         torch.rand(5), np.random.rand(3), random.random()  # the new process's generators differ
-        resumed, _ = train(stream, 32, cfg, tmp_path / "b", progress=False)
+        resumed, _, _ = train(stream, 32, cfg, tmp_path / "b", progress=False)
         assert torch.get_num_threads() == 1  # the caller's count is back
     finally:
         torch.set_num_threads(threads)

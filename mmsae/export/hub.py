@@ -2,7 +2,8 @@
 ``pretrained_saes.yaml``-style entry and a model card.
 
 SAELens (jbloomAus/SAELens) reads an SAE from ``<folder>/cfg.json`` + ``<folder>/sae_weights.safetensors``
-(``sae_lens/constants.py``: ``SAE_CFG_FILENAME``, ``SAE_WEIGHTS_FILENAME``); a release in
+and, when present, its log10 feature densities from ``<folder>/sparsity.safetensors``
+(``sae_lens/constants.py``: ``SAE_CFG_FILENAME``, ``SAE_WEIGHTS_FILENAME``, ``SPARSITY_FILENAME``); a release in
 ``sae_lens/pretrained_saes.yaml`` has ``repo_id``, ``model``, ``conversion_func`` and ``saes``: a list of
 ``{id, path, l0, neuronpedia, variance_explained}`` (read by ``sae_lens/loading/pretrained_saes_directory.py``).
 The model card's YAML metadata is what ``huggingface_hub.ModelCard`` parses.
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from mmsae.sae.io import CFG_FILE, WEIGHTS_FILE
+from mmsae.sae.io import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
 
 REPO_PLACEHOLDER = "<user>/<repo>"
 
@@ -38,13 +39,16 @@ def release_entry(release: str, repo_id: str | None, model: str, hook_point: str
 
 def model_card(*, base_model: str | None, hook_point: str, d_sae: int, k: int, tokens_trained: int | None,
                fvu: float | None, loss_recovered: float | None, corpus: str, repo_id: str | None,
-               folder: str) -> ModelCard:
+               folder: str, sparsity: bool = True) -> ModelCard:
     """The card: YAML metadata (base_model, library_name saelens, tags) and a body with the SAE's facts.
 
     ``base_model`` is left out of the metadata when it is not a hub id (a local directory such as the demo
-    model), since the Hub checks that field against its repositories."""
+    model), since the Hub checks that field against its repositories. ``sparsity``: the folder holds
+    ``sparsity.safetensors`` (the body names it)."""
     data = ModelCardData(library_name="saelens", tags=["sparse-autoencoder", "saelens", "interpretability", "mmsae"],
                          base_model=base_model if base_model and _is_hub_id(base_model) else None)
+
+    sparsity_note = f", and `{SPARSITY_FILE}`: each latent's log10 firing density over the training tokens" if sparsity else ""
 
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
@@ -53,7 +57,7 @@ def model_card(*, base_model: str | None, hook_point: str, d_sae: int, k: int, t
 # Sparse autoencoder for {base_model or 'the subject model'} at `{hook_point}`
 
 A TopK sparse autoencoder (trained with mmsae) on the activations of `{hook_point}`.
-The weights are in SAELens's layout under the folder `{hook_point}/` (`{CFG_FILE}` + `{WEIGHTS_FILE}`).
+The weights are in SAELens's layout under the folder `{hook_point}/` (`{CFG_FILE}` + `{WEIGHTS_FILE}`{sparsity_note}).
 
 | | |
 |---|---|
@@ -82,8 +86,8 @@ def _is_hub_id(s: str) -> bool:
 
 def write_hub_folder(out: str | Path, *, sae_dir: str | Path, hook_point: str, release: str, repo_id: str | None,
                      model: str, metrics: dict, loss_recovered: dict | None, corpus: str) -> Path:
-    """Write ``out/<hook_point>/{cfg.json,sae_weights.safetensors}``, ``out/pretrained_saes.yaml`` and
-    ``out/README.md``.
+    """Write ``out/<hook_point>/{cfg.json,sae_weights.safetensors,sparsity.safetensors}`` (the last when
+    ``sae_dir`` has it: an SAE trained elsewhere may not), ``out/pretrained_saes.yaml`` and ``out/README.md``.
 
     Args:
         sae_dir: ``results/sae/<name>/`` (its ``cfg.json`` gives d_sae and k).
@@ -102,7 +106,8 @@ def write_hub_folder(out: str | Path, *, sae_dir: str | Path, hook_point: str, r
     out.mkdir(parents=True, exist_ok=False)
     dest = out / hook_point
     dest.mkdir(parents=True)
-    for f in (CFG_FILE, WEIGHTS_FILE):
+    has_sparsity = (sae_dir / SPARSITY_FILE).is_file()
+    for f in (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE) if has_sparsity else (CFG_FILE, WEIGHTS_FILE):
         shutil.copyfile(sae_dir / f, dest / f)
     held = metrics.get("heldout") or {}
     lr = _loss_recovered_value(loss_recovered)
@@ -115,7 +120,7 @@ def write_hub_folder(out: str | Path, *, sae_dir: str | Path, hook_point: str, r
         tokens = int(metrics["steps"]) * int(metrics["batch_size"])
     card = model_card(base_model=model, hook_point=hook_point, d_sae=int(cfg["d_sae"]), k=int(cfg["k"]),
                       tokens_trained=tokens, fvu=fvu, loss_recovered=lr, corpus=corpus, repo_id=repo_id,
-                      folder=str(out))
+                      folder=str(out), sparsity=has_sparsity)
     card.save(out / "README.md")
     return out
 

@@ -1,10 +1,17 @@
-"""Save and load SAEs in SAELens's on-disk layout: ``cfg.json`` + ``sae_weights.safetensors``.
+"""Save and load SAEs in SAELens's on-disk layout: ``cfg.json`` + ``sae_weights.safetensors`` +
+``sparsity.safetensors``.
 
 ``sae_lens.SAE.load_from_disk(dir)`` reads these files (architecture ``topk``): tensors ``W_enc
 (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in)``; config fields
 ``architecture``, ``d_in``, ``d_sae``, ``k``, ``dtype``, ``apply_b_dec_to_input``,
 ``normalize_activations`` and ``metadata`` (model name, hook name). Our own fields sit under
 ``mmsae`` and are ignored by SAELens.
+
+``sparsity.safetensors`` holds one tensor, ``sparsity`` (d_sae,) float32: log10 of each latent's
+firing density plus 1e-10, as SAELens's trainer saves it beside a checkpoint (``SPARSITY_FILENAME``,
+``_log_feature_sparsity`` in ``sae_lens/training/sae_trainer.py``) and its loaders read it back
+(``safe_open(...).get_tensor("sparsity")``). A latent that never fired has -10. SAELens's file covers
+its last feature-sampling window; ours covers every training token of the run.
 
 ``normalize_activations`` is always ``none``: an SAE trained on scaled activations
 (``sae.normalize_activations``) is saved with the scale folded into its weights, as SAELens saves a
@@ -23,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from mmsae.core.io import atomic_path, write_json
 from mmsae.sae.model import TopKSAE
 
-CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+SPARSITY_EPS = 1e-10  # SAELens's: log10(density + eps), so a latent that never fired gets -10
 
 
 def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_point: str, extra: dict | None = None) -> Path:
@@ -54,6 +62,39 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
     }
     write_json(out_dir / CFG_FILE, cfg)
     return out_dir
+
+
+def log10_density(fire_counts: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """log10(fire_counts / n_tokens + 1e-10) as float32, SAELens's ``log_feature_sparsity``.
+
+    Args:
+        fire_counts: (d_sae,) tokens each latent was active on; n_tokens: tokens counted over.
+
+    Raises:
+        ValueError: ``n_tokens`` is not positive (the density is undefined)."""
+    if n_tokens <= 0:
+        raise ValueError(f"log10 density over {n_tokens} tokens is undefined")
+    return torch.log10(fire_counts.detach().cpu().double() / n_tokens + SPARSITY_EPS).float()
+
+
+def save_sparsity(out_dir: str | os.PathLike, fire_counts: torch.Tensor, n_tokens: int) -> Path:
+    """Write ``out_dir/sparsity.safetensors`` atomically (:func:`log10_density` under the key ``sparsity``)
+    and return its path. ``fire_counts``: (d_sae,) over ``n_tokens`` training tokens."""
+    path = Path(out_dir) / SPARSITY_FILE
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file({"sparsity": log10_density(fire_counts, n_tokens).contiguous()}, str(tmp))
+    return path
+
+
+def load_sparsity(path: str | os.PathLike) -> torch.Tensor:
+    """The (d_sae,) float32 log10 densities of the SAE folder ``path``.
+
+    Raises:
+        FileNotFoundError: the folder has no ``sparsity.safetensors``."""
+    f = Path(path) / SPARSITY_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found")
+    return load_file(str(f))["sparsity"]
 
 
 def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dict]:

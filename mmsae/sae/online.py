@@ -290,10 +290,10 @@ def train_online(source: ModelSource, opts: dict, device: str, ckpt_dir: str | o
     log.info("online: %d training and %d held-out samples; statistics from the first buffer fill (%d rows)",
              len(source.samples) - len(held), len(held), len(norms))
     s = stream(max_norm, scale)
-    sae, rows = train(s, source.d_model, cfg, ckpt_dir)
+    sae, rows, fires = train(s, source.d_model, cfg, ckpt_dir)
     excluded = int((norms > max_norm).sum()) if max_norm is not None else None
     heldout = s.heldout(cfg.heldout_max_tokens)
     extra = {"source": "online", "token_norms_from": {"rows": len(norms), "what": "the first buffer fill of training"},
              "data": s.data_facts()}
     data = TrainedOn(source.d_model, source.subject.name, source.hook_point, held, extra)
-    return finish_training(sae, rows, cfg, opts, data, NormPass(token_norms, max_norm, scale, excluded), heldout, out_dir, log_path)
+    return finish_training(sae, rows, fires, cfg, opts, data, NormPass(token_norms, max_norm, scale, excluded), heldout, out_dir, log_path)

@@ -21,7 +21,7 @@ from mmsae.core.gpu import resolve_device
 from mmsae.core.io import write_json, write_parquet
 from mmsae.sae.data import ActivationStream, heldout_sample_ids
 from mmsae.sae.distributed import rank_world
-from mmsae.sae.io import save_sae
+from mmsae.sae.io import save_sae, save_sparsity
 from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.norms import fold_scaling_factor, norm_stats, row_norms, scaling_factor
 from mmsae.sae.trainer import TrainConfig, evaluate, log_table, train
@@ -34,7 +34,7 @@ SAMPLES, HELDOUT = "samples.parquet", "heldout.json"
 def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: str, ckpt_dir: str | os.PathLike,
                         out_dir: str | os.PathLike, log_path: str | os.PathLike | None = None) -> dict | None:
     """Train on the manifest's shards; rank 0 writes ``cfg.json``, ``sae_weights.safetensors``,
-    ``metrics.json``, ``heldout.json`` (the held-out sample ids, a JSON list) and ``log.parquet`` (or
+    ``sparsity.safetensors``, ``metrics.json``, ``heldout.json`` (the held-out sample ids, a JSON list) and ``log.parquet`` (or
     ``log_path``) to ``out_dir`` and returns the metrics.
 
     The held-out split is by image and by text prompt (:func:`~mmsae.sae.data.heldout_sample_ids`),
@@ -67,13 +67,13 @@ def train_from_manifest(manifest_path: str | os.PathLike, opts: dict, device: st
     kept = norms <= max_norm if max_norm is not None else slice(None)
     scale = scaling_factor(norms[kept], manifest["d_model"]) if cfg.normalize_activations == "expected_average_only_in" else 1.0
     mine = _stream(paths[rank::world], cfg, cfg.batch_size // world, cfg.seed + rank, held, exclude, max_norm, scale, world)
-    sae, rows = train(mine, manifest["d_model"], cfg, ckpt_dir, progress=rank == 0)
+    sae, rows, fires = train(mine, manifest["d_model"], cfg, ckpt_dir, progress=rank == 0)
     if rank != 0:
         return None
     heldout = _stream(paths, cfg, cfg.batch_size, cfg.seed, held, exclude).heldout(cfg.heldout_max_tokens)
     found = NormPass(token_norms, max_norm, scale, int((norms > max_norm).sum()) if max_norm is not None else None)
     data = TrainedOn(manifest["d_model"], manifest["model"], manifest["hook_point"], held, {"source": "cache"})
-    return finish_training(sae, rows, cfg, opts, data, found, heldout, out_dir, log_path, world)
+    return finish_training(sae, rows, fires, cfg, opts, data, found, heldout, out_dir, log_path, world)
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,12 @@ class TrainedOn:
     extra: dict = field(default_factory=dict)
 
 
-def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, data: TrainedOn, norms: NormPass,
+def finish_training(sae, rows: list[dict], fire_counts: torch.Tensor, cfg: TrainConfig, opts: dict, data: TrainedOn, norms: NormPass,
                     heldout: tuple[torch.Tensor, torch.Tensor], out_dir: str | os.PathLike,
                     log_path: str | os.PathLike | None = None, world: int = 1) -> dict:
     """Fold the scale into the trained SAE, evaluate it on the held-out rows and write ``cfg.json``,
-    ``sae_weights.safetensors``, ``metrics.json``, ``heldout.json`` and ``log.parquet`` (or ``log_path``);
+    ``sae_weights.safetensors``, ``sparsity.safetensors`` (log10 firing density of each latent over the
+    training tokens, :func:`~mmsae.sae.io.save_sparsity`), ``metrics.json``, ``heldout.json`` and ``log.parquet`` (or ``log_path``);
     return the metrics. Shared by cached and online training (:mod:`mmsae.sae.online`).
 
     ``dead_tokens_seen`` gives the training tokens seen per modality and the window
@@ -122,7 +123,8 @@ def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, data: T
     while its modality has seen fewer tokens than the window.
 
     Args:
-        rows: the training log (one dict per logged step); opts: the ``sae`` config section (stored in cfg.json).
+        rows: the training log (one dict per logged step); fire_counts: (d_sae,) the training tokens
+            each latent fired on, out of ``rows[-1]["tokens"]`` (:func:`~mmsae.sae.trainer.train`); opts: the ``sae`` config section (stored in cfg.json).
         data: the model, hook point and held-out ids; norms: the pre-pass's findings.
         heldout: ``(x (n, d_model) float32 raw, is_image (n,) bool)``.
         world: DDP ranks that trained.
@@ -155,6 +157,7 @@ def finish_training(sae, rows: list[dict], cfg: TrainConfig, opts: dict, data: T
     norm_cfg = {"method": cfg.normalize_activations, "scaling_factor": scale, "folded": True}
     save_sae(sae, out_dir, model_name=data.model_name, hook_point=data.hook_point,
              extra={"train": opts, "metrics": metrics, "normalize_activations": norm_cfg})
+    save_sparsity(out_dir, fire_counts, last["tokens"])
     write_parquet(log_path or Path(out_dir) / "log.parquet", log_table(rows))
     write_json(Path(out_dir) / HELDOUT, held)
     write_json(Path(out_dir) / "metrics.json", metrics)

@@ -11,7 +11,7 @@ gradients; the "tokens since fired" counters use global token counts and a laten
 the logged scalars are averaged over ranks (:mod:`mmsae.sae.distributed`), and rank 0 writes the
 checkpoints.
 
-Resume: a checkpoint (SAE, optimiser, step, dead-latent counters, the per-step log, training seconds
+Resume: a checkpoint (SAE, optimiser, step, dead-latent counters, per-latent fire counts, the per-step log, training seconds
 so far, every random state and the CPU thread count; :mod:`mmsae.sae.checkpoint`) is written
 atomically every ``checkpoint_every`` steps; a new :func:`train` call with the same checkpoint
 directory loads it and replays the data stream up to that step. On CPU the resumed run's weights are
@@ -41,7 +41,7 @@ from mmsae.sae.schedule import lr_at
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 4  # hashed with the config: checkpoints of another layout are not resumed (3: W_enc_T, contiguous Adam moments; 4: tokens_seen_* in the log)
+CHECKPOINT_VERSION = 5  # hashed with the config: checkpoints of another layout are not resumed (3: W_enc_T, contiguous Adam moments; 4: tokens_seen_* in the log; 5: fire_counts)
 
 
 @dataclass
@@ -228,6 +228,15 @@ def update_since_fired(since_fired: torch.Tensor, out: SAEOutput, is_image: torc
     return counts
 
 
+@torch.no_grad()
+def count_fires(fire_counts: torch.Tensor, out: SAEOutput) -> None:
+    """Add the step's firings to ``fire_counts`` in place: (d_sae,) int64, for each latent the number of
+    training tokens (summed over ranks) on which it was active (value > 0, SAELens's ``feature_acts``
+    nonzero). Over a whole run these counts give ``sparsity.safetensors`` (:func:`mmsae.sae.io.save_sparsity`)."""
+    fired = torch.bincount(out.top_idx[out.top_vals > 0], minlength=fire_counts.numel())
+    fire_counts += maybe_all_reduce(fired, "sum")
+
+
 def windowed_dead_fractions(since_fired: torch.Tensor, seen: list[int], dead_tokens: int) -> list[float | None]:
     """Share of latents dead (``since_fired >= dead_tokens``) per row of ``since_fired`` (all, image,
     text), or None for a row whose kind has seen fewer than ``dead_tokens`` tokens in all (``seen``):
@@ -243,7 +252,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     keep_checkpoint: bool = False,
-) -> tuple[TopKSAE, list[dict]]:
+) -> tuple[TopKSAE, list[dict], torch.Tensor]:
     """Train (or resume training) a TopK SAE on ``stream``.
 
     Under ``torch.distributed`` the SAE is wrapped in DistributedDataParallel (gradients averaged
@@ -261,11 +270,13 @@ def train(
             training completes, so only a killed run is ever resumed).
 
     Returns:
-        (sae, log): the trained SAE and one dict per step (step, tokens, loss, fvu, aux_loss, l0,
+        (sae, log, fire_counts): the trained SAE, one dict per step (step, tokens, loss, fvu, aux_loss, l0,
         dead_fraction, lr, fvu_image, fvu_text, l0_image, l0_text, dead_fraction_image,
         dead_fraction_text (None until that modality has seen ``dead_tokens`` tokens:
         :func:`windowed_dead_fractions`), tokens_seen_image, tokens_seen_text (summed over ranks), elapsed_s: wall seconds spent in :func:`train` up to this step, summed
-        over a killed run and its resumption).
+        over a killed run and its resumption), and fire_counts: (d_sae,) int64 on the CPU, the training
+        tokens each latent was active on over all steps run so far (:func:`count_fires`; out of
+        ``log[-1]["tokens"]`` tokens).
     """
     device = torch.device(cfg.device)
     with reproducible(device):
@@ -287,15 +298,16 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
     else:
         sae.init_b_dec(stream.sample(cfg.b_dec_init_tokens), cfg.b_dec_init)
         # Tokens since each latent last fired: row 0 over all tokens, row 1 image tokens, row 2 text.
-        state = {"step": 0, "since_fired": torch.zeros(3, cfg.d_sae, dtype=torch.long), "log": [], "train_seconds": 0.0}
+        state = {"step": 0, "since_fired": torch.zeros(3, cfg.d_sae, dtype=torch.long), "log": [], "train_seconds": 0.0,
+                 "fire_counts": torch.zeros(cfg.d_sae, dtype=torch.long)}
     start, rows, seconds_before = state["step"], state["log"], state["train_seconds"]
-    since_fired = state["since_fired"].to(device)
+    since_fired, fire_counts = state["since_fired"].to(device), state["fire_counts"].to(device)
     model = maybe_ddp(sae, device)  # every rank starts from rank 0's parameters (b_dec came from rank 0's data)
 
     def save(step: int) -> None:
         if rank == 0:
             save_checkpoint(ckpt_path, {"config_hash": chash, "step": step, "sae": sae.state_dict(), "optimizer": opt.state_dict(),
-                                        "since_fired": since_fired.cpu(), "log": rows,
+                                        "since_fired": since_fired.cpu(), "fire_counts": fire_counts.cpu(), "log": rows,
                                         "train_seconds": seconds_before + time.perf_counter() - t_start})
         maybe_barrier()
 
@@ -316,6 +328,7 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
         with torch.no_grad():
             active = out.top_vals > 0
             counts = update_since_fired(since_fired, out, is_image).tolist()
+            count_fires(fire_counts, out)
             seen = [a + b for a, b in zip(seen, counts)]
             dead_now = windowed_dead_fractions(since_fired, seen, cfg.dead_tokens)
             x_hat = out.x_hat.detach()
@@ -348,7 +361,7 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
     bar.close()
     if len(rows) >= cfg.steps and not keep_checkpoint and rank == 0:
         ckpt_path.unlink(missing_ok=True)
-    return sae, rows
+    return sae, rows, fire_counts.cpu()
 
 
 def log_table(rows: list[dict]) -> pa.Table:
