@@ -8,6 +8,7 @@ import polars as pl
 
 from mmsae.evaluate.scoring import (all_cached, build_tasks, configured_scorer, explained_features, logprob_sampling,
                                     score_tasks, summarise)
+from mmsae.evaluate.forced_choice import ForcedChoiceScorer, uses_forced_choice
 from mmsae.evaluate.scoring_prompts import delphi_prompt_texts
 from mmsae.evaluate.scoring_examples import collect_examples
 from mmsae.explain import EndpointConfig, Explainer, endpoint_session
@@ -54,7 +55,13 @@ offline = EndpointConfig(
     base_url=endpoint.get("base_url") or "http://127.0.0.1:9/v1",
     model=str(Path(endpoint["local_model"]).resolve()) if endpoint["server"] == "local" else endpoint["model"],
     temperature=endpoint["temperature"], max_tokens=endpoint["max_tokens"], extra_body=endpoint.get("extra_body") or {})
-if any(t.messages is not None for t in tasks) and all_cached(tasks, cache, offline):
+forced = uses_forced_choice(endpoint, p["mode"])
+if forced and any(t.messages is not None for t in tasks):
+    # transformers serve ignores logprobs: P("1") comes from the local model's own logits (model loaded
+    # only for an uncached request)
+    scorer = ForcedChoiceScorer.for_directory(endpoint["local_model"], cache)
+    table = score_tasks(tasks, scorer, categories)
+elif any(t.messages is not None for t in tasks) and all_cached(tasks, cache, offline):
     log.info("every answer is in the cache: no endpoint started")
     scorer = Explainer(offline, cache)
     table = score_tasks(tasks, scorer, categories)
@@ -67,6 +74,8 @@ else:
     table = score_tasks(tasks, None, categories)
 cache.close()
 summary = summarise(table, scorer_model=configured_scorer(endpoint))  # as configured, not this machine's path
+if forced and scorer is not None:  # where P("1") came from, and how much mass the two answers keep
+    summary["forced_choice"] = scorer.summary()
 write_parquet(sm.output.scores, table)
 write_json(sm.output.summary, summary)
 log.info("sent %d requests; status %s; overall %s", scorer.sent if scorer else 0, summary["status"],

@@ -9,7 +9,8 @@ requests (:mod:`~mmsae.evaluate.scoring_prompts`):
 * ``batch`` mode: ``n_examples`` examples per request, the answer a list of 0/1;
 * ``logprob`` mode: one example per request, a one-token ``1``/``0`` answer with ``top_logprobs``;
   the prediction's score is P("1") normalised over {"0", "1"} (delphi's log-prob scoring), its
-  prediction ``P >= 0.5``; AUROC is reported beside balanced accuracy.
+  prediction ``P >= 0.5``; AUROC is reported beside balanced accuracy. With a local scorer the
+  probability is read off the model's own logits (:mod:`~mmsae.evaluate.forced_choice`).
 
 Balanced accuracy is (TPR + TNR) / 2 (delphi ``compute_classification_metrics``), reported two ways
 (:func:`summarise`): pooled (confusion counts summed over every feature's requests, as delphi) and

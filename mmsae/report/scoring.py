@@ -55,5 +55,5 @@ def scoring_view(summary: dict, table: pl.DataFrame | None = None) -> dict:
             "by_modality": _pairs(summary.get("by_modality", []), "modality"),
             "by_category": _pairs(summary.get("by_category", []), "category"),
             "status": summary.get("status", {}), "scorer_model": summary.get("scorer_model"),
-            "mode": summary.get("mode"), "prompts": summary.get("prompts"),
+            "mode": summary.get("mode"), "prompts": summary.get("prompts"), "forced_choice": summary.get("forced_choice"),
             "n_features": summary.get("n_features", 0), "features": features}
