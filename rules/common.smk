@@ -147,6 +147,8 @@ def report_inputs(wildcards):
         inputs["neuron_table"] = f"{NEURONS}/neurons.parquet"
         inputs["neuron_tokens"] = f"{NEURONS}/tokens.parquet"
         inputs["edits"] = f"{NEURONS}/edits/edits.parquet"
+    if config["export"]["enabled"]:
+        inputs["export"] = f"{EXPORT}/neuronpedia"  # the top logits of the text-feature cards
     return inputs
 
 

@@ -4,7 +4,7 @@ rule report:
         unpack(report_inputs),
         model=model_input,  # the demo's mmsae_provenance.json
         activations=ACTIVATIONS,  # the training corpus (tokens trained on)
-        codes=CODES,  # the interpretation corpus (samples and images whose top activations are shown)
+        codes=CODES,  # the interpretation corpus (samples and images whose top activations are shown; its shards: activation histograms)
         metrics=f"{SAE_DIR}/metrics.json",
         heldout=f"{SAE_DIR}/heldout.json",  # the held-out sample ids, beside metrics.json
         log_table=f"{SAE_DIR}/log.parquet",

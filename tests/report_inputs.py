@@ -98,4 +98,9 @@ def inputs(tmp: Path, new: bool = True) -> dict:
                                     "text": {"median": 8.0, "p99": 30.0, "max": 60.0}},
                     "fvu_including_excluded": 0.45, "n_excluded_tokens": 17}
         out["heldout_ids"] = ["s1", "s2", "s3"]
+        out["log"] = out["log"].with_columns(l0=pl.Series([40.0, 8.0, 4.0]), dead_fraction=pl.Series([0.0, 0.05, 0.1]),
+                                             aux_loss=pl.Series([0.0, 0.8, 0.5]), lr=pl.Series([1e-4, 2e-4, 0.0]))
+        out["activation_histograms"] = {7: ([0.5, 1.5, 2.5, 3.5], [6, 3, 2, 1]), 9: ([0.25, 0.75, 1.25, 1.75], [2, 1, 0, 1])}
+        out["logits"] = {f: {"pos": [(" cat", 2.5), (" kitten", 2.25), (EVIL, 1.5)], "neg": [(" the", -1.75), ("\n", -1.5)]}
+                         for f in (7, 9)}
     return out

@@ -16,7 +16,8 @@ from torch import nn
 from mmsae.export import logits as lg
 from mmsae.export import neuronpedia as npx
 from mmsae.export.hub import upload_command, write_hub_folder
-from mmsae.export.run import build_records, feature_histograms, feature_logit_tables
+from mmsae.export.histograms import feature_histograms
+from mmsae.export.run import build_records, feature_logit_tables
 from mmsae.sae.io import load_sae, save_sae
 from mmsae.sae.model import TopKSAE
 

@@ -23,7 +23,7 @@ WORKFLOW_FILES = ["Snakefile", "rules", "workflow_scripts", "mmsae", "config", "
 
 # Rule groups, each with everything downstream of it in the default config.yaml.
 REPORT = {"report"}
-EXPORT = {"export"}  # reads the scores, explanations, maps, selection, codes, SAE and model
+EXPORT = {"export"} | REPORT  # reads the scores, explanations, maps, selection, codes, SAE and model; the report lists its top logits
 SCORE = {"score_explanations"} | REPORT | EXPORT
 EXPLAIN = {"explain_chunk", "gather_explanations", "refine_explanations", "evaluate", "steer"} | SCORE  # steer judges by explanation words
 REFINE = {"refine_explanations", "evaluate"} | SCORE  # scoring reads the refined categories
@@ -217,7 +217,7 @@ RERUNS: dict[str, set[str]] = {
     "scoring.scorer.model": NONE,
     "scoring.scorer.api_key_env": NONE,
     "scoring.scorer.max_tokens": SCORE,
-    "export.enabled": NONE,  # only what rule all requests
+    "export.enabled": REPORT,  # what rule all requests, and the report's inputs (top logits of text features)
     "export.release": EXPORT,
     "export.source_set": EXPORT,
     "export.hub_repo_id": EXPORT,

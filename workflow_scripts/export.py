@@ -12,7 +12,8 @@ from mmsae.core.shards import shard_paths
 from mmsae.export import logits as lg
 from mmsae.export import neuronpedia as npx
 from mmsae.export.hub import upload_command, write_hub_folder
-from mmsae.export.run import README, build_records, feature_histograms, feature_logit_tables
+from mmsae.export.histograms import feature_histograms
+from mmsae.export.run import README, build_records, feature_logit_tables
 from mmsae.models import layer_index, load_subject_model
 from mmsae.sae.io import load_sae
 

@@ -5,23 +5,28 @@ from pathlib import Path
 
 import polars as pl
 
+from mmsae.codes.schema import scan_codes
 from mmsae.core.io import atomic_path
+from mmsae.core.shards import shard_paths
+from mmsae.export.histograms import feature_histograms
 from mmsae.report.page import ReportInputs, build_report
 from mmsae.core.job import setup
+from mmsae.report.plots import export_logits, report_figures, write_plots
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 i = sm.input
 provenance = Path(sm.params.model, "mmsae_provenance.json")
 heldout = Path(i.heldout)  # declared beside metrics.json
-page = build_report(ReportInputs(
+selected = json.loads(Path(i.selected).read_text())
+inputs = ReportInputs(
     manifest=json.loads(Path(i.activations).read_text()),
     codes=json.loads(Path(i.codes).read_text()) if "codes" in i.keys() else None,
     metrics=json.loads(Path(i.metrics).read_text()),
     heldout_ids=json.loads(heldout.read_text()),
     log=pl.read_parquet(i.log_table),
     stats=pl.read_parquet(i.stats),
-    selected=json.loads(Path(i.selected).read_text()),
+    selected=selected,
     maps=pl.read_parquet(i.maps),
     contexts=pl.read_parquet(i.contexts),
     maps_dir=Path(i.maps).parent,
@@ -46,7 +51,14 @@ page = build_report(ReportInputs(
     },
     run={"model": sm.params.model, "demo": sm.params.demo,
          "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
-))
+    # the shards beside the codes manifest, as the export reads them
+    activation_histograms=feature_histograms(scan_codes(shard_paths(i.codes)), selected.get("features", []))
+    if "codes" in i.keys() else None,
+    logits=export_logits(i.export) if "export" in i.keys() else None,
+)
+plots = write_plots(report_figures(inputs), sm.output.plots)
+log.info("%d figures written to %s", len(plots), sm.output.plots)
+page = build_report(inputs, plots)
 with atomic_path(sm.output[0], ".html") as tmp:
     tmp.write_text(page)
 log.info("report written to %s (%d kB)", sm.output[0], len(page) // 1024)

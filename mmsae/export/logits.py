@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmsae.export import histograms as hg
+
 
 def feature_logits(W_dec: torch.Tensor, W_U: torch.Tensor, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of decoder directions: ``(W_dec * norm_weight) @ W_U``.
@@ -53,21 +55,9 @@ def top_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def histogram(values: torch.Tensor, n_bins: int = 50) -> tuple[list[float], list[int]]:
-    """Equal-width histogram from the minimum to the maximum, as SAEDashboard's histograms are built
-    (``bar_values`` = bin midpoints, ``bar_heights`` = counts; 50 bins is its default).
-
-    Returns:
-        ``(bar_values, bar_heights)``; both empty for an empty input.
-    """
-    v = values.detach().float().flatten()
-    if v.numel() == 0:
-        return [], []
-    lo, hi = float(v.min()), float(v.max())
-    if hi == lo:
-        return [lo], [int(v.numel())]
-    heights = torch.histc(v, bins=n_bins, min=lo, max=hi).int().tolist()
-    width = (hi - lo) / n_bins
-    return [round(lo + width * (i + 0.5), 5) for i in range(n_bins)], heights
+    """:func:`mmsae.export.histograms.histogram` of a tensor (detached, on the CPU): SAEDashboard's
+    equal-width histogram, ``(bar_values, bar_heights)``."""
+    return hg.histogram(values.detach().float().cpu().numpy(), n_bins)
 
 
 def unembedding(model: nn.Module) -> torch.Tensor:

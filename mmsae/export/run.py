@@ -31,16 +31,6 @@ Explanation scores: `scoreV1` = detection, `scoreV2` = fuzzing balanced accuracy
 """
 
 
-def feature_histograms(codes: pl.LazyFrame, features: list[int], n_bins: int = 50) -> dict[int, tuple[list, list]]:
-    """Histogram of each feature's nonzero activations over the codes (SAEDashboard's activation histogram)."""
-    acts = codes.filter(pl.col("feature").is_in(features)).select("feature", "activation").collect()
-    out = {}
-    for f in features:
-        v = acts.filter(pl.col("feature") == f)["activation"].to_numpy()
-        out[f] = lg.histogram(torch.from_numpy(v.copy()), n_bins)
-    return out
-
-
 def feature_logit_tables(W_dec: torch.Tensor, W_U: torch.Tensor, norm_weight: torch.Tensor | None, features: list[int],
                          decode, k: int = 10, n_bins: int = 50) -> dict[int, dict]:
     """Top ``k`` positive and negative logits (token strings through ``decode(id)``) and the logit

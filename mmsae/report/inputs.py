@@ -31,6 +31,10 @@ class ReportInputs:
         crossmodal, crossmodal_examples: ``crossmodal.parquet`` and ``crossmodal_examples.parquet``.
         effective_config: the text of ``results/config.effective.yaml`` (the run's whole config, its
             header naming the files it came from), shown verbatim.
+        activation_histograms: ``{feature: (bar_values, bar_heights)}`` over the codes
+            (:func:`mmsae.export.histograms.feature_histograms`), drawn on the feature cards.
+        logits: ``{feature: {"pos": [(token, logit)], "neg": [...]}}`` from the Neuronpedia export
+            (:func:`mmsae.report.plots.export_logits`), listed on the text-feature cards.
     """
 
     manifest: dict
@@ -56,3 +60,5 @@ class ReportInputs:
     crossmodal: pl.DataFrame | None = None
     crossmodal_examples: pl.DataFrame | None = None
     effective_config: str | None = None
+    activation_histograms: dict | None = None
+    logits: dict | None = None

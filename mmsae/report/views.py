@@ -1,19 +1,15 @@
-"""Numbers and shapes for the report's templates: formatting, inlined images, the training-curve
-geometry, and per-token highlight strengths. No HTML here: the templates write it (autoescaped)."""
+"""Numbers and shapes for the report's templates: formatting, inlined images and per-token highlight
+strengths (the figures are :mod:`mmsae.report.plots`'s). No HTML here: the templates write it (autoescaped)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import math
-from itertools import groupby
 from pathlib import Path
 
-import polars as pl
 from jinja2 import Undefined
 from PIL import Image
-
-CURVE_COLORS = {"fvu": "#1f77b4", "fvu_image": "#d62728", "fvu_text": "#2ca02c", "dead_fraction": "#9467bd"}
 
 
 def missing(x) -> bool:
@@ -41,36 +37,6 @@ def data_url(path: str | Path, max_side: int = 224) -> str:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def curve(log: pl.DataFrame, ys=("fvu", "fvu_image", "fvu_text"), width: int = 640, height: int = 220) -> dict | None:
-    """Geometry of the training-curve line chart (metric against step; y from 0 to max(1, largest
-    value)); None when the log is empty. Columns of ``ys`` missing from the log are left out. A line
-    breaks where its metric is missing (e.g. fvu_image at steps without image tokens): each run of
-    logged steps is one ``segments`` polyline, a lone step a dot, never a line across the gap."""
-    ys = [y for y in ys if y in log.columns]
-    if log.is_empty() or not ys:
-        return None
-    steps = log["step"].to_list()
-    x0, x1 = min(steps), max(max(steps), 1)
-    vals = [v for y in ys for v in log[y].to_list() if not missing(v)]
-    ymax = max(1.0, max(vals, default=1.0))
-    pad = 35
-
-    def pt(s, v):
-        return f"{pad + (s - x0) / max(x1 - x0, 1) * (width - 2 * pad):.1f},{height - pad - v / ymax * (height - 2 * pad):.1f}"
-
-    def segments(values):
-        out = []
-        for gap, run in groupby(zip(steps, values), key=lambda sv: missing(sv[1])):
-            if not gap:
-                pts = [pt(s, v) for s, v in run]
-                out.append({"points": " ".join(pts)} if len(pts) > 1 else {"dot": pts[0].split(",")})
-        return out
-
-    lines = [{"name": y, "color": CURVE_COLORS.get(y, "#333"), "label_y": pad + 14 * i, "segments": segments(log[y].to_list())}
-             for i, y in enumerate(ys)]
-    return {"width": width, "height": height, "pad": pad, "x0": x0, "x1": x1, "ymax": f"{ymax:.2g}", "lines": lines}
 
 
 def context_tokens(tokens: list[str], acts: list[float], focus: int) -> list[dict]:
