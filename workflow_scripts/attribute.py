@@ -15,6 +15,7 @@ from mmsae.core.gpu import resolve_device
 from mmsae.models import load_subject_model, resolve_hook_point
 from mmsae.sae import load_sae, trained_without_special_tokens
 from mmsae.core.job import setup
+from mmsae.core.progress import track
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
@@ -27,7 +28,7 @@ out_dir = Path(sm.output.summary).parent
 # special tokens stay undecomposed when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)
 keep_special = trained_without_special_tokens(sae_cfg)
 all_rows, summaries = [], []
-for case in cfg["cases"]:
+for case in track(cfg["cases"], "attribute", unit="cases"):
     case = {**case, "image": resolve_image_ref(case.get("image"))}
     rows, summary, grids = run_case(subject, module, sae, case, cfg["top_k"], cfg["validate_top"], cfg["pool"], cfg["method"],
                                    keep_special)

@@ -58,7 +58,7 @@ def refine_phrases(refiner, explanations: list[tuple[int, str]]) -> list[dict]:
     category: None, category_status: None, raw_category: None}`` from the refiner (an
     :class:`~mmsae.explain.Explainer`)."""
     answers = asyncio.run(refiner.complete_all(
-        [[{"role": "user", "content": REFINE_PROMPT.format(explanation=e)}] for _, e in explanations]))
+        [[{"role": "user", "content": REFINE_PROMPT.format(explanation=e)}] for _, e in explanations], label="refine"))
     rows = []
     for (f, _), ans in zip(explanations, answers):
         phrase, status = parse_phrase(ans["content"]) if ans["error"] is None else (None, "failed")
@@ -73,7 +73,7 @@ def label_categories(categorizer, rows: list[dict]) -> list[dict]:
     todo = [r for r in rows if r["phrase"]]
     if todo:
         answers = asyncio.run(categorizer.complete_all(
-            [[{"role": "user", "content": CATEGORY_PROMPT.format(phrase=r["phrase"])}] for r in todo]))
+            [[{"role": "user", "content": CATEGORY_PROMPT.format(phrase=r["phrase"])}] for r in todo], label="categorize"))
         for r, ans in zip(todo, answers):
             r["category"], r["category_status"] = parse_category(ans["content"]) if ans["error"] is None else (None, "failed")
             r["raw_category"] = ans["content"]

@@ -17,6 +17,7 @@ import polars as pl
 from mmsae.data.corpus import load_image
 from mmsae.evaluate.metrics import activated_region, bootstrap_ci, clip_score, iou
 from mmsae.codes.maps import feature_grids
+from mmsae.core.progress import track
 
 SCORE_SCHEMA = {"feature": pl.Int32, "category": pl.String, "phrase": pl.String, "sample_id": pl.String,
                 "source": pl.String, "trial": pl.Int32, "iou": pl.Float64, "clip_score": pl.Float64}
@@ -79,7 +80,7 @@ def score_features(refined: pl.DataFrame, tops: pl.DataFrame, images: dict[str, 
     grids = feature_grids(codes, [(p[0], p[3]) for p in plan], side) if segmenter is not None and plan else {}
     cache_img, cache_mask, cache_emb, cache_txt = {}, {}, {}, {}
     rows = []
-    for f, cat, phrase, sid, source, trial, want_iou, want_clip in plan:
+    for f, cat, phrase, sid, source, trial, want_iou, want_clip in track(plan, "evaluate", unit="image-phrase pairs"):
         if sid not in cache_img:
             cache_img[sid] = load_image(images[sid])[0]
         image = cache_img[sid]

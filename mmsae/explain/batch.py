@@ -85,7 +85,7 @@ def explain_features(requests: list[tuple[int, str, int, list[dict]]], explainer
                      shown: dict[int, list[dict]] | None = None) -> pa.Table:
     """Send every request (cached ones are not sent) and parse the answers into a table;
     ``shown`` (:func:`shown_examples`) fills the ``shown_examples`` column (null without it)."""
-    answers = asyncio.run(explainer.complete_all([m for *_, m in requests]))
+    answers = asyncio.run(explainer.complete_all([m for *_, m in requests], label="explain"))
     rows = []
     for (f, kind, n, _), ans in zip(requests, answers):
         if ans["error"] is not None:

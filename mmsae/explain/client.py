@@ -30,6 +30,7 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from mmsae.explain.cache import ResponseCache, request_key
+from mmsae.core import progress
 from mmsae.core.locks import release, try_hold
 
 log = logging.getLogger(__name__)
@@ -234,22 +235,25 @@ class Explainer:
         self.cache.put(key, self.cfg.model, answer)
         return {**answer, "cached": False, "error": None, "attempts": sent}
 
-    async def complete_all(self, requests: list[list[dict]]) -> list[dict]:
+    async def complete_all(self, requests: list[list[dict]], label: str = "requests") -> list[dict]:
         """Answers for many message lists, in order, concurrently (one event loop per call).
 
         When every answer is in the cache nothing is sent and the endpoint is not started
-        (:meth:`EndpointConfig.connect` is not called)."""
+        (:meth:`EndpointConfig.connect` is not called). Progress (a bar, and the count, rate and ETA
+        in the log, :func:`mmsae.core.progress.gather`) is reported under ``label``
+        (``explain``, ``score``, ...), per distinct request, cached ones included."""
         # identical requests in one batch are sent once
         keys = [request_key(self.cfg.model, m, self.cfg.sampling()) for m in requests]
         unique = {k: m for k, m in zip(keys, requests)}
         if all(self.cache.get(k) is not None for k in unique):
             answers = {k: await self.complete(m) for k, m in unique.items()}  # all from the cache
+            log.info("%s: %d/%d requests, all answered from the cache", label, len(unique), len(unique))
             return [answers[k] for k in keys]
         self.client = openai.AsyncOpenAI(base_url=self.cfg.connect(), api_key=self._key, timeout=self.cfg.timeout_s,
                                          max_retries=self.cfg.retries)
         self.sem = asyncio.Semaphore(self.cfg.concurrency)
         try:
-            answers = dict(zip(unique, await asyncio.gather(*(self.complete(m) for m in unique.values()))))
+            answers = dict(zip(unique, await progress.gather((self.complete(m) for m in unique.values()), label)))
             return [answers[k] for k in keys]
         finally:
             await self.client.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmsae.core.progress import track
 from mmsae.sae.splice import Clamp, SteeringHook
 from mmsae.data.corpus import Sample, load_image
 from mmsae.models import prepare_inputs
@@ -158,7 +159,7 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
     decode = subject.tokenizer.decode
     eos = subject.model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
-    for p in prompts:
+    for p in track(prompts, "steer", unit="prompts"):  # per prompt: one batched generate over every clamp
         image = None
         if p.get("image"):
             image, status = load_image(p["image"])

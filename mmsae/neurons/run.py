@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmsae.core.progress import track
 from mmsae.models import image_token_coordinates, token_layout
 from mmsae.neurons.edit import apply_delta, closed_form_edit, optimised_edit, revert
 from mmsae.neurons.find import (
@@ -35,7 +36,7 @@ def find_all(subject, samples: list[dict], cfg: dict) -> dict:
     model, tok = subject.model, subject.tokenizer
     mlps = mlp_modules(model)
     captions, rows, grids, cases = [], [], {}, []
-    for s in samples:
+    for s in track(samples, "find_neurons", unit="samples"):
         image = load_sample_image(s)
         captioned = caption(subject, image, s["prompt"], cfg["prompt_prefix"], cfg["max_new_tokens"], s["name"])
         full = captioned.inputs
@@ -85,7 +86,7 @@ def edit_all(subject, cases: list[dict], edits: list[dict], locality_prompts: li
     """
     model, tok = subject.model, subject.tokenizer
     results, before = [], None
-    for e in edits:
+    for e in track(edits, "edit_neurons", unit="edits"):
         match = [c for c in cases if e["source"] in ("auto", c["noun"])]
         if not match:
             results.append({"name": e["name"], "source": e["source"], "target": e["target"], "status": "source noun not found"})
