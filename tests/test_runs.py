@@ -60,8 +60,9 @@ def test_two_saes_over_one_extraction(tmp_path, demo_model_dir):
     shard_times = {p: p.stat().st_mtime_ns for p in (wd / "results/activations").rglob("*.parquet")}
 
     (wd / "config.yaml").write_text(yaml.safe_dump(K4))
-    planned = jobs(smk(wd, "-n"))
-    assert "train_sae" in planned and "extract" not in planned and "merge_activations" not in planned
+    dry = smk(wd, "-n")
+    planned = jobs(dry)
+    assert "train_sae" in planned and "extract" not in planned and "merge_activations" not in planned, dry.stdout[-4000:]
     smk(wd, "--cores", "2")
     second = wd / run_dir_for(K4) / "report/index.html"
     assert {p: p.stat().st_mtime_ns for p in (wd / "results/activations").rglob("*.parquet")} == shard_times
