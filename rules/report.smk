@@ -7,6 +7,7 @@ rule report:
         codes=CODES,  # the interpretation corpus (samples and images whose top activations are shown; its shards: activation histograms)
         metrics=f"{SAE_DIR}/metrics.json",
         heldout=f"{SAE_DIR}/heldout.json",  # the held-out sample ids, beside metrics.json
+        sparsity=f"{SAE_DIR}/sparsity.safetensors",  # log10 density over the training tokens (the density histogram)
         log_table=f"{SAE_DIR}/log.parquet",
         stats=f"{FEATURES}/stats.parquet",
         selected=f"{FEATURES}/selected.json",

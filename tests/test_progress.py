@@ -50,6 +50,20 @@ def test_explain_logs_intermediate_counts_with_rate_and_eta(tmp_path, caplog, mo
     assert "/s, ETA " in lines[0] and lines[-1].startswith("explain: 4/4 requests in ")
 
 
+def test_scoring_logs_its_request_counts(tmp_path, caplog):
+    from test_scoring import load_tasks, make_tables, oracle, scorer
+
+    from mmsae.evaluate.scoring import score_tasks
+
+    caplog.set_level(logging.INFO)
+    make_tables(tmp_path)
+    tasks = load_tasks(tmp_path)
+    with FakeEndpoint(reply=oracle) as ep:
+        score_tasks(tasks, scorer(ep.base_url, tmp_path))
+    lines = _progress_lines(caplog, "score")
+    assert lines and lines[-1].startswith(f"score: {len(tasks)}/{len(tasks)} requests in "), lines
+
+
 def test_progress_line_gives_count_rate_and_eta():
     from mmsae.core.progress import ProgressLog
 

@@ -140,3 +140,24 @@ def test_no_live_latent_still_draws(tmp_path):
     fig = report_figures(ReportInputs(**d))["feature_density"]
     assert [p.get_height() for p in fig.axes[0].patches] == [64]
     assert np.isfinite(fig.axes[1].get_xlim()).all()
+
+
+def test_density_histogram_reads_the_training_sparsity(tmp_path):
+    """With the SAE's sparsity.safetensors (written as the trainer writes it), the main series is the
+    training tokens' density and its never-fired latents (-10) are the dead bar; corpus.interpret's
+    counting stays beside it."""
+    from mmsae.sae.io import save_sparsity
+    from mmsae.report.plots import read_sparsity
+    counts = torch.cat([torch.zeros(10), torch.arange(1, 55, dtype=torch.float32)])  # 10 never fired
+    sparsity = read_sparsity(save_sparsity(tmp_path, counts, 1000))
+    assert sparsity.shape == (64,) and (sparsity[:10] == -10).all()
+    d = {**inputs(tmp_path / "in"), "sparsity": sparsity}
+    page = build_report(ReportInputs(**d))
+    (alt,) = [a for a in _svgs(page) if a.startswith("feature density")]
+    assert "over training tokens" in alt and "54 live latents; 10 dead latents" in alt
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "10 dead latents of 64 never fired in training" in text and "2 latents are active and 62 never are" in text
+    fig = report_figures(ReportInputs(**d))["feature_density"]
+    assert [p.get_height() for p in fig.axes[0].patches] == [10, 62]
+    with pytest.raises(FileNotFoundError):
+        read_sparsity(tmp_path / "missing.safetensors")

@@ -11,7 +11,7 @@ from mmsae.core.shards import shard_paths
 from mmsae.export.histograms import feature_histograms
 from mmsae.report.page import ReportInputs, build_report
 from mmsae.core.job import setup
-from mmsae.report.plots import export_logits, report_figures, write_plots
+from mmsae.report.plots import export_logits, read_sparsity, report_figures, write_plots
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
@@ -55,6 +55,7 @@ inputs = ReportInputs(
     activation_histograms=feature_histograms(scan_codes(shard_paths(i.codes)), selected.get("features", []))
     if "codes" in i.keys() else None,
     logits=export_logits(i.export) if "export" in i.keys() else None,
+    sparsity=read_sparsity(i.sparsity),
 )
 plots = write_plots(report_figures(inputs), sm.output.plots)
 log.info("%d figures written to %s", len(plots), sm.output.plots)

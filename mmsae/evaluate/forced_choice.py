@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mmsae.core.progress import track
 from mmsae.explain.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
@@ -271,13 +272,14 @@ class ForcedChoiceScorer:
     async def complete_all(self, requests: list[list[dict]], label: str = "requests") -> list[dict]:
         """Answers for many message lists, in order (identical requests computed once). They are
         computed sorted by their messages, so that requests sharing a system prompt and few-shot turns
-        follow each other and reuse its cache (:class:`PrefixCache`). ``label`` names the work in the
-        log line that ends it (as :meth:`~mmsae.explain.Explainer.complete_all`'s)."""
+        follow each other and reuse its cache (:class:`PrefixCache`). Progress (a bar, and count, rate
+        and ETA in the log, :func:`mmsae.core.progress.track`) is reported under ``label``, as
+        :meth:`~mmsae.explain.Explainer.complete_all` reports it."""
         keys = [request_key(self.cfg.model, m, self.cfg.sampling()) for m in requests]
         unique = {k: m for k, m in zip(keys, requests)}
         order = sorted(unique, key=lambda k: json.dumps(unique[k], ensure_ascii=False))
-        t0, sent = time.perf_counter(), self.sent
-        answers = {k: self.complete(unique[k]) for k in order}
-        log.info("%s: %d/%d requests in %.1f s, %d computed on the local model (forced choice), the rest cached",
-                 label, len(unique), len(unique), time.perf_counter() - t0, self.sent - sent)
+        sent = self.sent
+        answers = {k: self.complete(unique[k]) for k in track(order, label, unit="requests")}
+        log.info("%s: %d of %d requests computed on the local model (forced choice), the rest cached",
+                 label, self.sent - sent, len(unique))
         return [answers[k] for k in keys]

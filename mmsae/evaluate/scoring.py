@@ -194,7 +194,7 @@ def score_tasks(tasks: list[Task], explainer, categories: dict[int, str] | None 
         One row per task (:data:`SCORING_SCHEMA`).
     """
     todo = [t for t in tasks if t.messages is not None]
-    answers = dict(zip(map(id, todo), asyncio.run(explainer.complete_all([t.messages for t in todo])) if todo else []))
+    answers = dict(zip(map(id, todo), asyncio.run(explainer.complete_all([t.messages for t in todo], label="score")) if todo else []))
     model = explainer.cfg.model if explainer is not None else None
     rows = []
     for t in tasks:

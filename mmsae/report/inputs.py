@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import polars as pl
@@ -35,6 +36,8 @@ class ReportInputs:
             (:func:`mmsae.export.histograms.feature_histograms`), drawn on the feature cards.
         logits: ``{feature: {"pos": [(token, logit)], "neg": [...]}}`` from the Neuronpedia export
             (:func:`mmsae.report.plots.export_logits`), listed on the text-feature cards.
+        sparsity: the SAE's ``sparsity.safetensors`` (d_sae,) log10 densities over the training tokens
+            (:func:`mmsae.report.plots.read_sparsity`), the feature-density histogram's main series.
     """
 
     manifest: dict
@@ -62,3 +65,4 @@ class ReportInputs:
     effective_config: str | None = None
     activation_histograms: dict | None = None
     logits: dict | None = None
+    sparsity: Any = None

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from safetensors.numpy import load_file
 
 from mmsae.core.io import write_bytes
 
@@ -32,42 +33,52 @@ TOKENS = {"": "all tokens", "_image": "image tokens", "_text": "text tokens"}
 CURVES = (("FVU", "fvu", ("", "_image", "_text")), ("L0", "l0", ("", "_image", "_text")),
           ("dead fraction", "dead_fraction", ("", "_image", "_text")), ("AuxK loss", "aux_loss", ("",)),
           ("learning rate", "lr", ("",)))
+DENSITY_COLORS = ("#1f77b4", "#ff7f0e")  # the first series filled, the second an outline
+NEVER_FIRED_LOG10 = -9.999  # sparsity.safetensors holds log10(density + 1e-10): -10 for a latent that never fired
 MAX_POINTS = 600  # steps drawn one by one; longer logs are drawn as group means over a min-max band
 
 
-def density_figure(frequency, n_dead: int | None, n_tokens: int | None = None) -> Figure:
-    """Histogram of log10 feature density, SAELens/Neuronpedia's view of an SAE's sparsity.
+def density_figure(series: list[dict]) -> Figure:
+    """Histogram of log10 feature density, SAELens/Neuronpedia's view of an SAE's sparsity, for one
+    or two countings of the same latents (:func:`density_view`'s ``series``: the first filled, a
+    second drawn as an outline over it).
 
     Args:
-        frequency: each live latent's firing frequency (fraction of tokens where it is active, in (0, 1];
-            zeros are dropped: they belong in ``n_dead``).
-        n_dead: latents never active (drawn as a separate bar left of the axis, never as log10(0));
-            None when unknown (no bar).
-        n_tokens: the tokens the frequencies were counted over; marks log10(1 / n_tokens), the lowest
-            density one token can show.
+        series: dicts with ``label``, ``log10`` (the live latents' log10 densities), ``n_dead`` (latents
+            never active: a bar of their own left of the axis, never log10(0); None when unknown) and
+            ``n_tokens`` (tokens counted over: marks log10(1 / n_tokens), the lowest density one token
+            can show; None to leave it out).
 
     Returns:
-        The figure (two axes sharing y: the dead bar, then the histogram).
+        The figure (two axes sharing y: the dead bars, then the histogram).
     """
-    f = np.asarray(frequency, dtype=np.float64)
-    logd = np.log10(f[f > 0])
-    lo = math.floor(min(logd.min(), -1.0)) if logd.size else -6.0
+    ends = [float(s["log10"].min()) for s in series if len(s["log10"])]
+    ends += [-math.log10(s["n_tokens"]) for s in series if s.get("n_tokens")]  # the 1-token lines stay in view
+    lo = math.floor(min(min(ends), -1.0)) if ends else -6.0
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(7.5, 2.8), layout="constrained")
+        fig = Figure(figsize=(7.5, 2.9), layout="constrained")
         ax_dead, ax = fig.subplots(1, 2, sharey=True, width_ratios=[1, 9])
-        ax.hist(logd, bins=np.linspace(lo, 0.0, 51), color="#1f77b4")
+        bins = np.linspace(lo, 0.0, 51)
+        for i, (s, color) in enumerate(zip(series, DENSITY_COLORS)):
+            label = f"{s['label']}: {len(s['log10'])} live" + ("" if s["n_dead"] is None else f", {s['n_dead']} dead")
+            if i == 0:
+                ax.hist(s["log10"], bins=bins, color=color, label=label)
+            else:
+                ax.hist(s["log10"], bins=bins, color=color, histtype="step", lw=1.4, label=label)
+            if s.get("n_tokens"):
+                x = -math.log10(s["n_tokens"])
+                ax.axvline(x, color=color, ls="--", lw=0.8)
+                ax.text(x, 1.0 - 0.08 * i, " 1 token", transform=ax.get_xaxis_transform(), va="top", color=color)
+            if s["n_dead"] is not None:
+                ax_dead.bar([i], [s["n_dead"]], width=0.8, color=color, alpha=1.0 if i == 0 else 0.6)
+                ax_dead.annotate(str(s["n_dead"]), (i, s["n_dead"]), ha="center", va="bottom", xytext=(0, 2),
+                                 textcoords="offset points", fontsize=8)
         ax.set_xlim(lo, 0.0)
         ax.set_xlabel("log10 feature density (fraction of tokens where the latent is active)")
-        if n_tokens:
-            ax.axvline(-math.log10(n_tokens), color="#999", ls="--", lw=0.8)
-            ax.text(-math.log10(n_tokens), 1.0, " 1 token", transform=ax.get_xaxis_transform(), va="top", color="#777")
-        ax.set_title(f"{logd.size} live latents" + ("" if n_dead is None else f", {n_dead} dead"))
+        ax.legend(loc="upper right", frameon=False, fontsize=8)
         ax_dead.set_ylabel("latents")
-        ax_dead.set_xticks([0], ["dead"])
-        ax_dead.set_xlim(-0.8, 0.8)
-        if n_dead is not None:
-            ax_dead.bar([0], [n_dead], width=0.9, color="#7f7f7f")
-            ax_dead.annotate(str(n_dead), (0, n_dead), ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
+        ax_dead.set_xticks([(len(series) - 1) / 2], ["dead"])
+        ax_dead.set_xlim(-0.7, len(series) - 0.3)
     return fig
 
 
@@ -158,15 +169,14 @@ def activation_histogram_figure(bar_values: list[float], bar_heights: list[int],
 
 def report_figures(inputs) -> dict[str, Figure]:
     """Every figure of the page for :class:`mmsae.report.inputs.ReportInputs`, by file stem:
-    ``training_curves``, ``feature_density`` (over ``stats.parquet``'s frequencies; dead = the SAE's
-    d_sae minus the latents with a row) and ``feature_<f>_activations`` per selected feature with a
-    histogram."""
+    ``training_curves``, ``feature_density`` (:func:`density_view`: over the training tokens when the
+    inputs have the SAE's sparsity, and over corpus.interpret) and ``feature_<f>_activations`` per
+    selected feature with a histogram."""
     figs: dict[str, Figure] = {}
     curves = training_curves_figure(inputs.log)
     if curves is not None:
         figs["training_curves"] = curves
-    d = density_view(inputs.stats, inputs.metrics, inputs.codes)
-    figs["feature_density"] = density_figure(d["frequency"], d["n_dead"], d["n_tokens"])
+    figs["feature_density"] = density_figure(density_view(inputs.stats, inputs.metrics, inputs.codes, inputs.sparsity)["series"])
     for f in inputs.selected.get("features", []):
         hv, hh = (inputs.activation_histograms or {}).get(f, ([], []))
         fig = activation_histogram_figure(hv, hh)
@@ -175,15 +185,40 @@ def report_figures(inputs) -> dict[str, Figure]:
     return figs
 
 
-def density_view(stats: pl.DataFrame, metrics: dict, codes: dict | None) -> dict:
-    """The density histogram's numbers: live latents' ``frequency``, ``n_dead`` (d_sae minus the live
-    ones; None when metrics.json has no d_sae), ``n_tokens`` they were counted over (the codes
-    manifest's, None when absent) and ``d_sae``."""
-    freq = stats["frequency"].to_numpy() if "frequency" in stats.columns else np.zeros(0)
-    n_live = int((freq > 0).sum())
+def density_view(stats: pl.DataFrame, metrics: dict, codes: dict | None, sparsity=None) -> dict:
+    """The density histogram's series (see :func:`density_figure`), each a dict with ``label``,
+    ``log10`` (live latents), ``n_live``, ``n_dead`` and ``n_tokens``:
+
+    - ``train``: over the training tokens, from ``sparsity`` (the SAE folder's ``sparsity.safetensors``,
+      SAELens's log10(density + 1e-10), so a latent that never fired has -10); None without it.
+    - ``interpret``: over the codes of corpus.interpret, from ``stats.parquet``'s ``frequency`` (one row
+      per latent active there); dead = metrics.json's d_sae minus those (None without d_sae).
+
+    Also ``series`` (train first when present) and ``d_sae``."""
+    freq = stats["frequency"].to_numpy().astype(np.float64) if "frequency" in stats.columns else np.zeros(0)
+    live = freq[freq > 0]
     d_sae = metrics.get("d_sae")
-    return {"frequency": freq, "n_live": n_live, "n_dead": None if d_sae is None else int(d_sae) - n_live,
-            "d_sae": d_sae, "n_tokens": (codes or {}).get("n_tokens")}
+    interpret = {"label": "corpus.interpret", "log10": np.log10(live), "n_live": int(live.size),
+                 "n_dead": None if d_sae is None else int(d_sae) - int(live.size), "n_tokens": (codes or {}).get("n_tokens")}
+    train = None
+    if sparsity is not None:
+        s = np.asarray(sparsity, dtype=np.float64).ravel()
+        dead = s <= NEVER_FIRED_LOG10
+        train = {"label": "training tokens", "log10": s[~dead], "n_live": int((~dead).sum()), "n_dead": int(dead.sum()),
+                 "n_tokens": metrics.get("tokens_trained")}
+        d_sae = d_sae or int(s.size)
+    return {"train": train, "interpret": interpret, "series": [x for x in (train, interpret) if x is not None], "d_sae": d_sae}
+
+
+def read_sparsity(path: str | Path) -> np.ndarray:
+    """The ``sparsity`` tensor of a ``sparsity.safetensors`` file, (d_sae,) float32 log10 densities
+    (:func:`mmsae.sae.io.save_sparsity`), read without torch.
+
+    Raises:
+        FileNotFoundError: no such file; KeyError: it has no ``sparsity`` tensor."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return load_file(str(path))["sparsity"]
 
 
 def svg_text(fig: Figure) -> str:
