@@ -233,7 +233,8 @@ def count_fires(fire_counts: torch.Tensor, out: SAEOutput) -> None:
     """Add the step's firings to ``fire_counts`` in place: (d_sae,) int64, for each latent the number of
     training tokens (summed over ranks) on which it was active (value > 0, SAELens's ``feature_acts``
     nonzero). Over a whole run these counts give ``sparsity.safetensors`` (:func:`mmsae.sae.io.save_sparsity`)."""
-    fired = torch.bincount(out.top_idx[out.top_vals > 0], minlength=fire_counts.numel())
+    active = (out.top_vals > 0).flatten().long()
+    fired = torch.zeros_like(fire_counts).index_add_(0, out.top_idx.flatten(), active)  # 0.1 ms at (1024, 32) on 2 CPU cores; bincount of the masked ids 10 ms
     fire_counts += maybe_all_reduce(fired, "sum")
 
 
