@@ -80,6 +80,8 @@ RERUNS: dict[str, set[str]] = {
     "sae.gpus": NONE,
     "sae.d_sae": TRAIN,
     "sae.k": TRAIN,
+    "sae.architecture": TRAIN,  # another SAE: its codes and everything read from them
+    "sae.matryoshka_prefixes": TRAIN,  # in train_sae's params (and the run name) even while the architecture is topk
     "sae.steps": TRAIN,
     "sae.batch_size": TRAIN,
     "sae.lr": TRAIN,
@@ -237,6 +239,7 @@ CHANGES: dict[str, dict] = {
     "corpus.train.text_source": {"corpus.train.text_source": {"name": "python-topics", "max_tokens": 500}},
     "corpus.interpret.text_source": {"corpus.interpret.text_source": {"name": "python-topics", "max_tokens": 500}},
     "sae.name": {"sae.name": "other"},
+    "sae.matryoshka_prefixes": {"sae.matryoshka_prefixes": [8]},
     "explain.server": {"explain.server": "remote", "explain.base_url": "http://127.0.0.1:9/v1", "explain.model": "m"},
     "explain.api_key_env": {"explain.api_key_env": "OTHER_KEY"},
     "evaluate.refiner.api_key_env": {"evaluate.refiner.api_key_env": "OTHER_KEY"},

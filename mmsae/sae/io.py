@@ -13,6 +13,14 @@ firing density plus 1e-10, as SAELens's trainer saves it beside a checkpoint (``
 (``safe_open(...).get_tensor("sparsity")``). A latent that never fired has -10. SAELens's file covers
 its last feature-sampling window; ours covers every training token of the run.
 
+BatchTopK and Matryoshka BatchTopK SAEs (``sae.architecture``) are written as SAELens 6 writes them
+for inference (``TrainingSAE.save_inference_model``): architecture ``jumprelu``, one more tensor
+``threshold (d_sae)`` (the inference threshold, the same for every latent), and
+``metadata.training_architecture`` (``batchtopk`` or ``matryoshka_batchtopk``) with
+``metadata.training_architecture_details`` (``k``, ``topk_threshold_lr``; ``matryoshka_widths``, the
+prefix lengths ending with d_sae). :func:`load_sae` reads ``jumprelu`` files of those two training
+architectures only (see :mod:`mmsae.sae.batchtopk`).
+
 ``normalize_activations`` is always ``none``: an SAE trained on scaled activations
 (``sae.normalize_activations``) is saved with the scale folded into its weights, as SAELens saves a
 finished SAE; the scale is kept in ``mmsae.normalize_activations`` (see :mod:`mmsae.sae.norms`).
@@ -28,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmsae.core.io import atomic_path, write_json
+from mmsae.sae.batchtopk import THRESHOLD_RATE, make_sae
 from mmsae.sae.model import TopKSAE
 
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -45,7 +54,7 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
     with atomic_path(out_dir / WEIGHTS_FILE, ".safetensors") as tmp:
         save_file(tensors, str(tmp))
     cfg = {
-        "architecture": "topk",
+        "architecture": "topk" if sae.architecture == "topk" else "jumprelu",
         "d_in": sae.d_model,
         "d_sae": sae.d_sae,
         "k": sae.k,
@@ -54,7 +63,8 @@ def save_sae(sae: TopKSAE, out_dir: str | os.PathLike, *, model_name: str, hook_
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": model_name, "hook_name": hook_point, "hook_head_index": None, "prepend_bos": True},
+        "metadata": {"model_name": model_name, "hook_name": hook_point, "hook_head_index": None, "prepend_bos": True,
+                     **_training_architecture(sae)},
         # Top-level copies for loaders of SAELens < 6.
         "model_name": model_name,
         "hook_name": hook_point,
@@ -97,12 +107,24 @@ def load_sparsity(path: str | os.PathLike) -> torch.Tensor:
     return load_file(str(f))["sparsity"]
 
 
+def _training_architecture(sae: TopKSAE) -> dict:
+    """cfg.json metadata naming a BatchTopK SAE's training architecture, as SAELens's
+    ``TrainingSAEConfig._metadata_with_training_info`` writes it; empty for TopK."""
+    if sae.architecture == "topk":
+        return {}
+    details = {"k": sae.k, "topk_threshold_lr": THRESHOLD_RATE}
+    if sae.architecture == "matryoshka_batchtopk":
+        details["matryoshka_widths"] = list(sae.prefixes)
+    return {"training_architecture": sae.architecture, "training_architecture_details": details}
+
+
 def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dict]:
-    """Load an SAE saved by :func:`save_sae` (or a SAELens ``topk`` SAE) and its config.
+    """Load an SAE saved by :func:`save_sae` (or a SAELens ``topk`` SAE, or a SAELens ``jumprelu``
+    SAE trained as ``batchtopk`` or ``matryoshka_batchtopk``) and its config.
 
     Raises:
         FileNotFoundError: ``cfg.json`` or the weights are missing.
-        ValueError: the architecture is not ``topk``, ``normalize_activations`` is not ``none`` (the
+        ValueError: the architecture is not one of those, ``normalize_activations`` is not ``none`` (the
             SAE would need an input scale this loader does not apply), or a tensor's shape is wrong.
     """
     path = Path(path)
@@ -110,19 +132,32 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[TopKSAE, dic
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found")
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("architecture") != "topk":
-        raise ValueError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not 'topk'")
+    architecture, k, prefixes = _architecture(cfg, cfg_path)
     if cfg.get("normalize_activations", "none") != "none":
         raise ValueError(f"{cfg_path}: normalize_activations {cfg['normalize_activations']!r} is not 'none'; fold the "
                          "scaling into the weights first (SAELens: fold_activation_norm_scaling_factor)")
     tensors = load_file(str(path / WEIGHTS_FILE), device=device)
     dtype = getattr(torch, cfg.get("dtype", "float32"))
-    sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], dtype=dtype).to(device)
+    sae = make_sae(architecture, cfg["d_in"], cfg["d_sae"], k, prefixes=prefixes, dtype=dtype).to(device)
     try:
         sae.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path / WEIGHTS_FILE}: {exc}") from None
     return sae.eval(), cfg
+
+
+def _architecture(cfg: dict, where: Path) -> tuple[str, int, list[int] | None]:
+    """(architecture, k, Matryoshka prefixes or None) of a cfg.json; ValueError for any other."""
+    if cfg.get("architecture") == "topk":
+        return "topk", int(cfg["k"]), None
+    meta = cfg.get("metadata") or {}
+    trained = meta.get("training_architecture")
+    if cfg.get("architecture") != "jumprelu" or trained not in ("batchtopk", "matryoshka_batchtopk"):
+        raise ValueError(f"{where}: architecture {cfg.get('architecture')!r} (trained as {trained!r}) is not 'topk' or "
+                         "'jumprelu' trained as 'batchtopk' or 'matryoshka_batchtopk'")
+    details = meta.get("training_architecture_details") or {}
+    k = int(round(float(details.get("k", cfg.get("k", 1)))))  # SAELens's BatchTopK k is a float (a mean L0)
+    return trained, k, details.get("matryoshka_widths") if trained == "matryoshka_batchtopk" else None
 
 
 def trained_without_special_tokens(cfg: dict) -> bool:

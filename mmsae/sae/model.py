@@ -24,6 +24,12 @@ sparse weight gradient is written row by row and never transposed, and the fused
 over contiguous tensors (on a transposed view it copies each one: 0.15-0.30 s instead of 0.055 s
 per step at d_sae 32768, d_model 2048 on 2 CPU cores). ``state_dict()`` and ``load_state_dict``
 speak SAELens's layout (key ``W_enc``, (d_model, d_sae)), so files and checkpoints are unchanged.
+
+Other architectures (``sae.architecture``): :mod:`mmsae.sae.batchtopk` subclasses :class:`TopKSAE` for
+BatchTopK and Matryoshka BatchTopK. Every architecture has :meth:`TopKSAE.forward` (the training
+forward), :meth:`TopKSAE.encode` and :meth:`TopKSAE.select` (the inference encoder, on inputs and on
+dense pre-activations: what codes, steering, attribution and loss recovered use) and
+:meth:`TopKSAE.reconstruction_loss`; for TopK training and inference select alike.
 """
 
 from __future__ import annotations
@@ -160,6 +166,8 @@ class TopKSAE(nn.Module):
         ValueError: k is not in [1, d_sae].
     """
 
+    architecture = "topk"  # sae.architecture; the subclasses of mmsae.sae.batchtopk set their own
+
     def __init__(self, d_model: int, d_sae: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32):
         super().__init__()
         if not 1 <= k <= d_sae:
@@ -208,9 +216,20 @@ class TopKSAE(nn.Module):
         return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k), pre.reshape(*lead, self.d_sae)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, d_model) -> (values, indices), each (n, k): the k largest ReLU'd pre-activations."""
+        """Inference encoder: (n, d_model) -> (values, indices), each (n, k): the k largest ReLU'd
+        pre-activations (differentiable in x and the encoder's parameters, sparse backward)."""
         vals, idx, _ = self._select(x)
         return vals, idx
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference activation on dense pre-activations: (n, d_sae) -> (values, indices), each (n, k),
+        as :meth:`encode` selects them (for callers that edit ``pre`` first, e.g. a steering clamp)."""
+        return self.topk(pre)
+
+    def reconstruction_loss(self, x: torch.Tensor, out: SAEOutput, full_fvu: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss's reconstruction term: FVU(x, out.x_hat) (``full_fvu`` when already computed).
+        Matryoshka SAEs add their inner prefixes (:mod:`mmsae.sae.batchtopk`)."""
+        return fvu(x, out.x_hat) if full_fvu is None else full_fvu
 
     def decode(self, top_vals: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
         """(n, k) values and indices -> (n, d_model) reconstruction, without forming (n, d_sae).
@@ -233,6 +252,7 @@ class TopKSAE(nn.Module):
         return torch.zeros(*vals.shape[:-1], self.d_sae, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
+        """Training forward: (n, d_model) -> :class:`SAEOutput` (for TopK the same latents as :meth:`encode`)."""
         vals, idx, pre = self._select(x)
         return SAEOutput(self.decode(vals, idx), vals, idx, pre)
 

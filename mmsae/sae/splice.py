@@ -18,7 +18,8 @@ layer's output becomes the SAE reconstruction alone (error term dropped),
 absolute c only on the prompt pass (the released hook clamps when the forward has more than one
 position, i.e. the first forward of a cached ``generate``, :func:`mmsae.interventions.steer.generate`).
 ``positions`` then picks where the clamp applies (default ``prompt``, the released code); the
-reconstruction is applied everywhere.
+reconstruction is applied everywhere. For a BatchTopK or Matryoshka SAE (``sae.architecture``) the
+inference threshold takes TopK's place after the clamp (``sae.select``), as it does in ``sae.encode``.
 
 Positions: ``all``, ``prompt`` (the first forward of ``generate``, which covers the prompt) or
 ``generated`` (the later single-token forwards). Special tokens the SAE was trained without
@@ -128,7 +129,8 @@ class SteeringHook:
             pre = sae.pre_acts(flat).relu()
             for c in clamps if clamp else ():
                 pre[:, c.feature] = c.value
-            vals, idx = select_topk(pre, sae.k)
+            # TopK: the released code's select_topk; BatchTopK architectures: their inference threshold
+            vals, idx = select_topk(pre, sae.k) if sae.architecture == "topk" else sae.select(pre)
             new = sae.decode(vals, idx).to(x.dtype).reshape(x.shape)
             return new if keep is None else torch.where(keep.reshape(*x.shape[:-1], 1), x, new)
         if not clamps or not clamp:

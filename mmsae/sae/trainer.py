@@ -1,5 +1,5 @@
-"""One trainer loop for the TopK SAE: Adam with warm-up and linear decay (:mod:`mmsae.sae.schedule`),
-AuxK, checkpoints, resume.
+"""One trainer loop for the SAE (TopK, BatchTopK or Matryoshka BatchTopK, ``sae.architecture``): Adam
+with warm-up and linear decay (:mod:`mmsae.sae.schedule`), AuxK, checkpoints, resume.
 
 Hyperparameters follow Gao et al. 2024 and the paper's reference code (docs/methods.md, 'TopK SAE'):
 lr = 2e-4 / sqrt(d_sae / 2^14) unless set, gradient clipping 1.0, AuxK with k_aux = d_model // 2 and
@@ -36,6 +36,7 @@ from mmsae.core.io import config_hash
 from mmsae.sae.checkpoint import load_checkpoint, reproducible, save_checkpoint
 from mmsae.sae.data import ActivationStream
 from mmsae.sae.distributed import maybe_all_reduce, maybe_barrier, maybe_ddp, rank_world
+from mmsae.sae.batchtopk import make_sae, smallest_kept
 from mmsae.sae.model import SAEOutput, TopKSAE, fvu
 from mmsae.sae.schedule import lr_at
 
@@ -53,7 +54,11 @@ class TrainConfig:
     d_sae: int = 4608
     """Number of latents."""
     k: int = 32
-    """Latents kept per token (TopK)."""
+    """Latents kept per token (TopK); per token on average over the batch (BatchTopK)."""
+    architecture: str = "topk"
+    """topk, batchtopk or matryoshka_batchtopk (:mod:`mmsae.sae.batchtopk`)."""
+    matryoshka_prefixes: list[int] | None = None
+    """matryoshka_batchtopk: the nested prefix lengths; None = d_sae/32, d_sae/8, d_sae/2."""
     steps: int = 1000
     """Optimiser steps."""
     batch_size: int = 1024
@@ -123,12 +128,12 @@ def evaluate(sae: TopKSAE, x: torch.Tensor, is_image: torch.Tensor, batch_size: 
     fired = torch.zeros(3, sae.d_sae, dtype=torch.bool, device=device)  # all, image, text
     for i in range(0, len(x), batch_size):
         xb, mb = x[i : i + batch_size].to(device), is_image[i : i + batch_size].to(device)
-        out = sae(xb)
-        x_hats.append(out.x_hat.cpu())
-        active = out.top_vals > 0
+        vals, idx = sae.encode(xb)  # the inference encoder (BatchTopK: the threshold), as every later stage
+        x_hats.append(sae.decode(vals, idx).cpu())
+        active = vals > 0
         n_active.append(active.sum(1).cpu())
         for row, mask in enumerate((torch.ones_like(mb), mb, ~mb)):
-            fired[row, out.top_idx[mask][active[mask]]] = True
+            fired[row, idx[mask][active[mask]]] = True
     x_hat, n_active = torch.cat(x_hats), torch.cat(n_active).float()
     never = (1 - fired.float().mean(1)).tolist()
     res = {
@@ -170,14 +175,15 @@ def make_optimizer(sae: TopKSAE, cfg: TrainConfig) -> torch.optim.Adam:
 
 def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
                model: torch.nn.Module | None = None) -> dict:
-    """One optimiser step of the TopK SAE, exactly as :func:`train` takes it (the benchmark
+    """One optimiser step of the SAE, exactly as :func:`train` takes it (the benchmark
     ``bench/sae_throughput.py`` times this function).
 
-    Forward, loss = FVU + ``cfg.aux_coef`` * AuxK (AuxK over the ``dead`` latents with
-    k_aux = ``cfg.k_aux`` or d_model // 2; skipped when aux_coef is 0), backward, removal of the
-    decoder gradient parallel to each decoder row, gradient-norm clipping at ``cfg.grad_clip``
-    (0 = off), ``opt.step()``, unit-norm decoder rows. The learning rate is whatever ``opt`` holds
-    (:func:`train` sets it from the schedule before each step).
+    Forward, loss = FVU (Matryoshka: summed over the nested prefixes) + ``cfg.aux_coef`` * AuxK
+    (AuxK over the ``dead`` latents with k_aux = ``cfg.k_aux`` or d_model // 2; skipped when aux_coef
+    is 0), backward, removal of the decoder gradient parallel to each decoder row, gradient-norm
+    clipping at ``cfg.grad_clip`` (0 = off), ``opt.step()``, unit-norm decoder rows; BatchTopK
+    architectures then update their inference threshold (:func:`update_threshold`). The learning
+    rate is whatever ``opt`` holds (:func:`train` sets it from the schedule before each step).
 
     Args:
         sae: the SAE (its parameters are what ``opt`` updates).
@@ -190,13 +196,15 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: 
 
     Returns:
         ``out`` (the :class:`~mmsae.sae.model.SAEOutput`), and the scalar tensors ``loss``,
-        ``fvu`` and ``aux_loss`` (still attached to the graph, not synchronised to the host).
+        ``fvu`` (of the full reconstruction) and ``aux_loss`` (still attached to the graph, not
+        synchronised to the host).
     """
     out = (sae if model is None else model)(x)
     loss_fvu = fvu(x, out.x_hat)
+    recon = sae.reconstruction_loss(x, out, loss_fvu)  # FVU; Matryoshka: summed over the nested prefixes
     k_aux = cfg.k_aux or sae.d_model // 2
     aux = sae.auxk_loss(x, out, dead, k_aux) if cfg.aux_coef > 0 else x.new_zeros(())
-    loss = loss_fvu + cfg.aux_coef * aux
+    loss = recon + cfg.aux_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()  # under DDP, gradients arrive averaged over ranks
     sae.remove_parallel_grads()
@@ -204,7 +212,19 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: 
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     opt.step()
     sae.normalize_decoder()
+    if sae.architecture != "topk":
+        update_threshold(sae, out)
     return {"out": out, "loss": loss, "fvu": loss_fvu, "aux_loss": aux}
+
+
+@torch.no_grad()
+def update_threshold(sae, out: SAEOutput) -> None:
+    """BatchTopK's inference threshold follows the step's smallest kept activation
+    (:meth:`~mmsae.sae.batchtopk.BatchTopKSAE.update_threshold`), averaged over the ranks that kept one."""
+    m = smallest_kept(out)
+    found = ~m.isnan()
+    both = maybe_all_reduce(torch.stack([torch.where(found, m, torch.zeros_like(m)), found.to(m.dtype)]), "sum")
+    sae.update_threshold(both[0] / both[1])  # 0 / 0 = NaN: no rank kept a latent, theta stays
 
 
 @torch.no_grad()
@@ -254,7 +274,7 @@ def train(
     stop_after: int | None = None,
     keep_checkpoint: bool = False,
 ) -> tuple[TopKSAE, list[dict], torch.Tensor]:
-    """Train (or resume training) a TopK SAE on ``stream``.
+    """Train (or resume training) an SAE of ``cfg.architecture`` on ``stream``.
 
     Under ``torch.distributed`` the SAE is wrapped in DistributedDataParallel (gradients averaged
     over ranks) and the dead-latent counters and logged scalars go through
@@ -288,7 +308,7 @@ def _train(stream, d_model, cfg, device, ckpt_path, progress, stop_after, keep_c
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rank, _ = rank_world()
-    sae = TopKSAE(d_model, cfg.d_sae, cfg.k, seed=cfg.seed).to(device)
+    sae = make_sae(cfg.architecture, d_model, cfg.d_sae, cfg.k, prefixes=cfg.matryoshka_prefixes, seed=cfg.seed).to(device)
     opt = make_optimizer(sae, cfg)
     chash = config_hash({**asdict(cfg), "device": None, "checkpoint_version": CHECKPOINT_VERSION, "d_model": d_model,
                          "data": stream.identity()})

@@ -54,6 +54,10 @@ def config_errors(config: dict, base_dir: str | os.PathLike = ".") -> list[str]:
         errors.append(f"sae.k={sae['k']} is larger than sae.d_sae={sae['d_sae']}")
     if sae.get("k_aux") is not None and sae["k_aux"] > sae["d_sae"]:
         errors.append(f"sae.k_aux={sae['k_aux']} is larger than sae.d_sae={sae['d_sae']}")
+    prefixes = [m for m in sae.get("matryoshka_prefixes") or [] if m != sae["d_sae"]]  # mmsae.sae.batchtopk.matryoshka_prefixes
+    if any(m >= sae["d_sae"] for m in prefixes) or any(a >= b for a, b in zip(prefixes, prefixes[1:])):
+        errors.append(f"sae.matryoshka_prefixes={sae['matryoshka_prefixes']} must be strictly increasing lengths below "
+                      f"sae.d_sae={sae['d_sae']}")
     if sae.get("source") == "online" and sae.get("gpus", 1) > 1:
         errors.append(f"sae.source='online' trains in one process: set sae.gpus to 1 (is {sae['gpus']})")
     for role in CORPUS_ROLES:
