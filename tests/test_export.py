@@ -163,3 +163,24 @@ def test_image_tokens_without_a_patch_get_a_label():
 
     assert image_token_label(0, 3, 5) == "<img v0 r3 c5>"
     assert image_token_label(-2, 3, None) == "<img v-2 r3>" and image_token_label(-2, None, None) == "<img v-2>"
+
+
+@pytest.mark.parametrize("arch,name", [("topk", "A TopK sparse"), ("batchtopk", "A BatchTopK sparse")])
+def test_hub_folder_names_the_architecture_and_loads_in_saelens(tmp_path, arch, name):
+    """A BatchTopK SAE is saved as SAELens saves it (jumprelu + threshold): the card must not call it
+    TopK, and SAELens loads the Hub folder (the upload's layout) to the same encoder."""
+    from mmsae.sae.batchtopk import make_sae
+
+    sae = make_sae(arch, 8, 32, 4, seed=2)
+    hook = "model.language_model.layers.3"
+    save_sae(sae, tmp_path / "sae", model_name="m", hook_point=hook)
+    out = write_hub_folder(tmp_path / "hub", sae_dir=tmp_path / "sae", hook_point=hook, release="r", repo_id=None,
+                           model="m", metrics={"heldout": {"fvu": 0.5, "l0": 4.0}}, loss_recovered=None, corpus="c")
+    text = ModelCard.load(out / "README.md").text
+    assert name in text and ("threshold" in text) == (arch != "topk")
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = sae_lens.SAE.load_from_disk(str(out / hook), device="cpu")
+    x = torch.randn(5, 8)
+    vals, idx = sae.encode(x)
+    ours = torch.zeros(5, 32).scatter_add_(1, idx, vals)  # a threshold SAE pads its rows with zeros
+    assert torch.allclose(theirs.encode(x), ours, atol=1e-5)

@@ -37,17 +37,24 @@ def release_entry(release: str, repo_id: str | None, model: str, hook_point: str
     return {release: {"conversion_func": None, "model": model, "repo_id": repo_id or REPO_PLACEHOLDER, "saes": [sae]}}
 
 
+ARCHITECTURE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka_batchtopk": "Matryoshka BatchTopK"}
+
+
 def model_card(*, base_model: str | None, hook_point: str, d_sae: int, k: int, tokens_trained: int | None,
                fvu: float | None, loss_recovered: float | None, corpus: str, repo_id: str | None,
-               folder: str, sparsity: bool = True) -> ModelCard:
+               folder: str, sparsity: bool = True, architecture: str = "topk") -> ModelCard:
     """The card: YAML metadata (base_model, library_name saelens, tags) and a body with the SAE's facts.
 
     ``base_model`` is left out of the metadata when it is not a hub id (a local directory such as the demo
     model), since the Hub checks that field against its repositories. ``sparsity``: the folder holds
-    ``sparsity.safetensors`` (the body names it)."""
+    ``sparsity.safetensors`` (the body names it). ``architecture``: how it was trained (``topk``,
+    ``batchtopk``, ``matryoshka_batchtopk``: ``sae.architecture``), named in the body with its
+    inference rule (BatchTopK SAEs are saved as SAELens saves them, as JumpReLU with one threshold)."""
     data = ModelCardData(library_name="saelens", tags=["sparse-autoencoder", "saelens", "interpretability", "mmsae"],
                          base_model=base_model if base_model and _is_hub_id(base_model) else None)
 
+    inference = ("; at inference a latent is active above one threshold learnt in training (saved as "
+                 "SAELens saves BatchTopK SAEs: architecture jumprelu, a `threshold` tensor)") if architecture != "topk" else ""
     sparsity_note = f", and `{SPARSITY_FILE}`: each latent's log10 firing density over the training tokens" if sparsity else ""
 
     def fmt(v, spec):
@@ -56,14 +63,14 @@ def model_card(*, base_model: str | None, hook_point: str, d_sae: int, k: int, t
     body = f"""
 # Sparse autoencoder for {base_model or 'the subject model'} at `{hook_point}`
 
-A TopK sparse autoencoder (trained with mmsae) on the activations of `{hook_point}`.
+A {ARCHITECTURE_NAMES.get(architecture, architecture)} sparse autoencoder (trained with mmsae) on the activations of `{hook_point}`{inference}.
 The weights are in SAELens's layout under the folder `{hook_point}/` (`{CFG_FILE}` + `{WEIGHTS_FILE}`{sparsity_note}).
 
 | | |
 |---|---|
 | hook point | `{hook_point}` |
 | d_sae | {d_sae} |
-| k (active latents per token) | {k} |
+| k ({'active latents per token' if architecture == 'topk' else 'mean active latents per token in training'}) | {k} |
 | tokens trained | {fmt(tokens_trained, ',')} |
 | held-out FVU | {fmt(fvu, '.4f')} |
 | loss recovered | {fmt(loss_recovered, '.4f')} |
@@ -90,7 +97,7 @@ def write_hub_folder(out: str | Path, *, sae_dir: str | Path, hook_point: str, r
     ``sae_dir`` has it: an SAE trained elsewhere may not), ``out/pretrained_saes.yaml`` and ``out/README.md``.
 
     Args:
-        sae_dir: ``results/sae/<name>/`` (its ``cfg.json`` gives d_sae and k).
+        sae_dir: ``results/runs/<run>/sae/`` (its ``cfg.json`` gives d_sae and k).
         metrics: its ``metrics.json`` (``heldout.fvu``, ``heldout.l0``, ``tokens_trained`` or ``n_tokens``).
         loss_recovered: its ``loss_recovered.json`` or None.
 
@@ -120,7 +127,8 @@ def write_hub_folder(out: str | Path, *, sae_dir: str | Path, hook_point: str, r
         tokens = int(metrics["steps"]) * int(metrics["batch_size"])
     card = model_card(base_model=model, hook_point=hook_point, d_sae=int(cfg["d_sae"]), k=int(cfg["k"]),
                       tokens_trained=tokens, fvu=fvu, loss_recovered=lr, corpus=corpus, repo_id=repo_id,
-                      folder=str(out), sparsity=has_sparsity)
+                      folder=str(out), sparsity=has_sparsity,
+                      architecture=(cfg.get("metadata") or {}).get("training_architecture") or cfg.get("architecture", "topk"))
     card.save(out / "README.md")
     return out
 
