@@ -131,6 +131,8 @@ def report_inputs(wildcards):
         inputs["steering"] = f"{STEERING}/steering.parquet"
     if config["attribution"]["enabled"]:
         inputs["attribution"] = f"{ATTRIBUTION}/summary.json"
+    if config["repair"]["enabled"] and config["repair"]["cases"]:
+        inputs["repair"] = f"{REPAIR}/repair.parquet"
     if config["loss_recovered"]["enabled"]:
         inputs["loss_recovered"] = f"{SAE_DIR}/loss_recovered.json"
     if config["evaluate"]["enabled"] and config["explain"]["enabled"]:

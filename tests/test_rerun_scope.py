@@ -31,12 +31,12 @@ SELECT = {"select_top", "render_maps", "steer"} | EXPLAIN
 MAPS = {"render_maps"} | EXPLAIN
 CROSS = {"crossmodal"} | REPORT
 ENCODE = {"encode", "merge_codes"} | SELECT | CROSS  # the interpretation corpus's codes and everything read from them
-TRAIN = {"train_sae", "attribute", "loss_recovered"} | ENCODE
+TRAIN = {"train_sae", "attribute", "repair", "loss_recovered"} | ENCODE
 EXTRACT = {"extract", "merge_activations"} | TRAIN
 FIND = {"find_neurons", "edit_neurons"} | REPORT
 LIST = {"list_images"} | FIND
 EDIT = {"edit_neurons"} | REPORT
-MODEL = EXTRACT | FIND | {"steer", "attribute", "report"}
+MODEL = EXTRACT | FIND | {"steer", "attribute", "repair", "report"}
 DEMO = {"build_demo_model"} | MODEL | EXPLAIN  # the local explainer serves the demo model
 NONE: set[str] = set()
 
@@ -153,6 +153,15 @@ RERUNS: dict[str, set[str]] = {
     "attribution.validate_top": {"attribute"} | REPORT,
     "attribution.cases": {"attribute"} | REPORT,
     "attribution.method": {"attribute"} | REPORT,
+    "repair.enabled": REPORT,
+    "repair.cases": {"repair"} | REPORT,
+    "repair.budget": {"repair"} | REPORT,
+    "repair.ablate_values": {"repair"} | REPORT,
+    "repair.clamp_values": {"repair"} | REPORT,
+    "repair.control_draws": {"repair"} | REPORT,
+    "repair.seed": {"repair"} | REPORT,
+    "repair.max_new_tokens": {"repair"} | REPORT,
+    "repair.max_ppl_ratio": {"repair"} | REPORT,
     "neurons.enabled": REPORT,
     "neurons.prompt": FIND,
     "neurons.prompt_prefix": FIND,
@@ -249,6 +258,7 @@ CHANGES: dict[str, dict] = {
     "steer.prompts": {"steer.prompts": [{"prompt": "Hi."}]},
     "attribution.cases": {"attribution.cases": [{"name": "x", "prompt": "Hi", "answer": " a", "baseline": " b"}]},
     "neurons.edits": {"neurons.edits": [{"name": "x", "source": "cat", "target": "cow"}]},
+    "repair.cases": {"repair.cases": [{"name": "x", "prompt": "Hi", "wrong": " a", "correct": " b"}]},
 }
 
 
@@ -374,7 +384,7 @@ def test_each_leaf_reruns_exactly_its_rules(complete):
     ("mmsae/report/sections.py", REPORT),
     ("mmsae/neurons/edit.py", FIND),
     ("mmsae/codes/top_lists.py", SELECT),  # the selection's aggregation: not the encoding, nor what only reads codes
-    ("mmsae/interventions/steer.py", {"steer"} | REPORT),
+    ("mmsae/interventions/steer.py", {"steer", "repair"} | REPORT),  # repair generates with steering's generate
     ("mmsae/workflow/script_hash.py", NONE),  # the Snakefile's own helper: no job imports it  # the steering sweep: not attribution or loss recovered (mmsae/sae/splice.py)
 ])
 def test_editing_a_module_reruns_the_rules_that_import_it(complete, module, rules):

@@ -74,7 +74,7 @@ def test_default_config_dry_runs(tmp_path):
                           "render_maps": 1, "explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1,
                           "evaluate": 1, "steer": 1, "attribute": 1, "list_images": 1, "find_neurons": 1, "edit_neurons": 1,
                           "loss_recovered": 1, "score_explanations": 1, "report": 1, "crossmodal": 1, "export": 1,
-                          "all": 1}
+                          "repair": 1, "all": 1}
 
 
 @pytest.mark.workflow

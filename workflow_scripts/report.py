@@ -34,6 +34,7 @@ inputs = ReportInputs(
     steering=pl.read_parquet(i.steering) if "steering" in i.keys() else None,
     attribution=json.loads(Path(i.attribution).read_text()) if "attribution" in i.keys() else None,
     attribution_dir=Path(i.attribution).parent if "attribution" in i.keys() else None,
+    repair=pl.read_parquet(i.repair) if "repair" in i.keys() else None,
     evaluation=json.loads(Path(i.evaluation).read_text()) if "evaluation" in i.keys() else None,
     loss_recovered=json.loads(Path(i.loss_recovered).read_text()) if "loss_recovered" in i.keys() else None,
     scoring=json.loads(Path(i.scoring).read_text()) if "scoring" in i.keys() else None,

@@ -299,6 +299,38 @@ def _totals(features: np.ndarray, values: np.ndarray) -> dict[int, float]:
     return out
 
 
+def case_inputs(subject, case: dict, token_keys: tuple[str, ...], what: str = "attribution case"
+                ) -> tuple[dict[str, int], dict, torch.Tensor | None, dict]:
+    """The model inputs of one configured case: its prompt (and image), the chat template's generation
+    prompt, then ``case["answer_prefix"]``; and the token id of each of ``token_keys``.
+
+    Returns:
+        (``{key: token id}``, processor outputs on the subject's device (batch 1), the image tokens'
+        coordinates (:func:`mmsae.models.image_token_coordinates`; None without an image), the
+        :func:`mmsae.models.token_layout` of the (seq,) input ids).
+
+    Raises:
+        ValueError: a ``token_keys`` string that is not one token, or an image that cannot be read
+            (the message opens with ``what`` and the case's name).
+    """
+    tok = subject.tokenizer
+    ids = {}
+    for key in token_keys:
+        enc = tok.encode(case[key], add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"{what} {case['name']!r}: {key} {case[key]!r} is {len(enc)} tokens {enc}, not one")
+        ids[key] = enc[0]
+    image = None
+    if case.get("image"):
+        image, status = load_image(case["image"])
+        if image is None:
+            raise ValueError(f"{what} {case['name']!r}: image {case['image']}: {status}")
+    inputs = dict(prepare_inputs(subject, [(Sample(case["name"], case["prompt"], case.get("image")), image)],
+                                 suffix=case.get("answer_prefix") or "").to(subject.device))
+    coords = image_token_coordinates(subject.model, inputs["image_sizes"].cpu())[0] if image is not None else None
+    return ids, inputs, coords, token_layout(subject, inputs["input_ids"][0].cpu(), coords, case["name"])
+
+
 def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, validate_top: int, how: str,
              method: str, keep_special: bool = False) -> tuple[list[dict], dict, dict]:
     """Attribution for one configured case, with both methods validated against zero-ablation.
@@ -333,22 +365,8 @@ def run_case(subject, module: nn.Module, sae: TopKSAE, case: dict, top_k: int, v
     if method not in ("ours", "reference"):
         raise ValueError(f"attribution.method: {method!r} is not one of ours, reference")
     tok = subject.tokenizer
-    ids = {}
-    for key in ("answer", "baseline"):
-        enc = tok.encode(case[key], add_special_tokens=False)
-        if len(enc) != 1:
-            raise ValueError(f"attribution case {case['name']!r}: {key} {case[key]!r} is {len(enc)} tokens {enc}, not one")
-        ids[key] = enc[0]
-    image = None
-    if case.get("image"):
-        image, status = load_image(case["image"])
-        if image is None:
-            raise ValueError(f"attribution case {case['name']!r}: image {case['image']}: {status}")
-    inputs = dict(prepare_inputs(subject, [(Sample(case["name"], case["prompt"], case.get("image")), image)],
-                                 suffix=case.get("answer_prefix") or "").to(subject.device))
+    ids, inputs, coords, layout = case_inputs(subject, case, ("answer", "baseline"))
     input_ids = inputs["input_ids"][0].cpu()
-    coords = image_token_coordinates(subject.model, inputs["image_sizes"].cpu())[0] if image is not None else None
-    layout = token_layout(subject, input_ids, coords, case["name"])
 
     model, answer, baseline = subject.model, ids["answer"], ids["baseline"]
     skip = torch.from_numpy(np.isin(input_ids.numpy(), subject.special_token_ids)) if keep_special else None

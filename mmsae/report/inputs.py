@@ -27,6 +27,7 @@ class ReportInputs:
         explanations: ``explanations.parquet``; steering: ``steering.parquet``.
         attribution: ``summary.json`` of the attribution, with attribution_dir (its heatmaps).
         neurons: keyword arguments of :func:`mmsae.report.sections.neurons_view`.
+        repair: ``repair.parquet`` (:func:`mmsae.interventions.repair.repair_case`'s rows).
         evaluation: Table 1's ``summary.json``; loss_recovered: ``loss_recovered.json``.
         scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
         crossmodal, crossmodal_examples: ``crossmodal.parquet`` and ``crossmodal_examples.parquet``.
@@ -56,6 +57,7 @@ class ReportInputs:
     attribution: dict | None = None
     attribution_dir: Path | None = None
     neurons: dict | None = None
+    repair: pl.DataFrame | None = None
     evaluation: dict | None = None
     loss_recovered: dict | None = None
     scoring: dict | None = None

@@ -23,6 +23,7 @@ from mmsae.report.sections import (attribution_view, evaluation_view, feature_ca
 from mmsae.report.crossmodal import crossmodal_view
 from mmsae.report.inputs import ReportInputs
 from mmsae.report.scoring import scoring_view
+from mmsae.report.repair import repair_view
 from mmsae.report.plots import add_card_plots, density_view, report_figures, svg_text, svg_url
 from mmsae.report.views import data_url, fmt, num
 
@@ -59,6 +60,7 @@ def build_report(inputs: ReportInputs, plots: dict[str, str] | None = None) -> s
         scoring=None if r.scoring is None else scoring_view(r.scoring, r.scoring_table),
         steering=None if r.steering is None else steering_view(r.steering),
         attribution=None if r.attribution is None else attribution_view(r.attribution, r.attribution_dir or Path(".")),
+        repair=None if r.repair is None else repair_view(r.repair),
         crossmodal=None if r.crossmodal is None else crossmodal_view(r.crossmodal, r.crossmodal_examples),
         neurons=None if r.neurons is None else neurons_view(**{k: v for k, v in r.neurons.items() if k != "data_url"}),
     )
