@@ -25,6 +25,7 @@ rule report:
     params:
         model=model_path(),
         demo=is_demo_model(),
+        banner=config["report"]["banner"],
         script=script_hash_of("report.py"),
     log:
         run_log("report"),

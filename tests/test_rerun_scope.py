@@ -228,6 +228,7 @@ RERUNS: dict[str, set[str]] = {
     "scoring.scorer.model": NONE,
     "scoring.scorer.api_key_env": NONE,
     "scoring.scorer.max_tokens": SCORE,
+    "report.banner": REPORT,
     "export.enabled": REPORT,  # what rule all requests, and the report's inputs (top logits of text features)
     "export.release": EXPORT,
     "export.source_set": EXPORT,

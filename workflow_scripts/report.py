@@ -50,7 +50,7 @@ inputs = ReportInputs(
         "edits": pl.read_parquet(i.edits),
         "neuron_dir": Path(i.neuron_properties).parent,
     },
-    run={"model": sm.params.model, "demo": sm.params.demo,
+    run={"model": sm.params.model, "demo": sm.params.demo, "banner": sm.params.banner,
          "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None},
     # the shards beside the codes manifest, as the export reads them
     activation_histograms=feature_histograms(scan_codes(shard_paths(i.codes)), selected.get("features", []))

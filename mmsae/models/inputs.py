@@ -54,8 +54,10 @@ def token_roles(subject: SubjectModel, sample: Sample, input_ids: torch.Tensor) 
 
     ``user`` covers the prompt, the image and every token the chat template adds (headers, end-of-turn
     markers, a default system prompt). An assistant turn's span is found by rendering the conversation
-    up to that turn with the generation prompt (the text before the answer) and with the answer
-    appended; tokenized, the two differ by exactly the answer's tokens.
+    up to and including that turn, finding the answer's text after the generation prompt (a template
+    may put text of its own in between, e.g. the Llama-3 LLaVA-NeXT template's newline) and taking the
+    tokens whose characters lie inside it (a fast tokenizer's offsets). A token that straddles the
+    answer's first or last character stays ``user``.
 
     Args:
         input_ids: (n,) the sample's token ids as :func:`prepare_inputs` made them (padding removed).
@@ -81,10 +83,16 @@ def token_roles(subject: SubjectModel, sample: Sample, input_ids: torch.Tensor) 
             continue
         prefix = _template(subject, messages[:i], True)
         text = msg["content"][0]["text"]
-        before = encode(prefix)["input_ids"]
-        with_answer = encode(prefix + text)["input_ids"]
-        start, end = len(before) + shift, len(with_answer) + shift
-        if with_answer[: len(before)] != before or ids[start:end] != with_answer[len(before):]:
+        turn = _template(subject, messages[: i + 1], False)
+        # a template may put its own text between the generation prompt and the answer (the Llama-3
+        # LLaVA-NeXT one opens every text part with a newline); the answer's tokens are those whose
+        # characters lie inside the answer in the rendered turn
+        at = turn.find(text, len(prefix)) if turn.startswith(prefix) else -1
+        enc = encode(turn, return_offsets_mapping=True) if at >= 0 else {"input_ids": [], "offset_mapping": []}
+        inside = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= at and b <= at + len(text)]
+        first, last = (inside[0], inside[-1] + 1) if inside else (0, 0)
+        start, end = first + shift, last + shift
+        if not inside or len(inside) != last - first or ids[start:end] != enc["input_ids"][first:last]:
             raise ValueError(f"{sample.sample_id}: turn {i} ({text[:40]!r}): the chat template does not keep the "
                              "answer verbatim after its generation prompt; its tokens cannot be marked")
         roles[start:end] = "assistant"

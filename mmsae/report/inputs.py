@@ -19,7 +19,8 @@ class ReportInputs:
         stats: per-feature statistics (``stats.parquet``); selected: ``selected.json`` (features and
             selection info).
         maps, contexts: from :func:`mmsae.codes.maps.render_feature_maps`; maps_dir: where their PNGs are.
-        run: ``{"model": str, "demo": bool, "provenance": dict | None}``.
+        run: ``{"model": str, "demo": bool, "provenance": dict | None}`` and optionally ``"banner"``:
+            ``report.banner``, shown at the top of the page.
 
     Optional (None: the section is left out; keys missing from an input show as "–"):
         codes: the codes manifest (corpus.interpret: whose top activations the feature cards show).
