@@ -17,6 +17,7 @@ rule export:
     params:
         export=keys("export", "release", "source_set", "hub_repo_id", "top_logits", "logits_norm_weight"),
         model=model_path(),
+        dtype=config["model"]["dtype"],  # the unembedding is read at the model's dtype (logits in float32)
         hook_point=config["model"]["hook_point"],
         corpus_train=corpus_params("train", "prompts", "text_prompts", "max_images", "text_source"),
         script=script_hash_of("export.py"),

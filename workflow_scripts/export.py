@@ -36,7 +36,7 @@ features = [int(f) for f in selected if f in shown]
 codes = scan_codes(shard_paths(i.codes))
 image_codes = codes.filter(pl.col("sample_id").is_in(maps["sample_id"].unique().to_list())
                            & (pl.col("modality") == "image")).collect()
-subject = load_subject_model(p.model, dtype="float32", device="cpu")
+subject = load_subject_model(p.model, dtype=p.dtype, device="cpu")  # float32 would be ~32 GB for the paper's 8B
 norm = lg.final_norm(subject.model) if ex["logits_norm_weight"] else None
 if ex["logits_norm_weight"] and norm is None:
     raise ValueError(f"export.logits_norm_weight: no final norm found in {type(subject.model).__name__}")
