@@ -44,16 +44,18 @@ TINY = {
 
 def run_dir_for(cfg: dict) -> str:
     """``results/runs/<run_name>`` for ``cfg`` (a config file's content) as the Snakefile names it: the
-    schema's defaults filled in, then :func:`mmsae.workflow.run_name.run_dir`."""
+    schema's defaults filled in (Snakemake's ``validate``; no check of paths or models, so it works
+    before a test's working directory exists), then :func:`mmsae.workflow.run_name.run_dir`."""
     import copy
 
+    from snakemake.utils import validate
+
     from mmsae.workflow.config_check import normalise_corpus
-    from mmsae.workflow.config_load import check_config
     from mmsae.workflow.run_name import run_dir
 
     filled = copy.deepcopy(cfg)
     normalise_corpus(filled)
-    check_config(filled, REPO / "config/schema.yaml", "test")
+    validate(filled, str(REPO / "config/schema.yaml"))
     return run_dir(filled)
 
 
