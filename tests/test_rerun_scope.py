@@ -258,8 +258,8 @@ CHANGES: dict[str, dict] = {
     "features.select.mode": {"features.select.mode": "list", "features.select.ids": [1, 2]},
     "steer.prompts": {"steer.prompts": [{"prompt": "Hi."}]},
     "attribution.cases": {"attribution.cases": [{"name": "x", "prompt": "Hi", "answer": " a", "baseline": " b"}]},
-    "neurons.edits": {"neurons.edits": [{"name": "x", "source": "cat", "target": "cow"}]},
     "repair.cases": {"repair.cases": [{"name": "x", "prompt": "Hi", "wrong": " a", "correct": " b"}]},
+    "neurons.edits": {"neurons.edits": [{"name": "x", "source": "cat", "target": "cow"}]},
 }
 
 

@@ -27,12 +27,12 @@ class ReportInputs:
         heldout_ids: the SAE's held-out sample ids (``heldout.json``).
         explanations: ``explanations.parquet``; steering: ``steering.parquet``.
         attribution: ``summary.json`` of the attribution, with attribution_dir (its heatmaps).
-        neurons: keyword arguments of :func:`mmsae.report.sections.neurons_view`.
         repair: ``repair.parquet`` (:func:`mmsae.interventions.repair.repair_case`'s rows).
+        neurons: keyword arguments of :func:`mmsae.report.sections.neurons_view`.
         evaluation: Table 1's ``summary.json``; loss_recovered: ``loss_recovered.json``.
         scoring, scoring_table: ``scoring_summary.json`` and ``scoring.parquet`` (detection/fuzzing).
         crossmodal, crossmodal_examples: ``crossmodal.parquet`` and ``crossmodal_examples.parquet``.
-        effective_config: the text of ``results/config.effective.yaml`` (the run's whole config, its
+        effective_config: the text of ``results/runs/<run>/config.effective.yaml`` (the run's whole config, its
             header naming the files it came from), shown verbatim.
         activation_histograms: ``{feature: (bar_values, bar_heights)}`` over the codes
             (:func:`mmsae.export.histograms.feature_histograms`), drawn on the feature cards.
@@ -57,8 +57,8 @@ class ReportInputs:
     steering: pl.DataFrame | None = None
     attribution: dict | None = None
     attribution_dir: Path | None = None
-    neurons: dict | None = None
     repair: pl.DataFrame | None = None
+    neurons: dict | None = None
     evaluation: dict | None = None
     loss_recovered: dict | None = None
     scoring: dict | None = None
