@@ -7,7 +7,8 @@ import torch
 
 from mmsae.models import prepare_inputs
 from mmsae.interventions.attribution import (ablation_effects, agreement, attribute, reconstruction_ablation_effects,
-                                             reference_attribution, run_case)
+                                             reference_attribution)
+from mmsae.interventions.attribution_case import run_case
 from mmsae.data import Sample
 from mmsae.models import ActivationCapture, resolve_hook_point
 from mmsae.sae import TopKSAE

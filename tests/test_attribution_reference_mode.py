@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmsae.data import Sample
-from mmsae.interventions.attribution import run_case
+from mmsae.interventions.attribution_case import run_case
 from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import TopKSAE
 

@@ -8,7 +8,8 @@ import torch
 import yaml
 from helpers import REPO
 
-from mmsae.interventions.attribution import attribute, case_inputs
+from mmsae.interventions.attribution import attribute
+from mmsae.interventions.attribution_case import case_inputs
 from mmsae.interventions.repair import RepairConfig, _skip_ids, feature_profile, is_repaired, matched_controls, rank_features, repair_case
 from mmsae.interventions.repair_tally import tally
 from mmsae.models import resolve_hook_point

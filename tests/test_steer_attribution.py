@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmsae.interventions.attribution import ablation_effects, attribute, pool, run_case
+from mmsae.interventions.attribution import ablation_effects, attribute, pool
+from mmsae.interventions.attribution_case import run_case
 from mmsae.data import Sample
 from mmsae.models import load_subject_model, prepare_inputs, resolve_hook_point
 from mmsae.sae import TopKSAE

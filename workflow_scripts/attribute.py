@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from mmsae.interventions.attribution import run_case
+from mmsae.interventions.attribution_case import run_case
 from mmsae.sae.io import check_hook_point
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.core.io import write_bytes, write_json, write_parquet

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmsae.interventions.attribution import SAESplice, attribute, case_inputs, pool
+from mmsae.interventions.attribution import SAESplice, attribute, pool
+from mmsae.interventions.attribution_case import case_inputs
 from mmsae.interventions.steer import _until_eos, generate
 from mmsae.interventions.verdict import continuation_perplexity, is_success, prompt_state
 from mmsae.sae.model import TopKSAE
