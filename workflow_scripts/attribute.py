@@ -6,24 +6,20 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
+from mmsae.interventions.loading import load_model_with_sae
 from mmsae.interventions.attribution_case import run_case
-from mmsae.sae.io import check_hook_point
 from mmsae.data.corpus import load_image, resolve_image_ref
 from mmsae.core.io import write_bytes, write_json, write_parquet
 from mmsae.codes.maps import heatmap, png_bytes
-from mmsae.core.gpu import resolve_device
-from mmsae.models import load_subject_model, resolve_hook_point
-from mmsae.sae import load_sae, trained_without_special_tokens
+from mmsae.sae import trained_without_special_tokens
 from mmsae.core.job import setup
 from mmsae.core.progress import track
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, cfg = sm.params, sm.params.attribution
-subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
-hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
-module = resolve_hook_point(subject.model, hook_point)
+m = load_model_with_sae(p.model, p.dtype, p.device, sm.input.cfg, p.hook_point)  # the hook point travels with the SAE
+subject, sae, sae_cfg, hook_point, module = m.subject, m.sae, m.sae_cfg, m.hook_point, m.module
 out_dir = Path(sm.output.summary).parent
 # special tokens stay undecomposed when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)
 keep_special = trained_without_special_tokens(sae_cfg)

@@ -3,21 +3,18 @@
 import json
 from pathlib import Path
 
+from mmsae.interventions.loading import load_model_with_sae
 from mmsae.data import build_corpus
-from mmsae.core.gpu import resolve_device
 from mmsae.core.io import write_json
 from mmsae.interventions.loss_recovered import loss_recovered
-from mmsae.models import load_subject_model
-from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.sae.io import check_hook_point
+from mmsae.sae import trained_without_special_tokens
 from mmsae.core.job import setup
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p = sm.params
-subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, sae_cfg = load_sae(Path(sm.input.cfg).parent, device=resolve_device(p.device))
-hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)
+m = load_model_with_sae(p.model, p.dtype, p.device, sm.input.cfg, p.hook_point)  # the hook point travels with the SAE
+subject, sae, sae_cfg, hook_point, module = m.subject, m.sae, m.sae_cfg, m.hook_point, m.module
 # special tokens stay unspliced when the SAE was trained without them (an SAE from elsewhere is spliced everywhere)
 keep_special = trained_without_special_tokens(sae_cfg)
 heldout = json.loads(Path(sm.input.heldout).read_text())

@@ -4,23 +4,19 @@ judged by whether the greedy answer flips to the correct one and stays fluent.""
 
 import pyarrow as pa
 
-from mmsae.core.gpu import resolve_device
+from mmsae.interventions.loading import load_model_with_sae
 from mmsae.core.io import write_parquet
 from mmsae.core.job import setup
 from mmsae.data.corpus import resolve_image_ref
 from mmsae.interventions.repair import RepairConfig, repair_case
 from mmsae.interventions.repair_tally import tally
-from mmsae.models import load_subject_model, resolve_hook_point
-from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.sae.io import check_hook_point
+from mmsae.sae import trained_without_special_tokens
 
 sm = snakemake  # noqa: F821
 log = setup(sm.log[0], sm.threads, getattr(sm.resources, "gpu", 0))
 p, section = sm.params, sm.params.repair
-subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
-hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
-module = resolve_hook_point(subject.model, hook_point)
+m = load_model_with_sae(p.model, p.dtype, p.device, sm.input.cfg, p.hook_point)  # the hook point travels with the SAE
+subject, sae, sae_cfg, hook_point, module = m.subject, m.sae, m.sae_cfg, m.hook_point, m.module
 cfg = RepairConfig.from_config(section, keep_special=trained_without_special_tokens(sae_cfg))
 rows = []
 for i, case in enumerate(section["cases"]):

@@ -7,12 +7,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from mmsae.interventions.loading import load_model_with_sae
 from mmsae.data.corpus import resolve_image_ref
 from mmsae.core.io import write_parquet
-from mmsae.core.gpu import resolve_device
-from mmsae.models import load_subject_model, resolve_hook_point
-from mmsae.sae import load_sae, trained_without_special_tokens
-from mmsae.sae.io import check_hook_point
+from mmsae.sae import trained_without_special_tokens
 from mmsae.interventions.steer import SweepConfig, features_matching, steering_sweep
 from mmsae.interventions.verdict import feature_words, token_level_features
 from mmsae.codes.schema import TEXT_DOMINANT
@@ -39,12 +37,11 @@ else:
     features = [f for f, _w, _s in picked] or candidates[: st["auto"]]
     if not picked:
         log.info("steering the first %d text-dominant selected features instead: %s", st["auto"], features)
-subject = load_subject_model(p.model, dtype=p.dtype, device=p.device)
-sae, sae_cfg = load_sae(sm.input.cfg.rsplit("/", 1)[0], device=resolve_device(p.device))
-hook_point = check_hook_point(sae_cfg, p.hook_point, sm.input.cfg)  # the hook point travels with the SAE
+m = load_model_with_sae(p.model, p.dtype, p.device, sm.input.cfg, p.hook_point)  # the hook point travels with the SAE
+subject, sae, sae_cfg, hook_point, module = m.subject, m.sae, m.sae_cfg, m.hook_point, m.module
 prompts = [{"prompt": q["prompt"], "image": resolve_image_ref(q.get("image"))} for q in st["prompts"]]
 sweep = SweepConfig.from_config(st, keep_special=trained_without_special_tokens(sae_cfg))  # special tokens the SAE never saw: unsteered
-rows = steering_sweep(subject, resolve_hook_point(subject.model, hook_point), sae, features, prompts, sweep,
+rows = steering_sweep(subject, module, sae, features, prompts, sweep,
                       dict(zip(stats["feature"], stats["max_activation"])),
                       {f: feature_words(f, contexts, expl) for f in {*features, *selected}})  # selected: the controls
 schema = pa.schema([("feature", pa.int32()), ("prompt", pa.string()), ("image", pa.string()), ("scale", pa.string()),
