@@ -56,16 +56,17 @@ offline = EndpointConfig(
     model=str(Path(endpoint["local_model"]).resolve()) if endpoint["server"] == "local" else endpoint["model"],
     temperature=endpoint["temperature"], max_tokens=endpoint["max_tokens"], extra_body=endpoint.get("extra_body") or {})
 forced = uses_forced_choice(endpoint, p["mode"])
-if forced and any(t.messages is not None for t in tasks):
+has_requests = any(t.messages is not None for t in tasks)
+if forced and has_requests:
     # transformers serve ignores logprobs: P("1") comes from the local model's own logits (model loaded
     # only for an uncached request)
     scorer = ForcedChoiceScorer.for_directory(endpoint["local_model"], cache)
     table = score_tasks(tasks, scorer, categories)
-elif any(t.messages is not None for t in tasks) and all_cached(tasks, cache, offline):
+elif has_requests and all_cached(tasks, cache, offline):
     log.info("every answer is in the cache: no endpoint started")
     scorer = Explainer(offline, cache)
     table = score_tasks(tasks, scorer, categories)
-elif any(t.messages is not None for t in tasks):
+elif has_requests:
     with endpoint_session(endpoint, server_log=sm.log[0] + ".server",
                           pid_dir=str(Path(sm.params.slots).parent / ".servers")) as cfg:
         scorer = Explainer(cfg, cache, slots_dir=sm.params.slots)
