@@ -2,6 +2,8 @@
 
 - :data:`REPO`, :data:`SNAKEMAKE`, :data:`TINY`: the checkout, the Snakemake command line and the
   tiny end-to-end config of the workflow tests.
+- :func:`smk`, :func:`jobs`, :func:`workdir_with`: Snakemake as a subprocess in a working directory
+  made from a config, and the job counts of its run.
 - :func:`run_dir_for`: the ``results/runs/<run_name>`` folder a config's SAE-dependent results go to.
 - :func:`dry_run`: one in-process Snakemake DAG through its API, what it would run and every job's
   declared files and params; :func:`fake_complete_tree` makes a results tree that is up to date.
@@ -14,10 +16,14 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as md
+import os
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -61,9 +67,50 @@ def run_dir_for(cfg: dict) -> str:
 
 def default_run_dir() -> str:
     """:func:`run_dir_for` the demo's ``config.yaml``."""
-    import yaml
-
     return run_dir_for(yaml.safe_load((REPO / "config.yaml").read_text()))
+
+
+# ---- Snakemake as a subprocess -------------------------------------------------------------------
+
+def smk(workdir, *args, check=True):
+    """Run Snakemake on the checkout's Snakefile in ``workdir`` (a subprocess); fail with its output
+    unless ``check`` is false."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args],
+                          capture_output=True, text=True, env=env, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def jobs(proc) -> dict:
+    """Parse the 'Job stats' table of a (dry-)run into {rule: count}."""
+    out, table = {}, False
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("job ") and "count" in line:
+            table = True
+            continue
+        if table:
+            parts = line.split()
+            if not parts or parts[0] == "total":
+                break
+            if len(parts) == 2 and parts[1].isdigit():
+                out[parts[0]] = int(parts[1])
+    return out
+
+
+def workdir_with(tmp_path, cfg) -> Path:
+    """``tmp_path`` with ``cfg`` as its config.yaml and the corpus folders/files it names (empty)."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    corpus = cfg.get("corpus", {})
+    for c in [corpus.get(r, {}) for r in ("train", "interpret")] + [corpus]:  # the two roles, or a legacy single corpus
+        if c.get("path") and not Path(c["path"]).is_absolute():
+            if c.get("source") == "folder":
+                (tmp_path / c["path"]).mkdir(parents=True, exist_ok=True)
+            elif c.get("source") == "table":  # the paper config's conversations file (dry runs do not read it)
+                (tmp_path / c["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / c["path"]).write_text("[]")
+    return tmp_path
 
 
 # ---- Snakemake DAGs, in-process ------------------------------------------------------------------

@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 import yaml
-from helpers import REPO, TINY, dry_run, fake_complete_tree, run_dir_for
-from test_workflow import jobs, smk, workdir_with
+from helpers import REPO, TINY, dry_run, fake_complete_tree, jobs, run_dir_for, smk, workdir_with
 
 from mmsae.workflow.run_name import run_name
 

@@ -6,13 +6,12 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pytest
 import yaml
-from helpers import REPO, SNAKEMAKE, TINY, run_dir_for
+from helpers import REPO, SNAKEMAKE, TINY, jobs, run_dir_for, smk, workdir_with
 from markupsafe import escape
 
 from mmsae.workflow.script_hash import script_hash
@@ -20,44 +19,6 @@ from mmsae.workflow.script_hash import script_hash
 EXPLAIN_AND_AFTER = {"explain_chunk": 1, "gather_explanations": 1, "refine_explanations": 1, "evaluate": 1, "steer": 1,
                      "score_explanations": 1, "report": 1, "export": 1, "all": 1}  # steer judges its generations by the explanations' words
 DOWNSTREAM_OF_SELECTION = {"select_top": 1, "render_maps": 1, "steer": 1, **EXPLAIN_AND_AFTER}
-
-
-def smk(workdir, *args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args],
-                          capture_output=True, text=True, env=env, cwd=workdir)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def jobs(proc) -> dict:
-    """Parse the 'Job stats' table of a (dry-)run into {rule: count}."""
-    out, table = {}, False
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.startswith("job ") and "count" in line:
-            table = True
-            continue
-        if table:
-            parts = line.split()
-            if not parts or parts[0] == "total":
-                break
-            if len(parts) == 2 and parts[1].isdigit():
-                out[parts[0]] = int(parts[1])
-    return out
-
-
-def workdir_with(tmp_path, cfg) -> Path:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    corpus = cfg.get("corpus", {})
-    for c in [corpus.get(r, {}) for r in ("train", "interpret")] + [corpus]:  # the two roles, or a legacy single corpus
-        if c.get("path") and not Path(c["path"]).is_absolute():
-            if c.get("source") == "folder":
-                (tmp_path / c["path"]).mkdir(parents=True, exist_ok=True)
-            elif c.get("source") == "table":  # the paper config's conversations file (dry runs do not read it)
-                (tmp_path / c["path"]).parent.mkdir(parents=True, exist_ok=True)
-                (tmp_path / c["path"]).write_text("[]")
-    return tmp_path
 
 
 @pytest.mark.workflow
