@@ -41,7 +41,7 @@ from torch import nn
 
 from mmsae.interventions.attribution import SAESplice, attribute, pool
 from mmsae.interventions.attribution_case import case_inputs
-from mmsae.interventions.steer import _until_eos, generate
+from mmsae.interventions.steer import generate_rows
 from mmsae.interventions.verdict import continuation_perplexity, is_success, prompt_state
 from mmsae.sae.model import TopKSAE
 from mmsae.sae.splice import Clamp, SteeringHook
@@ -236,10 +236,8 @@ def repair_case(subject, module: nn.Module, sae: TopKSAE, case: dict, cfg: Repai
                 trials += [(kind, "control", d + 1, order, n, v, c[:n]) for d, c in enumerate(controls) if c[:n]]
                 order += 1
 
-    eos = model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
     state = prompt_state(model, inputs)
-    outs = [_until_eos(ids_, eos) for ids_ in _generate_all(subject, module, sae, inputs, trials, profile, cfg)]
+    outs = _generate_all(subject, module, sae, inputs, trials, profile, cfg)
     before = outs[0]
     ppl_before = continuation_perplexity(model, inputs, before, state)
     base = {"case": case["name"], "prompt": case["prompt"], "image": case.get("image"), "wrong": case["wrong"],
@@ -269,8 +267,8 @@ def repair_case(subject, module: nn.Module, sae: TopKSAE, case: dict, cfg: Repai
 
 def _generate_all(subject, module: nn.Module, sae: TopKSAE, inputs: dict, trials: list, profile: dict,
                   cfg: RepairConfig) -> list[torch.Tensor]:
-    """Greedy ids of the unmodified model, then of each trial in order: one batched generate per
-    intervention kind (each kind clamps its own positions), each batch's row 0 the unmodified model
+    """Greedy ids (each up to its first EOS) of the unmodified model, then of each trial in order:
+    one batched :func:`~mmsae.interventions.steer.generate_rows` per intervention kind (each kind clamps its own positions), each batch's row 0 the unmodified model
     (the first batch's is returned), so that every row shares its baseline's numerics."""
     outs: list[torch.Tensor] = []
     for kind, mod in KINDS.items():
@@ -279,8 +277,7 @@ def _generate_all(subject, module: nn.Module, sae: TopKSAE, inputs: dict, trials
             continue
         hook = SteeringHook(sae, [None] + rows, mode="error_term", positions="all",
                             skip_token_ids=_skip_ids(subject, mod, cfg.keep_special))
-        batch = {k: t.repeat(len(rows) + 1, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
-        out = list(generate(subject.model, batch, module, hook, cfg.max_new_tokens))
+        out = generate_rows(subject.model, inputs, module, hook, cfg.max_new_tokens)
         outs += out if not outs else out[1:]
     return outs
 

@@ -87,6 +87,20 @@ def _until_eos(ids: torch.Tensor, eos: set[int]) -> torch.Tensor:
     return ids
 
 
+def generate_rows(model: nn.Module, inputs: dict, module: nn.Module, hook: SteeringHook, max_new_tokens: int) -> list[torch.Tensor]:
+    """One batched greedy :func:`generate` of a batch-1 prompt repeated once per row of ``hook``'s
+    per-row clamps (row 0 is usually the baseline), so that every row shares its numerics.
+
+    Returns:
+        One (n,) tensor of new token ids per row, each up to and including its first end-of-sequence token.
+    """
+    eos = model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    n = len(hook.clamps)
+    batch = {k: t.repeat(n, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
+    return [_until_eos(ids, eos) for ids in generate(model, batch, module, hook, max_new_tokens)]
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """What a steering sweep does to each feature (the ``steer`` config section, config/schema.yaml).
@@ -157,8 +171,6 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
     rows = []
     control = {f: control_features(f, words) for f in features}
     decode = subject.tokenizer.decode
-    eos = subject.model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
     for p in track(prompts, "steer", unit="prompts"):  # per prompt: one batched generate over every clamp
         image = None
         if p.get("image"):
@@ -173,8 +185,7 @@ def steering_sweep(subject, module: nn.Module, sae: TopKSAE, features: list[int]
         baseline = [] if cfg.mode == "reference" else None
         hook = SteeringHook(sae, [baseline] + [[Clamp(f, c)] for f, _, c in runs], mode=cfg.mode, positions=cfg.positions,
                             skip_token_ids=subject.special_token_ids if cfg.keep_special else None)
-        batch = {k: t.repeat(len(runs) + 1, *[1] * (t.dim() - 1)) if torch.is_tensor(t) else t for k, t in inputs.items()}
-        out = [_until_eos(ids, eos) for ids in generate(subject.model, batch, module, hook, cfg.max_new_tokens)]
+        out = generate_rows(subject.model, inputs, module, hook, cfg.max_new_tokens)
         before = decode(out[0], skip_special_tokens=True)
         state = prompt_state(subject.model, inputs)
         ppl_before = continuation_perplexity(subject.model, inputs, out[0], state)
