@@ -111,6 +111,17 @@ def test_answer_tokens_are_found_under_the_llama3_llava_next_template(tiny_llava
     assert answers == tok("It is 84.", add_special_tokens=False)["input_ids"] + tok("96.", add_special_tokens=False)["input_ids"]
 
 
+def test_an_empty_answer_marks_no_tokens_and_raises_nothing(tiny_llava_dir):
+    """A blank ``gpt`` value (the table reader keeps it as an empty assistant turn) has no tokens; the
+    conversation's other answers are still marked."""
+    s = load_subject_model(tiny_llava_dir)
+    sample = Sample(sample_id="e", prompt="Q?", image_path=None, image_key=None,
+                    turns=(("assistant", ""), ("user", "And?"), ("assistant", "96.")))
+    ids = prepare_inputs(s, [(sample, None)])["input_ids"][0]
+    answers = ids[torch.as_tensor(token_roles(s, sample, ids) == "assistant")].tolist()
+    assert answers == s.tokenizer("96.", add_special_tokens=False)["input_ids"]
+
+
 # ---- the tiny models ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

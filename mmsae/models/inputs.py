@@ -81,8 +81,10 @@ def token_roles(subject: SubjectModel, sample: Sample, input_ids: torch.Tensor) 
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = _template(subject, messages[:i], True)
         text = msg["content"][0]["text"]
+        if not text:  # an empty answer (a blank gpt value) has no tokens to mark
+            continue
+        prefix = _template(subject, messages[:i], True)
         turn = _template(subject, messages[: i + 1], False)
         # a template may put its own text between the generation prompt and the answer (the Llama-3
         # LLaVA-NeXT one opens every text part with a newline); the answer's tokens are those whose
