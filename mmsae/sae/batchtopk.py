@@ -32,8 +32,8 @@ number kept on any token of the batch (at least 1); shorter rows are padded with
 so the rest of the code reads them exactly as TopK's (n, k), where a ReLU'd zero can also sit: a
 latent is active where its value is > 0. w can be many times k (one token keeps 200 latents where
 the median keeps 4), so the arithmetic skips the padding: the encoder's sparse backward
-(:class:`KeptGather`, TopK's :class:`~mmsae.sae.model.EncoderGather` over a flat list of (token,
-latent) pairs) and the ``embedding_bag`` decoder (one bag per token, nonzero values only) cost
+(:class:`~mmsae.sae.model.EncoderGather`, which takes the kept (token, latent) pairs as a flat
+list) and the ``embedding_bag`` decoder (one bag per token, nonzero values only) cost
 k n d_model multiply-adds, as TopK's do.
 
 Files. SAELens 6 saves both architectures for inference as ``jumprelu`` (``get_inference_config_class``
@@ -50,7 +50,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmsae.sae.model import SAEOutput, TopKSAE, fvu
+from mmsae.sae.model import EncoderGather, SAEOutput, TopKSAE, fvu
 
 THRESHOLD_RATE = 0.01  # SAELens's BatchTopKTrainingSAEConfig.topk_threshold_lr
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
@@ -99,40 +99,6 @@ def padded(flat_idx: torch.Tensor, n: int, d_sae: int) -> tuple[torch.Tensor, to
     return idx, keep
 
 
-class KeptGather(torch.autograd.Function):
-    """:class:`~mmsae.sae.model.EncoderGather` for a flat list of m kept (token, latent) pairs.
-
-    forward(x, W_enc, b_enc, b_dec, pre, rows, cols) -> vals (m,): vals[i] = pre[rows[i], cols[i]];
-    x (n, d_model), W_enc (d_model, d_sae), pre (n, d_sae) computed without autograd, rows (m,)
-    ascending token indices, cols (m,) latents. backward(g), g (m,), with S the (n, d_sae) matrix
-    holding g[i] at (rows[i], cols[i]): dL/db_enc = S summed over rows, dL/dW_enc = (x - b_dec)^T S
-    (m * d_model multiply-adds), dL/db_dec = -W_enc dL/db_enc, dL/dx = S W_enc^T.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, pre, rows, cols):
-        ctx.save_for_backward(x, W_enc, b_dec, rows, cols)
-        return pre[rows, cols]
-
-    @staticmethod
-    def backward(ctx, g):
-        x, W_enc, b_dec, rows, cols = ctx.saved_tensors
-        n, d_sae = x.shape[0], W_enc.shape[1]
-        g = g.contiguous()
-        grad_x = grad_W = grad_b_enc = grad_b_dec = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        if ctx.needs_input_grad[1]:
-            s_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, n), check_invariants=False)
-            grad_W = torch.sparse.mm(s_t, x - b_dec).T
-        if ctx.needs_input_grad[3]:
-            grad_b_dec = -(W_enc @ grad_b_enc)
-        if ctx.needs_input_grad[0]:
-            counts = torch.bincount(rows, minlength=n)
-            grad_x = F.embedding_bag(cols, W_enc.T, counts.cumsum(0) - counts, per_sample_weights=g, mode="sum")
-        return grad_x, grad_W, (grad_b_enc if ctx.needs_input_grad[2] else None), grad_b_dec, None, None, None
-
-
 class BatchTopKSAE(TopKSAE):
     """BatchTopK SAE: :class:`~mmsae.sae.model.TopKSAE`'s parameters and initialisation, plus the
     inference threshold ``threshold`` (d_sae,), a buffer (every entry theta; 0 before training).
@@ -152,11 +118,11 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(d_sae, dtype=dtype))
 
     def _gather(self, x: torch.Tensor, pre: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (n, w) values (sparse backward, :class:`KeptGather`) and indices of the entries of
+        """The (n, w) values (sparse backward, :class:`~mmsae.sae.model.EncoderGather`) and indices of the entries of
         ``pre`` whose ascending flat indices are ``kept``."""
         n, d_sae = pre.shape
         idx, keep = padded(kept, n, d_sae)
-        vals = KeptGather.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, kept // d_sae, kept % d_sae)
+        vals = EncoderGather.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, kept // d_sae, kept % d_sae)
         return vals.new_zeros(keep.shape).masked_scatter(keep, vals), idx  # row-major order = ascending kept
 
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

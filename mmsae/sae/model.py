@@ -95,47 +95,58 @@ class TopK(nn.Module):
 
 
 class EncoderGather(torch.autograd.Function):
-    """Encoder pre-activations at chosen latents, with a backward that touches only those latents.
+    """Encoder pre-activations at chosen (token, latent) pairs, with a backward that touches only those.
 
-    forward(x, W_enc, b_enc, b_dec, pre, idx) -> vals
+    forward(x, W_enc, b_enc, b_dec, pre, rows, cols) -> vals
         x (n, d_model), W_enc (d_model, d_sae), b_enc (d_sae,), b_dec (d_model,);
         pre (n, d_sae) = (x - b_dec) @ W_enc + b_enc, already computed by the caller without
-        autograd (it is only read here, not recomputed); idx (n, j) int64 latent indices.
-        vals (n, j): vals[r, i] = pre[r, idx[r, i]].
+        autograd (it is only read here, not recomputed); rows (m,) int64 ascending token indices,
+        cols (m,) int64 latent indices. vals (m,): vals[i] = pre[rows[i], cols[i]]. TopK's (n, j)
+        selection is the flat list rows = 0..n-1 each repeated j times, cols = idx.flatten()
+        (:func:`gather_selected`); BatchTopK's kept pairs are any number per token.
 
-    backward(g), g = dL/dvals (n, j), with S the (n, d_sae) matrix holding g[r, i] at (r, idx[r, i])
+    backward(g), g = dL/dvals (m,), with S the (n, d_sae) matrix holding g[i] at (rows[i], cols[i])
     and 0 elsewhere (never formed densely):
-        dL/db_enc = S summed over rows                  (d_sae,)    scatter-add of n*j values
+        dL/db_enc = S summed over rows                  (d_sae,)    scatter-add of m values
         dL/dW_enc = (x - b_dec)^T S                     (d_model, d_sae), non-zero in the selected
-                    columns only: a sparse (d_sae x n) @ dense (n x d_model) product, n*j*d_model
+                    columns only: a sparse (d_sae x n) @ dense (n x d_model) product, m*d_model
                     multiply-adds instead of the dense n*d_sae*d_model, computed latent-major
         dL/db_dec = -W_enc @ dL/db_enc                  (d_model,)  as x - b_dec is the input
         dL/dx     = S W_enc^T                           (n, d_model), only when x requires grad
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, pre, idx):
-        ctx.save_for_backward(x, W_enc, b_dec, idx)
-        return pre.gather(1, idx)
+    def forward(ctx, x, W_enc, b_enc, b_dec, pre, rows, cols):
+        ctx.save_for_backward(x, W_enc, b_dec, rows, cols)
+        # flat index_select: pre[rows, cols] (advanced indexing) takes 5 ms at (1024 x 32768, 32 per row)
+        # on 2 CPU cores, this 0.3 ms (TopK's former pre.gather(1, idx) 0.17 ms)
+        return pre.reshape(-1).index_select(0, rows * pre.shape[1] + cols)
 
     @staticmethod
     def backward(ctx, g):
-        x, W_enc, b_dec, idx = ctx.saved_tensors
-        n, j = idx.shape
-        d_sae = W_enc.shape[1]
+        x, W_enc, b_dec, rows, cols = ctx.saved_tensors
+        n, d_sae = x.shape[0], W_enc.shape[1]
         g = g.contiguous()
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.flatten(), g.flatten())
+            grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         if ctx.needs_input_grad[1]:
-            rows = torch.arange(n, device=idx.device).repeat_interleave(j)
-            s_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (d_sae, n), check_invariants=False)
+            s_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, n), check_invariants=False)
             grad_W = torch.sparse.mm(s_t, x - b_dec).T  # (d_sae, d_model) computed, returned as a view
         if ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc.T, per_sample_weights=g, mode="sum")
-        return grad_x, grad_W, (grad_b_enc if ctx.needs_input_grad[2] else None), grad_b_dec, None, None
+            counts = torch.bincount(rows, minlength=n)
+            grad_x = F.embedding_bag(cols, W_enc.T, counts.cumsum(0) - counts, per_sample_weights=g, mode="sum")
+        return grad_x, grad_W, (grad_b_enc if ctx.needs_input_grad[2] else None), grad_b_dec, None, None, None
+
+
+def gather_selected(sae: "TopKSAE", x: torch.Tensor, pre: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(n, j) pre-activations of ``sae`` at the latents ``idx`` (n, j) of each token, through
+    :class:`EncoderGather` (sparse backward). x (n, d_model), pre (n, d_sae) computed without autograd."""
+    n, j = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(j)
+    return EncoderGather.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, pre, rows, idx.reshape(-1)).reshape(n, j)
 
 
 def _state_dict_in_saelens_layout(module, state_dict, prefix, local_metadata) -> None:
@@ -212,7 +223,7 @@ class TopKSAE(nn.Module):
         with torch.no_grad():
             pre = self.pre_acts(x)
             _, idx = self.topk(pre)
-        vals = EncoderGather.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, idx).relu()
+        vals = gather_selected(self, x, pre, idx).relu()
         return vals.reshape(*lead, self.k), idx.reshape(*lead, self.k), pre.reshape(*lead, self.d_sae)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +290,7 @@ class TopKSAE(nn.Module):
             pre_dead = out.pre if len(dead_idx) == self.d_sae else out.pre.index_select(1, dead_idx)
             _, local = pre_dead.topk(k_aux, dim=-1, sorted=False)
             idx = dead_idx[local]
-        vals = EncoderGather.apply(x, self.W_enc, self.b_enc, self.b_dec, out.pre, idx).relu()
+        vals = gather_selected(self, x, out.pre, idx).relu()
         loss = fvu(residual, self._decode_rows(vals, idx))
         return torch.nan_to_num(loss, nan=0.0)
 
