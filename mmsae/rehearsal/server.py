@@ -30,6 +30,9 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from mmsae.evaluate.refine import CATEGORY_PROMPT, REFINE_PROMPT
+from mmsae.explain.prompts import UNABLE
+
 IMAGE_CONCEPTS = ["cat fur", "blue sky", "red brick wall", "grass blades", "shiny metal", "dark background",
                   "round coins", "printed text", "the rocket body", "green eyes", "foam on coffee"]
 TEXT_CONCEPTS = ["words about numbers", "the end of a sentence", "question words", "punctuation marks",
@@ -51,6 +54,14 @@ def _text_of(content) -> str:
     if isinstance(content, str):
         return content
     return "\n".join(p.get("text", "") for p in content or [] if p.get("type") == "text")
+
+
+def _filled(template: str, field: str, text: str) -> str | None:
+    """The value of ``{field}`` when ``text`` is ``template`` formatted with it (the package's own prompt,
+    each occurrence of the field the same), else None."""
+    parts = [re.escape(p) for p in template.split("{" + field + "}")]
+    m = re.fullmatch(parts[0] + "(.*?)" + r"\1".join(parts[1:]), text, re.S)
+    return m.group(1) if m else None
 
 
 def _has_image(messages: list[dict]) -> bool:
@@ -77,16 +88,16 @@ def answer(body: dict) -> tuple[str, dict[str, float] | None]:
         return ("1" if p >= 0.5 else "0"), ({"1": p, "0": 1 - p} if body.get("logprobs") else None)
     if "[EXPLANATION]:" in last:  # explainer
         if h % UNABLE_EVERY == 0:
-            return "The highlighted parts share nothing I can name.\n[EXPLANATION]: Unable to produce descriptions", None
+            return f"The highlighted parts share nothing I can name.\n[EXPLANATION]: {UNABLE.capitalize()}", None
         concepts = IMAGE_CONCEPTS if _has_image(messages) else TEXT_CONCEPTS
         concept = concepts[h % len(concepts)]
         return f"Looking at the marked parts, they all show {concept}.\n[EXPLANATION]: {concept}", None
-    if "Reduce the description" in last:  # refiner
-        description = last.rsplit("Description:", 1)[-1].split("\nPhrase:")[0].strip()
-        return " ".join(description.rstrip(".").split()[:5]).lower(), None
-    m = re.search(r"Which kind of visual concept is '(.*?)'", last)
-    if m:  # categorizer
-        words = re.findall(r"[a-z]+", m.group(1).lower())
+    description = _filled(REFINE_PROMPT, "explanation", last)
+    if description is not None:  # refiner
+        return " ".join(description.strip().rstrip(".").split()[:5]).lower(), None
+    phrase = _filled(CATEGORY_PROMPT, "phrase", last)
+    if phrase is not None:  # categorizer
+        words = re.findall(r"[a-z]+", phrase.lower())
         return next((CATEGORY_WORDS[w] for w in words if w in CATEGORY_WORDS), "object"), None
     return "I cannot tell.", None
 
