@@ -284,3 +284,24 @@ def requirements_txt() -> dict[str, tuple[str, str]]:
         assert len(pins) == 1 and len(req.specifier) == 1, f"requirements.txt:{n}: {line!r} is not pinned as name==version"
         out[canonicalize_name(req.name)] = (pins[0].version, comment.strip())
     return out
+
+
+class FixedBatches:
+    """A stand-in for :class:`mmsae.sae.data.ActivationStream` in :func:`mmsae.sae.trainer.train`: the
+    same list of (n, d_model) ``batches`` every pass, each with the (n,) bool mask ``is_image``; with
+    lr 0 the firing of every step can be recomputed afterwards from the returned SAE."""
+
+    def __init__(self, batches: list, is_image, name: str = "fixed"):
+        self.batches, self.is_image, self.name = batches, is_image, name
+
+    def identity(self) -> dict:
+        return {self.name: len(self.batches)}
+
+    def sample(self, n: int):
+        import torch
+
+        return torch.cat(self.batches)[:n]
+
+    def train_batches(self):
+        for x in self.batches:
+            yield x, self.is_image.clone()

@@ -8,6 +8,7 @@ step can be recomputed afterwards from the returned SAE and the same batches.
 
 import pytest
 import torch
+from helpers import FixedBatches
 
 from mmsae.report.page import ENV
 from mmsae.report.sections import sae_view
@@ -17,23 +18,10 @@ from mmsae.sae.trainer import TrainConfig, train
 D, N, N_IMAGE, STEPS = 16, 32, 4, 20  # 4 image tokens per 32-token batch: 80 image, 560 text tokens in all
 
 
-class _Stream:
+def _stream():
     """A fixed list of batches: the first N_IMAGE rows of each are image tokens."""
-
-    def __init__(self):
-        gen = torch.Generator().manual_seed(0)
-        self.batches = [torch.randn(N, D, generator=gen) for _ in range(STEPS)]
-        self.is_image = torch.arange(N) < N_IMAGE
-
-    def identity(self):
-        return {"fake": STEPS}
-
-    def sample(self, n):
-        return torch.cat(self.batches)[:n]
-
-    def train_batches(self):
-        for x in self.batches:
-            yield x, self.is_image.clone()
+    gen = torch.Generator().manual_seed(0)
+    return FixedBatches([torch.randn(N, D, generator=gen) for _ in range(STEPS)], torch.arange(N) < N_IMAGE, "fake")
 
 
 def _independent_dead_fraction(sae, stream, mask_of, window):
@@ -55,7 +43,7 @@ def _independent_dead_fraction(sae, stream, mask_of, window):
 def _train(tmp_path, dead_tokens):
     cfg = TrainConfig(d_sae=64, k=2, steps=STEPS, batch_size=N, lr=0.0, warmup_steps=1, checkpoint_every=100,
                       dead_tokens=dead_tokens, b_dec_init_tokens=64, aux_coef=0.0)
-    stream = _Stream()
+    stream = _stream()
     sae, rows, fires = train(stream, D, cfg, tmp_path / "ckpt", progress=False)
     return cfg, stream, sae, rows, fires
 

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from helpers import FixedBatches
 from safetensors import safe_open
 
 from mmsae.sae.io import load_sparsity
@@ -18,23 +19,10 @@ from mmsae.sae.trainer import TrainConfig, train
 D, D_SAE, K, N, STEPS = 16, 256, 2, 32, 6  # 384 firings at most: some latents never fire
 
 
-class _Stream:
-    """A fixed list of batches (the last ``N // 4`` rows of each are image tokens)."""
-
-    def __init__(self):
-        gen = torch.Generator().manual_seed(1)
-        self.batches = [torch.randn(N, D, generator=gen) for _ in range(STEPS)]
-        self.is_image = torch.arange(N) >= N - N // 4
-
-    def identity(self):
-        return {"fake-sparsity": STEPS}
-
-    def sample(self, n):
-        return torch.cat(self.batches)[:n]
-
-    def train_batches(self):
-        for x in self.batches:
-            yield x, self.is_image.clone()
+def _stream():
+    """A fixed list of batches: the last ``N // 4`` rows of each are image tokens."""
+    gen = torch.Generator().manual_seed(1)
+    return FixedBatches([torch.randn(N, D, generator=gen) for _ in range(STEPS)], torch.arange(N) >= N - N // 4, "fake-sparsity")
 
 
 def _independent_log10_density(sae, batches):
@@ -54,7 +42,7 @@ def sae_folder(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sparsity")
     cfg = TrainConfig(d_sae=D_SAE, k=K, steps=STEPS, batch_size=N, lr=0.0, warmup_steps=1, checkpoint_every=100,
                       b_dec_init_tokens=64, aux_coef=0.0, dead_tokens=10_000)
-    stream = _Stream()
+    stream = _stream()
     sae, rows, fires = train(stream, D, cfg, tmp / "ckpt", progress=False)
     heldout = (torch.randn(20, D), torch.arange(20) < 5)
     out = tmp / "sae"
