@@ -10,6 +10,7 @@
 - :func:`imports`, :func:`distribution`, :data:`PROJECT`, :func:`extra_requirements`,
   :func:`requirements_txt`: what a script imports and what pyproject.toml/requirements.txt declare
   (the packaging and conda-env tests).
+- :class:`FixedBatches`: a fixed list of activation batches for the trainer (the SAE-training tests).
 """
 
 from __future__ import annotations
