@@ -13,7 +13,7 @@ prefixes); sparsify has no BatchTopK and sits those out.
 - ours: the SAE of :func:`mmsae.sae.batchtopk.make_sae` stepped by :func:`mmsae.sae.trainer.train_step`, the
   function :func:`mmsae.sae.trainer.train` calls (forward, FVU + AuxK, backward, parallel-gradient
   removal, clipping, Adam, unit-norm decoder), then the trainer's dead-latent counters
-  (:func:`~mmsae.sae.trainer.update_since_fired`); optimiser from
+  (:func:`~mmsae.sae.trainer.update_since_fired`) and fire counts (:func:`~mmsae.sae.trainer.count_fires`); optimiser from
   :func:`~mmsae.sae.trainer.make_optimizer`, hyperparameters from
   :class:`~mmsae.sae.trainer.TrainConfig`, b_dec from the geometric median as the trainer does. The
   trainer's checkpoint I/O and per-step log are left out.
@@ -72,7 +72,7 @@ from torch.profiler import profile as torch_profile
 from mmsae.sae.malloc import keep_freed_memory
 from mmsae.sae.batchtopk import ARCHITECTURES, make_sae, matryoshka_prefixes
 from mmsae.sae.model import fvu
-from mmsae.sae.trainer import TrainConfig, make_optimizer, train_step, update_since_fired
+from mmsae.sae.trainer import TrainConfig, count_fires, make_optimizer, train_step, update_since_fired
 
 try:
     from sae_lens import SAE as SAELensSAE
@@ -118,12 +118,14 @@ class Ours:
         self.sae.init_b_dec(first, self.cfg.b_dec_init)
         self.opt = make_optimizer(self.sae, self.cfg)
         self.since_fired = torch.zeros(3, args.d_sae, dtype=torch.long)
+        self.fire_counts = torch.zeros(args.d_sae, dtype=torch.long)
         self.is_image = torch.zeros(args.batch, dtype=torch.bool)
 
     def step(self, x: torch.Tensor) -> float:
-        """The trainer's own step (:func:`mmsae.sae.trainer.train_step`) and dead-latent counters."""
+        """The trainer's own step (:func:`mmsae.sae.trainer.train_step`), dead-latent counters and fire counts."""
         res = train_step(self.sae, self.opt, x, self.since_fired[0] >= self.cfg.dead_tokens, self.cfg)
         update_since_fired(self.since_fired, res["out"], self.is_image[:len(x)])
+        count_fires(self.fire_counts, res["out"])
         return res["loss"].item()
 
     @torch.no_grad()
