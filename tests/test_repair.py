@@ -10,7 +10,7 @@ from helpers import REPO
 
 from mmsae.interventions.attribution import attribute
 from mmsae.interventions.attribution_case import case_inputs
-from mmsae.interventions.repair import RepairConfig, _skip_ids, feature_profile, is_repaired, matched_controls, rank_features, repair_case
+from mmsae.interventions.repair import RepairConfig, _position_ids, feature_profile, is_repaired, matched_controls, rank_features, repair_case
 from mmsae.interventions.repair_tally import tally
 from mmsae.models import resolve_hook_point
 from mmsae.sae import TopKSAE
@@ -103,10 +103,25 @@ def test_feature_profile_and_where_each_intervention_acts(subject):
     with torch.no_grad():
         total = float(sae.encode(_layer_out(subject, module, inputs)[layout["modality"] == "text"])[0].sum())
     assert sum(m for m, _ in prof["text"].values()) * n_text == pytest.approx(total, rel=1e-4)
-    text, image = _skip_ids(subject, "text", True), _skip_ids(subject, "image", False)
+    text, image = _position_ids(subject, "text", True)["skip_token_ids"], _position_ids(subject, "image", False)
     assert subject.image_token_id in text and set(subject.special_token_ids) <= set(text)
-    assert subject.image_token_id not in image and len(image) >= len(subject.tokenizer) - 1
-    assert _skip_ids(subject, "text", False) == [subject.image_token_id]
+    assert image == {"only_token_ids": [subject.image_token_id]}  # every other position is left alone
+    assert _position_ids(subject, "text", False) == {"skip_token_ids": [subject.image_token_id]}
+
+
+def test_only_token_ids_steers_exactly_those_positions():
+    from mmsae.sae.model import TopKSAE
+    from mmsae.sae.splice import Clamp, SteeringHook
+
+    sae = TopKSAE(8, 32, 4, seed=0)
+    x, ids = torch.randn(2, 5, 8), torch.tensor([[7, 3, 7, 1, 2], [3, 3, 7, 9, 7]])
+    only = SteeringHook(sae, [Clamp(5, 30.0)], mode="error_term", positions="all", only_token_ids=[7])
+    only.token_ids = ids
+    mask = SteeringHook(sae, [Clamp(5, 30.0)], mode="error_term", positions="all")
+    assert torch.equal(only.steer(x), mask.steer(x, skip=ids != 7))
+    both = SteeringHook(sae, [Clamp(5, 30.0)], mode="error_term", positions="all", only_token_ids=[7, 3], skip_token_ids=[3])
+    both.token_ids = ids
+    assert torch.equal(both.steer(x), only.steer(x))
 
 
 def _layer_out(subject, module, inputs):

@@ -180,13 +180,15 @@ def matched_controls(targets: list[int], mean: dict[int, float], exclude: set[in
     return drawn
 
 
-def _skip_ids(subject, modality: str, keep_special: bool) -> list[int]:
-    """Token ids whose positions an intervention on ``modality`` leaves alone."""
+def _position_ids(subject, modality: str, keep_special: bool) -> dict:
+    """Where an intervention on ``modality`` acts, as :class:`~mmsae.sae.splice.SteeringHook` keywords:
+    image: only the image token's positions; text: every position but the image token's (and the special
+    tokens' when the SAE was trained without them)."""
     image = subject.image_token_id
     if modality == "image":
-        n = max(len(subject.tokenizer), subject.model.get_input_embeddings().num_embeddings)
-        return [i for i in range(n) if i != image]
-    return sorted({*(subject.special_token_ids if keep_special else ()), *(() if image is None else (image,))})
+        return {"only_token_ids": [image]}
+    return {"skip_token_ids": sorted({*(subject.special_token_ids if keep_special else ()),
+                                      *(() if image is None else (image,))})}
 
 
 def repair_case(subject, module: nn.Module, sae: TopKSAE, case: dict, cfg: RepairConfig, case_index: int = 0) -> list[dict]:
@@ -276,7 +278,7 @@ def _generate_all(subject, module: nn.Module, sae: TopKSAE, inputs: dict, trials
         if outs and not rows:
             continue
         hook = SteeringHook(sae, [None] + rows, mode="error_term", positions="all",
-                            skip_token_ids=_skip_ids(subject, mod, cfg.keep_special))
+                            **_position_ids(subject, mod, cfg.keep_special))
         out = generate_rows(subject.model, inputs, module, hook, cfg.max_new_tokens)
         outs += out if not outs else out[1:]
     return outs

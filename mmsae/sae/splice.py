@@ -71,13 +71,15 @@ class SteeringHook:
         skip_token_ids: token ids whose positions are left as they are (no clamp; in reference
             mode no reconstruction either). :func:`mmsae.interventions.steer.generate` tells the hook each forward's
             ``input_ids`` (:attr:`token_ids`); :meth:`steer` also takes a mask.
+        only_token_ids: the converse: only positions holding one of these ids are steered (e.g. the
+            image token, to clamp image positions alone); combined with ``skip_token_ids`` when both are set.
 
     Raises:
         ValueError: unknown positions or mode, or a feature outside the SAE.
     """
 
     def __init__(self, sae: TopKSAE, clamps: list[Clamp] | list[list[Clamp] | None], mode: str, positions: str | None,
-                 skip_token_ids: list[int] | None = None):
+                 skip_token_ids: list[int] | None = None, only_token_ids: list[int] | None = None):
         if mode not in ("error_term", "reference"):
             raise ValueError(f"steer.mode: {mode!r} is not one of error_term, reference")
         if positions is None:
@@ -90,6 +92,7 @@ class SteeringHook:
                 raise ValueError(f"steer: feature {c.feature} is outside the SAE (d_sae={sae.d_sae})")
         self.sae, self.clamps, self.positions, self.mode = sae, list(clamps), positions, mode
         self.skip_token_ids = None if skip_token_ids is None else torch.as_tensor(list(skip_token_ids), dtype=torch.long)
+        self.only_token_ids = None if only_token_ids is None else torch.as_tensor(list(only_token_ids), dtype=torch.long)
         self.token_ids: torch.Tensor | None = None  # (batch, seq) of the forward under way (generate sets it)
         self.calls = 0
 
@@ -103,17 +106,22 @@ class SteeringHook:
 
         ``clamp=False``: no clamp (error_term: x itself; reference: the plain reconstruction).
         ``skip`` (batch, seq) bool: positions left as they are; None = those of
-        :attr:`skip_token_ids` in :attr:`token_ids` when both are set.
+        :attr:`skip_token_ids` (and those not of :attr:`only_token_ids`) in :attr:`token_ids`.
 
         Raises:
             ValueError: per-row clamps for another batch size than x's; ``skip_token_ids`` without
                 the forward's token ids, or ids of another shape than x's positions.
         """
-        if skip is None and self.skip_token_ids is not None:
+        if skip is None and (self.skip_token_ids is not None or self.only_token_ids is not None):
             if self.token_ids is None or tuple(self.token_ids.shape) != tuple(x.shape[:-1]):
                 raise ValueError(f"steer: skip_token_ids needs the forward's input_ids of shape {tuple(x.shape[:-1])}, "
                                  f"got {None if self.token_ids is None else tuple(self.token_ids.shape)}")
-            skip = torch.isin(self.token_ids, self.skip_token_ids.to(self.token_ids.device))
+            ids = self.token_ids
+            skip = torch.zeros_like(ids, dtype=torch.bool)
+            if self.skip_token_ids is not None:
+                skip |= torch.isin(ids, self.skip_token_ids.to(ids.device))
+            if self.only_token_ids is not None:
+                skip |= ~torch.isin(ids, self.only_token_ids.to(ids.device))
         if not self.per_row:
             return self._apply(x, self.clamps, clamp, skip)
         if len(self.clamps) != x.shape[0]:
