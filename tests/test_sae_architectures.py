@@ -147,6 +147,19 @@ def test_threshold_is_the_running_estimate_of_the_smallest_kept_activation(arch)
         assert ev["fvu"] == pytest.approx(fvu(x, want @ sae.W_dec + sae.b_dec).item(), rel=1e-5)
 
 
+def test_encode_dense_keeps_latent_0_beside_the_padding():
+    """Padded rows (index 0, value 0) must not overwrite latent 0 where it is active."""
+    sae = make_sae("batchtopk", 16, 64, 4)
+    with torch.no_grad():
+        sae.b_enc[0] = 10.0  # latent 0 active on every token
+        sae.threshold.fill_(0.05)
+        x = _data(n=32)
+        want = torch.where(_dense_pre(sae, x) > 0.05, _dense_pre(sae, x), 0.0)
+        vals, _ = sae.encode(x)
+        assert ((vals > 0).sum(1) < vals.shape[1]).any()  # some rows are padded
+        torch.testing.assert_close(sae.encode_dense(x), want)
+
+
 def test_threshold_of_a_fixed_batch_reproduces_its_selection():
     """With the parameters frozen (lr 0) on one batch, theta settles on that batch's smallest kept
     activation, so the threshold keeps (all but that one of) the k n latents BatchTopK kept."""

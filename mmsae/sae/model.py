@@ -260,7 +260,8 @@ class TopKSAE(nn.Module):
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         """(n, d_model) -> (n, d_sae) dense latents (zeros outside the top k)."""
         vals, idx = self.encode(x)
-        return torch.zeros(*vals.shape[:-1], self.d_sae, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals)
+        # scatter_add_: BatchTopK's padding (index 0, value 0) must not overwrite an active latent 0
+        return torch.zeros(*vals.shape[:-1], self.d_sae, dtype=vals.dtype, device=x.device).scatter_add_(-1, idx, vals)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         """Training forward: (n, d_model) -> :class:`SAEOutput` (for TopK the same latents as :meth:`encode`)."""
