@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import REPO
-from test_scoring import load_tasks, make_tables
+from scoring_tables import load_tasks, make_tables
 
 
 def _independent_logit_gap(subject, messages: list[dict], images: list[Image.Image] = ()) -> float:
